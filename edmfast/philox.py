@@ -58,14 +58,15 @@ def philox4x32(
 
 def philox_normal(seeds: torch.Tensor, step: int, numel: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Standard normals [B, numel] of the fused stream for ``seeds`` (int64 [B]) at churn ``step``."""
-    seeds = seeds.to(torch.int64).reshape(-1, 1).cpu()
+    seeds = seeds.to(torch.int64).reshape(-1, 1)
     k0 = seeds & _MASK32
     k1 = (seeds >> 32) & _MASK32
     groups = (numel + 3) // 4
-    g = torch.arange(groups, dtype=torch.int64).reshape(1, -1)
+    g = torch.arange(groups, dtype=torch.int64, device=seeds.device).reshape(1, -1)
     zero = torch.zeros_like(g)
     c2 = torch.full_like(g, int(step) & _MASK32)
     x = philox4x32(g & _MASK32, g >> 32, c2, zero, k0, k1)
+    # float64 where the device has it (the reference); the words are exact either way
     u = [((w >> 8).to(torch.float64) + 0.5) * 2.0**-24 for w in x]
     r0 = torch.sqrt(-2.0 * torch.log(u[0]))
     r1 = torch.sqrt(-2.0 * torch.log(u[2]))

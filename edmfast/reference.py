@@ -21,6 +21,8 @@ Fused-op data layout (shared by every backend):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .philox import philox_normal
@@ -147,3 +149,233 @@ def cfg_rescale(
     f = torch.cat([cond, uncond])
     k = cfg_rescale_factors(f, guidance_scale, guidance_rescale)
     return guided_prediction(f, cond.shape[0], guidance_scale, k).reshape(cond.shape)
+
+
+# ============================================================================= samplers
+
+
+def draw_exact_noise(generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One float64 churn draw shaped like the state (the official generate script's semantics).
+
+    ``generator``: a `edmfast.PerSampleGenerator` (row b from sample b's stream), a
+    ``torch.Generator``, or None for torch's global RNG on ``device``.
+    """
+    if generator is None:
+        return torch.randn(shape, dtype=torch.float64, device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, dtype=torch.float64, device=generator.device, generator=generator).to(device)
+    return generator.randn(shape, dtype=torch.float64, device=device)
+
+
+def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, limit: bool = False):
+    """D(x; sigma) in float64 with CFG(+rescale) in one batched call; on F for preconditioners."""
+    batch = x.shape[0]
+    cfg = merged is not None
+    xb = torch.cat([x, x]) if cfg else x
+    kwargs = merged if cfg else cond
+    rows = xb.shape[0]
+    if hasattr(denoiser, "coefficients"):
+        if limit:
+            c_skip, c_out, c_in, c_noise = denoiser.limit_coefficients()
+        else:
+            sig = torch.tensor([sigma], dtype=torch.float64, device=x.device)
+            c_skip, c_out, c_in, c_noise = (float(c) for c in denoiser.coefficients(sig))
+        noise_in = torch.full((rows,), c_noise, dtype=torch.float32, device=x.device)
+        f = denoiser.raw((c_in * xb).to(denoiser.dtype), noise_in, **kwargs).to(torch.float64)
+        if f.shape != xb.shape:
+            raise ValueError(f"the denoiser's network returned shape {tuple(f.shape)}, expected {tuple(xb.shape)}")
+        if cfg:
+            f = cfg_rescale(f[:batch], f[batch:], opts.guidance_scale, opts.guidance_rescale)
+        return c_skip * x + c_out * f
+    if limit:
+        raise ValueError("sigmas[0] is inf (zero terminal SNR): the denoiser needs limit_coefficients() "
+                         "(use edmfast.DiscreteVPDenoiser with v_prediction or sample prediction)")
+    sig = torch.full((rows,), sigma, dtype=torch.float64, device=x.device)
+    d = denoiser(xb, sig, **kwargs)
+    if not isinstance(d, torch.Tensor) or d.shape != xb.shape:
+        got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+        raise ValueError(f"the denoiser returned {got}, expected a tensor of shape {tuple(xb.shape)}")
+    d = d.to(torch.float64)
+    if cfg:
+        d = cfg_rescale(d[:batch], d[batch:], opts.guidance_scale, opts.guidance_rescale)
+    return d
+
+
+def sample(denoiser, noise: torch.Tensor, sigmas=None, *, cond=None, uncond=None, generator=None, seeds=None,
+           **options) -> torch.Tensor:
+    """EDM Algorithm 2 (Algorithm 1 when s_churn = 0), eager, float64 state. Same signature as
+    `edmfast.sample`; ``backend``, ``cuda_graph``, ``compile`` and ``progress`` are accepted and
+    ignored here.
+
+    For i = 0..N-1: ``gamma_i = min(S_churn/N, sqrt(2)-1)`` if ``S_tmin <= sigma_i <= S_tmax``;
+    ``sigma_hat = round(sigma_i (1 + gamma_i))``; ``x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise eps``;
+    ``d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat``; ``x' = x_hat + alpha h d`` with
+    ``h = sigma_{i+1} - sigma_hat``; then Euler ``x_{i+1} = x_hat + h d`` or, when sigma_{i+1} != 0,
+    ``x_{i+1} = x_hat + h ((1 - 1/(2 alpha)) d + 1/(2 alpha) d')`` with d' at (x', sigma_hat + alpha h).
+    A schedule starting at sigma = inf starts from the noise itself and takes the limit step
+    ``x_1 = D(eps; inf) + sigma_1 eps``. Returns a tensor shaped and typed like ``noise``.
+    """
+    from .options import SamplerOptions, check_cond, check_noise, check_seeds, merge_cond, plan_steps, resolve_sigmas
+
+    opts = SamplerOptions.create(**options)
+    noise = check_noise(noise)
+    batch, device = noise.shape[0], noise.device
+    cond = check_cond(cond, batch, device, "cond")
+    uncond_checked = check_cond(uncond, batch, device, "uncond")
+    use_cfg = opts.guidance_scale != 1.0
+    if use_cfg and uncond is None:
+        raise ValueError("guidance_scale != 1 needs uncond (the unconditional keyword arguments, {} if none)")
+    merged = merge_cond(cond, uncond_checked, batch) if use_cfg else None
+    sigmas = resolve_sigmas(denoiser, sigmas, opts)
+    steps = plan_steps(denoiser, sigmas, opts)
+    if opts.noise_mode == "fused" and opts.s_churn > 0:
+        if seeds is None:
+            seeds = getattr(generator, "seeds", None)
+        if seeds is None:
+            raise ValueError("noise_mode='fused' with s_churn > 0 needs seeds (int64 [B])")
+        seeds = check_seeds(seeds, batch, device)
+
+    x = noise.to(torch.float64)
+    if math.isfinite(steps[0].sigma):
+        x = x * steps[0].sigma
+    for i, st in enumerate(steps):
+        if math.isinf(st.sigma):
+            x = _denoise(denoiser, x, st.sigma, cond, merged, opts, limit=True) + st.sigma_next * x
+            continue
+        x_hat = x
+        if opts.s_churn > 0:
+            if opts.noise_mode == "exact":
+                eps = draw_exact_noise(generator, tuple(x.shape), device)
+            else:
+                eps = philox_normal(seeds, i, x[0].numel()).reshape(x.shape).to(device)
+            x_hat = x + st.noise_std * eps
+        d = (x_hat - _denoise(denoiser, x_hat, st.sigma_hat, cond, merged, opts)) / st.sigma_hat
+        h = st.sigma_next - st.sigma_hat
+        if not st.correct:
+            x = x_hat + h * d
+        else:
+            a = opts.effective_alpha
+            x_prime = x_hat + a * h * d
+            d_prime = (x_prime - _denoise(denoiser, x_prime, st.sigma_prime, cond, merged, opts)) / st.sigma_prime
+            x = x_hat + h * ((1 - 1 / (2 * a)) * d + 1 / (2 * a) * d_prime)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"non-finite values appeared at step {i} (sigma={st.sigma:g})")
+    return x.to(noise.dtype)
+
+
+def ablation_sample(
+    denoiser, noise: torch.Tensor, *, num_steps: int = 18, sigma_min: float | None = None,
+    sigma_max: float | None = None, rho: float = 7.0, solver: str = "heun", discretization: str = "edm",
+    schedule: str = "linear", scaling: str = "none", epsilon_s: float = 1e-3, C1: float = 0.001, C2: float = 0.008,
+    M: int = 1000, alpha: float = 1.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+    s_noise: float = 1.0, generator=None,
+) -> torch.Tensor:
+    """The general EDM sampler over the whole design space (Algorithms 1-2 with sigma(t), s(t)).
+
+    discretization: edm | vp | ve | iddpm (Table 1 time steps); schedule sigma(t): linear (t) |
+    vp | ve (sqrt t); scaling s(t): none (1) | vp (1/sqrt(1+sigma^2)). The ODE derivative is
+    ``d = (sigma'/sigma + s'/s) x - (sigma' s / sigma) D(x/s; sigma)``. With the official defaults:
+    sigma range per discretization, clamped to the denoiser's, VP betas refitted to it.
+    Float64 state; returns the scaled output x(t=0) (s(0) = 1), typed like ``noise``.
+    """
+    from .schedules import iddpm_sigmas, ve_sigmas, vp_betas_for_range, vp_sigma
+
+    defaults = {"vp": (float(vp_sigma(epsilon_s)), float(vp_sigma(1.0))), "ve": (0.02, 100.0),
+                "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}
+    if discretization not in defaults:
+        raise ValueError(f"discretization must be one of {tuple(defaults)}, got {discretization!r}")
+    if schedule not in ("linear", "vp", "ve"):
+        raise ValueError(f"schedule must be linear, vp or ve, got {schedule!r}")
+    if scaling not in ("none", "vp"):
+        raise ValueError(f"scaling must be none or vp, got {scaling!r}")
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver must be euler or heun, got {solver!r}")
+    lo = defaults[discretization][0] if sigma_min is None else sigma_min
+    hi = defaults[discretization][1] if sigma_max is None else sigma_max
+    lo = max(lo, float(getattr(denoiser, "sigma_min", 0.0)))
+    hi = min(hi, float(getattr(denoiser, "sigma_max", math.inf)))
+    beta_d, beta_min = vp_betas_for_range(lo, hi, epsilon_s)
+
+    if discretization == "edm":
+        from .schedules import karras_sigmas
+
+        sig_steps = karras_sigmas(num_steps, lo, hi, rho)[:-1]
+    elif discretization == "vp":
+        t = 1 + torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1) * (epsilon_s - 1)
+        sig_steps = vp_sigma(t, beta_d, beta_min)
+    elif discretization == "ve":
+        sig_steps = ve_sigmas(num_steps, lo, hi)[:-1]
+    else:
+        sig_steps = iddpm_sigmas(num_steps, lo, hi, M=M, C1=C1, C2=C2)[:-1]
+
+    # sigma(t), sigma'(t), sigma^-1; s(t), s'(t): float64 tensors throughout
+    if schedule == "vp":
+        def sig(t):
+            return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
+
+        def sig_d(t):
+            return 0.5 * (beta_min + beta_d * t) * (sig(t) + 1 / sig(t))
+
+        def sig_inv(s):
+            return ((beta_min**2 + 2 * beta_d * torch.log1p(s**2)).sqrt() - beta_min) / beta_d
+    elif schedule == "ve":
+        def sig(t):
+            return t.sqrt()
+
+        def sig_d(t):
+            return 0.5 / t.sqrt()
+
+        def sig_inv(s):
+            return s**2
+    else:
+        def sig(t):
+            return t
+
+        def sig_d(t):
+            return torch.ones_like(t)
+
+        def sig_inv(s):
+            return s
+
+    if scaling == "vp":
+        def s_of(t):
+            return 1 / (1 + sig(t) ** 2).sqrt()
+
+        def s_d(t):
+            return -sig(t) * sig_d(t) * s_of(t) ** 3
+    else:
+        def s_of(t):
+            return torch.ones_like(t)
+
+        def s_d(t):
+            return torch.zeros_like(t)
+
+    round_sigma = getattr(denoiser, "round_sigma", lambda s: s)
+    t_steps = sig_inv(torch.as_tensor(round_sigma(sig_steps), dtype=torch.float64))
+    t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])
+    batch = noise.shape[0]
+
+    def deriv(x, t):
+        sg = sig(t)
+        D = denoiser((x / s_of(t)), torch.full((batch,), float(sg), dtype=torch.float64, device=x.device))
+        return (sig_d(t) / sg + s_d(t) / s_of(t)) * x - sig_d(t) * s_of(t) / sg * D.to(torch.float64)
+
+    x = noise.to(torch.float64) * (sig(t_steps[0]) * s_of(t_steps[0]))
+    gamma_max = min(s_churn / num_steps, math.sqrt(2) - 1)
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        gamma = gamma_max if s_tmin <= float(sig(t_cur)) <= s_tmax else 0.0
+        t_hat = sig_inv(torch.as_tensor(round_sigma(sig(t_cur) + gamma * sig(t_cur)), dtype=torch.float64))
+        x_hat = s_of(t_hat) / s_of(t_cur) * x
+        if s_churn > 0:
+            std = (sig(t_hat) ** 2 - sig(t_cur) ** 2).clamp(min=0).sqrt() * s_of(t_hat) * s_noise
+            x_hat = x_hat + std * draw_exact_noise(generator, tuple(x.shape), x.device)
+        h = t_next - t_hat
+        d = deriv(x_hat, t_hat)
+        if solver == "euler" or i == num_steps - 1:
+            x = x_hat + h * d
+        else:
+            t_prime = t_hat + alpha * h
+            x_prime = x_hat + alpha * h * d
+            x = x_hat + h * ((1 - 1 / (2 * alpha)) * d + 1 / (2 * alpha) * deriv(x_prime, t_prime))
+    return x.to(noise.dtype)

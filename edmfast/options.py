@@ -1,0 +1,245 @@
+"""Sampler options: one validation for every entry point, then the float64 step schedule.
+
+`edmfast.sample`, `edmfast.Sampler` and `edmfast.reference.sample` all go through
+`SamplerOptions.create` and `plan_steps`, so a bad argument gets the same clear error everywhere,
+before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .schedules import karras_sigmas
+
+SOLVERS = ("euler", "heun", "2nd")
+NOISE_MODES = ("exact", "fused")
+BACKEND_CHOICES = ("auto", "torch", "cpu", "cuda", "triton")
+GRAPH_CHOICES = ("auto", True, False)
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = float(value)
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return value
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    num_steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    solver: str = "heun"
+    alpha: float = 1.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
+    noise_mode: str = "exact"
+    backend: str = "auto"
+    cuda_graph: Any = "auto"
+    compile: bool = False
+    progress: bool = False
+
+    @classmethod
+    def create(cls, **kw: Any) -> SamplerOptions:
+        """Validate every option; raise ValueError/TypeError naming the bad one."""
+        unknown = set(kw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown sampler option(s): {', '.join(sorted(unknown))}")
+        o = {**asdict(cls()), **kw}
+        n = o["num_steps"]
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"num_steps must be an int, got {type(n).__name__}")
+        if n < 1:
+            raise ValueError(f"num_steps must be >= 1, got {n}")
+        for name in ("sigma_min", "sigma_max", "rho", "alpha", "s_churn", "s_tmin", "s_tmax", "s_noise",
+                     "guidance_scale", "guidance_rescale"):
+            o[name] = _real(name, o[name])
+        if not (0 < o["sigma_min"] <= o["sigma_max"] < math.inf):
+            raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got {o['sigma_min']}, {o['sigma_max']}")
+        if o["rho"] <= 0:
+            raise ValueError(f"rho must be > 0, got {o['rho']}")
+        if o["solver"] not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {o['solver']!r}")
+        if not 0 < o["alpha"] <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {o['alpha']}")
+        if o["solver"] == "heun" and o["alpha"] != 1.0:
+            raise ValueError("alpha applies to solver='2nd'; solver='heun' is alpha=1")
+        if o["s_churn"] < 0 or math.isinf(o["s_churn"]):
+            raise ValueError(f"s_churn must be finite and >= 0, got {o['s_churn']}")
+        if o["s_tmin"] < 0 or o["s_tmax"] < o["s_tmin"]:
+            raise ValueError(f"need 0 <= s_tmin <= s_tmax, got s_tmin={o['s_tmin']}, s_tmax={o['s_tmax']}")
+        if not (0 <= o["s_noise"] < math.inf):
+            raise ValueError(f"s_noise must be finite and >= 0, got {o['s_noise']}")
+        if math.isinf(o["guidance_scale"]):
+            raise ValueError("guidance_scale must be finite")
+        if not 0 <= o["guidance_rescale"] <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {o['guidance_rescale']}")
+        if o["noise_mode"] not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {o['noise_mode']!r}")
+        if o["backend"] not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {o['backend']!r}")
+        if o["cuda_graph"] not in GRAPH_CHOICES:
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {o['cuda_graph']!r}")
+        if not isinstance(o["compile"], bool):
+            raise TypeError(f"compile must be a bool, got {type(o['compile']).__name__}")
+        return cls(**o)
+
+    @property
+    def second_order(self) -> bool:
+        return self.solver != "euler"
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha if self.solver == "2nd" else 1.0
+
+
+def check_sigmas(sigmas: Any) -> torch.Tensor:
+    """A user schedule as float64 CPU [N+1]: finite (inf allowed first), >= 0, strictly decreasing."""
+    if not isinstance(sigmas, torch.Tensor):
+        try:
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"sigmas must be a 1-D tensor or sequence of floats: {e}") from None
+    if not sigmas.is_floating_point():
+        raise TypeError(f"sigmas must be floating point, got {sigmas.dtype}")
+    s = sigmas.detach().to("cpu", torch.float64).reshape(-1) if sigmas.dim() <= 1 else None
+    if s is None:
+        raise ValueError(f"sigmas must be 1-D, got shape {tuple(sigmas.shape)}")
+    if s.numel() < 2:
+        raise ValueError(f"sigmas must hold at least 2 levels (N + 1 for N steps), got {s.numel()}")
+    if torch.isnan(s).any() or torch.isinf(s[1:]).any() or s[0] == -math.inf:
+        raise ValueError("sigmas must be finite (only sigmas[0] may be +inf, for zero terminal SNR)")
+    if (s < 0).any():
+        raise ValueError("sigmas must be >= 0 (a negative sigma is not a noise level)")
+    if not (s[1:] < s[:-1]).all():
+        raise ValueError("sigmas must be strictly decreasing")
+    return s
+
+
+def resolve_sigmas(denoiser: Any, sigmas: Any, opts: SamplerOptions) -> torch.Tensor:
+    """The schedule to run: the given one, or EDM's clamped to the denoiser's range and rounded."""
+    if sigmas is not None:
+        return check_sigmas(sigmas)
+    lo = max(opts.sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
+    hi = min(opts.sigma_max, float(getattr(denoiser, "sigma_max", math.inf)))
+    s = karras_sigmas(opts.num_steps, lo, hi, opts.rho)
+    round_sigma = getattr(denoiser, "round_sigma", None)
+    if round_sigma is not None:
+        s = torch.cat([torch.as_tensor(round_sigma(s[:-1])).to(torch.float64).cpu(), s[-1:]])
+    return s
+
+
+@dataclass(frozen=True)
+class Step:
+    """The float64 plan of one sampler step (EDM Algorithm 2)."""
+
+    sigma: float  # sigma_i (may be inf for the first step of a zero-terminal-SNR schedule)
+    sigma_hat: float  # sigma_i (1 + gamma_i), rounded
+    sigma_next: float  # sigma_{i+1}
+    noise_std: float  # sqrt(sigma_hat^2 - sigma_i^2) * S_noise
+    churn: bool  # gamma_i > 0
+    correct: bool  # take the 2nd-order correction (sigma_{i+1} != 0 and solver != euler)
+    sigma_prime: float  # sigma_hat + alpha h, where the correction evaluates D
+
+
+def plan_steps(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> list[Step]:
+    """Per-step noise levels for the schedule: churn (gamma), rounding and the correction point."""
+    n = sigmas.numel() - 1
+    gamma_max = min(opts.s_churn / n, math.sqrt(2) - 1)
+    round_sigma = getattr(denoiser, "round_sigma", None)
+    alpha = opts.effective_alpha
+    steps = []
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if math.isinf(sigma):
+            if i:
+                raise ValueError("only sigmas[0] may be inf")
+            steps.append(Step(sigma, sigma, sigma_next, 0.0, False, False, sigma_next))
+            continue
+        gamma = gamma_max if opts.s_tmin <= sigma <= opts.s_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if round_sigma is not None and gamma > 0:
+            sigma_hat = float(torch.as_tensor(round_sigma(torch.tensor([sigma_hat], dtype=torch.float64))).reshape(-1)[0])
+        std = math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) * opts.s_noise
+        correct = opts.second_order and sigma_next != 0
+        h = sigma_next - sigma_hat
+        steps.append(Step(sigma, sigma_hat, sigma_next, std, gamma > 0, correct, sigma_hat + alpha * h))
+    return steps
+
+
+def merge_cond(cond: dict | None, uncond: dict | None, batch: int) -> dict:
+    """Batch cond and uncond keyword arguments into one call of 2B (tensors concatenated on dim 0)."""
+    cond, uncond = cond or {}, uncond or {}
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    merged = {}
+    for key, c in cond.items():
+        u = uncond[key]
+        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
+            if c.shape[0] != batch or u.shape != c.shape:
+                raise ValueError(
+                    f"cond[{key!r}] and uncond[{key!r}] must both be [B={batch}, ...] of one shape, "
+                    f"got {tuple(c.shape)} and {tuple(u.shape)}"
+                )
+            merged[key] = torch.cat([c, u])
+        elif c is u or c == u:
+            merged[key] = c
+        else:
+            raise ValueError(f"cond[{key!r}] and uncond[{key!r}] differ but are not tensors to batch")
+    return merged
+
+
+def check_cond(cond: dict | None, batch: int, device: torch.device, name: str = "cond") -> dict:
+    if cond is None:
+        return {}
+    if not isinstance(cond, dict):
+        raise TypeError(f"{name} must be a dict of keyword arguments for the denoiser, got {type(cond).__name__}")
+    for key, v in cond.items():
+        if isinstance(v, torch.Tensor):
+            if v.dim() == 0 or v.shape[0] != batch:
+                raise ValueError(f"{name}[{key!r}] must have batch size {batch}, got shape {tuple(v.shape)}")
+            if v.device != device:
+                raise ValueError(f"{name}[{key!r}] is on {v.device} but noise is on {device}")
+    return cond
+
+
+def check_noise(noise: Any) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    if noise.dim() < 2 or noise.shape[0] < 1 or noise.numel() == 0:
+        raise ValueError(f"noise must be [B, ...] with B >= 1 and at least one element, got {tuple(noise.shape)}")
+    if noise.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"noise must be a floating tensor (fp16/bf16/fp32/fp64), got {noise.dtype}")
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise must be finite (found NaN or inf)")
+    return noise
+
+
+def check_seeds(seeds: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """seeds as int64 [B] on ``device``."""
+    if isinstance(seeds, torch.Tensor):
+        if seeds.is_floating_point() or seeds.dtype == torch.bool:
+            raise TypeError(f"seeds must be integers, got {seeds.dtype}")
+        t = seeds.to(torch.int64)
+    else:
+        try:
+            t = torch.as_tensor(list(seeds), dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"seeds must be a sequence of ints or an int64 tensor: {e}") from None
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"seeds must have one seed per sample ([B]=[{batch}]), got shape {tuple(t.shape)}")
+    return t.to(device)
