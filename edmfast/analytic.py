@@ -25,17 +25,21 @@ def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 class GaussianDenoiser(nn.Module):
     """Ideal denoiser of N(mu, s^2 I): ``D(x; sigma) = mu + s^2/(s^2+sigma^2) (x - mu)``."""
 
+    mu: torch.Tensor
+
     def __init__(self, mu: float | torch.Tensor = 0.0, s: float = 0.5):
         super().__init__()
         self.register_buffer("mu", torch.as_tensor(mu, dtype=torch.float64), persistent=False)
         self.s = float(s)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, mu: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, mu: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``mu`` (optional, [B, ...] or broadcastable) overrides the mean: a conditional denoiser."""
         sig = _per_sample(sigma, x)
-        mu = self.mu.to(x.device) if mu is None else mu.to(x.device, torch.float64)
+        mean = self.mu.to(x.device) if mu is None else mu.to(x.device, torch.float64)
         s2 = self.s**2
-        out = mu + s2 / (s2 + sig**2) * (x.to(torch.float64) - mu)
+        out = mean + s2 / (s2 + sig**2) * (x.to(torch.float64) - mean)
         return out.to(x.dtype)
 
     def ode_solution(self, x_a: torch.Tensor, sigma_a: float, sigma_b: float) -> torch.Tensor:
@@ -51,6 +55,9 @@ class GaussianMixtureDenoiser(nn.Module):
     ``D(x; sigma) = sum_k p_k(x) (m_k + s^2/(s^2+sigma^2) (x - m_k))`` with
     ``p_k ∝ w_k exp(-|x - m_k|^2 / (2 (s^2+sigma^2)))``. Computed in float64.
     """
+
+    means: torch.Tensor
+    log_weights: torch.Tensor
 
     def __init__(self, means: torch.Tensor, s: float = 0.0, weights: torch.Tensor | None = None):
         super().__init__()

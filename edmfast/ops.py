@@ -90,7 +90,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _check_tensor(name: str, t: torch.Tensor | None, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> None:
+def _check_tensor(
+    name: str, t: torch.Tensor | None, device: torch.device, dtypes: tuple[torch.dtype, ...]
+) -> None:
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
@@ -140,7 +142,9 @@ def check_step_args(
     _check_tensor("out_net", out_net, device, IO_DTYPES)
     _check_tensor("seeds", seeds, device, (torch.int64,))
     if coef.numel() < 5 or not coef.is_contiguous():
-        raise ValueError(f"coef must be a contiguous float32 tensor with >= 5 entries, got {tuple(coef.shape)}")
+        raise ValueError(
+            f"coef must be a contiguous float32 tensor with >= 5 entries, got {tuple(coef.shape)}"
+        )
     for name, t in (("x_prime", x_prime), ("noise", noise)):
         if t is not None and (t.shape[0] != batch or t.numel() != batch * numel):
             raise ValueError(f"{name} must match x_hat's shape {tuple(x_hat.shape)}, got {tuple(t.shape)}")
@@ -219,7 +223,9 @@ def heun_step(
     See `edmfast.reference.heun_step` for the full contract. ``out`` may alias ``x_hat``.
     Returns ``out``.
     """
-    check_step_args(x_hat, coef, x_prime=x_prime, f=f, k=k, noise=noise, seeds=seeds, out=out, out_net=out_net)
+    check_step_args(
+        x_hat, coef, x_prime=x_prime, f=f, k=k, noise=noise, seeds=seeds, out=out, out_net=out_net
+    )
     x_prime = None if x_prime is None else x_prime.contiguous()
     f = None if f is None else f.contiguous()
     noise = None if noise is None else noise.contiguous()
@@ -227,8 +233,17 @@ def heun_step(
         _torch_heun_step(x_hat, coef, x_prime, f, k, guidance_scale, noise, seeds, step, out, out_net)
     else:
         _impl(backend).heun_step(
-            x_hat.contiguous(), coef, out=out, x_prime=x_prime, f=f, k=k, guidance_scale=guidance_scale,
-            noise=noise, seeds=seeds, step=step, out_net=out_net,
+            x_hat.contiguous(),
+            coef,
+            out=out,
+            x_prime=x_prime,
+            f=f,
+            k=k,
+            guidance_scale=guidance_scale,
+            noise=noise,
+            seeds=seeds,
+            step=step,
+            out_net=out_net,
         )
     return out
 
@@ -248,11 +263,20 @@ def churn(
     check_step_args(x, coef, x_prime=None, f=None, k=None, noise=noise, seeds=seeds, out=out, out_net=out_net)
     noise = None if noise is None else noise.contiguous()
     if backend == "torch":
-        one = torch.stack([torch.ones_like(coef[0]), torch.zeros_like(coef[0]), torch.zeros_like(coef[0]),
-                           coef[COEF_STD], coef[COEF_C]])
+        one = torch.stack(
+            [
+                torch.ones_like(coef[0]),
+                torch.zeros_like(coef[0]),
+                torch.zeros_like(coef[0]),
+                coef[COEF_STD],
+                coef[COEF_C],
+            ]
+        )
         _torch_heun_step(x, one, None, None, None, 1.0, noise, seeds, step, out, out_net)
     else:
-        _impl(backend).churn(x.contiguous(), coef, out=out, noise=noise, seeds=seeds, step=step, out_net=out_net)
+        _impl(backend).churn(
+            x.contiguous(), coef, out=out, noise=noise, seeds=seeds, step=step, out_net=out_net
+        )
     return out
 
 
@@ -264,7 +288,12 @@ def _check_guidance(guidance_scale: float, guidance_rescale: float) -> None:
 
 
 def cfg_rescale_factors(
-    f: torch.Tensor, guidance_scale: float, guidance_rescale: float, *, out: torch.Tensor, backend: str = "torch"
+    f: torch.Tensor,
+    guidance_scale: float,
+    guidance_rescale: float,
+    *,
+    out: torch.Tensor,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Per-sample CFG-rescale factors k [B] (float32) from the batched prediction f [2B, ...].
 
@@ -328,8 +357,12 @@ def cfg_rescale(
     if backend == "torch":
         f = torch.cat([cond, uncond]).float()
         k = _torch_cfg_factors(f, guidance_scale, guidance_rescale)
-        cfg = _flat(f[cond.shape[0]:]) + guidance_scale * (_flat(f[: cond.shape[0]]) - _flat(f[cond.shape[0]:]))
+        cfg = _flat(f[cond.shape[0] :]) + guidance_scale * (
+            _flat(f[: cond.shape[0]]) - _flat(f[cond.shape[0] :])
+        )
         _flat(out).copy_(k.reshape(-1, 1) * cfg)
     else:
-        _impl(backend).cfg_rescale(cond.contiguous(), uncond.contiguous(), guidance_scale, guidance_rescale, out=out)
+        _impl(backend).cfg_rescale(
+            cond.contiguous(), uncond.contiguous(), guidance_scale, guidance_rescale, out=out
+        )
     return out

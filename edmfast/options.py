@@ -65,8 +65,18 @@ class SamplerOptions:
             raise TypeError(f"num_steps must be an int, got {type(n).__name__}")
         if n < 1:
             raise ValueError(f"num_steps must be >= 1, got {n}")
-        for name in ("sigma_min", "sigma_max", "rho", "alpha", "s_churn", "s_tmin", "s_tmax", "s_noise",
-                     "guidance_scale", "guidance_rescale"):
+        for name in (
+            "sigma_min",
+            "sigma_max",
+            "rho",
+            "alpha",
+            "s_churn",
+            "s_tmin",
+            "s_tmax",
+            "s_noise",
+            "guidance_scale",
+            "guidance_rescale",
+        ):
             o[name] = _real(name, o[name])
         if not (0 < o["sigma_min"] <= o["sigma_max"] < math.inf):
             raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got {o['sigma_min']}, {o['sigma_max']}")
@@ -173,7 +183,9 @@ def plan_steps(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> lis
         gamma = gamma_max if opts.s_tmin <= sigma <= opts.s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if round_sigma is not None and gamma > 0:
-            sigma_hat = float(torch.as_tensor(round_sigma(torch.tensor([sigma_hat], dtype=torch.float64))).reshape(-1)[0])
+            sigma_hat = float(
+                torch.as_tensor(round_sigma(torch.tensor([sigma_hat], dtype=torch.float64))).reshape(-1)[0]
+            )
         std = math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) * opts.s_noise
         correct = opts.second_order and sigma_next != 0
         h = sigma_next - sigma_hat
@@ -207,7 +219,9 @@ def check_cond(cond: dict | None, batch: int, device: torch.device, name: str = 
     if cond is None:
         return {}
     if not isinstance(cond, dict):
-        raise TypeError(f"{name} must be a dict of keyword arguments for the denoiser, got {type(cond).__name__}")
+        raise TypeError(
+            f"{name} must be a dict of keyword arguments for the denoiser, got {type(cond).__name__}"
+        )
     for key, v in cond.items():
         if isinstance(v, torch.Tensor):
             if v.dim() == 0 or v.shape[0] != batch:
@@ -221,7 +235,9 @@ def check_noise(noise: Any) -> torch.Tensor:
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if noise.dim() < 2 or noise.shape[0] < 1 or noise.numel() == 0:
-        raise ValueError(f"noise must be [B, ...] with B >= 1 and at least one element, got {tuple(noise.shape)}")
+        raise ValueError(
+            f"noise must be [B, ...] with B >= 1 and at least one element, got {tuple(noise.shape)}"
+        )
     if noise.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"noise must be a floating tensor (fp16/bf16/fp32/fp64), got {noise.dtype}")
     if not torch.isfinite(noise).all():

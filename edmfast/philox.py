@@ -56,7 +56,9 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def philox_normal(seeds: torch.Tensor, step: int, numel: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def philox_normal(
+    seeds: torch.Tensor, step: int, numel: int, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Standard normals [B, numel] of the fused stream for ``seeds`` (int64 [B]) at churn ``step``."""
     seeds = seeds.to(torch.int64).reshape(-1, 1)
     k0 = seeds & _MASK32
@@ -72,8 +74,12 @@ def philox_normal(seeds: torch.Tensor, step: int, numel: int, dtype: torch.dtype
     r1 = torch.sqrt(-2.0 * torch.log(u[2]))
     two_pi = 2.0 * math.pi
     n = torch.stack(
-        [r0 * torch.cos(two_pi * u[1]), r0 * torch.sin(two_pi * u[1]),
-         r1 * torch.cos(two_pi * u[3]), r1 * torch.sin(two_pi * u[3])],
+        [
+            r0 * torch.cos(two_pi * u[1]),
+            r0 * torch.sin(two_pi * u[1]),
+            r1 * torch.cos(two_pi * u[3]),
+            r1 * torch.sin(two_pi * u[3]),
+        ],
         dim=-1,
     )  # [B, groups, 4]
     return n.reshape(seeds.shape[0], groups * 4)[:, :numel].to(dtype)

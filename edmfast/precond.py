@@ -28,7 +28,9 @@ def _model_output(out: Any) -> torch.Tensor:
     sample = getattr(out, "sample", None)
     if isinstance(sample, torch.Tensor):
         return sample
-    raise TypeError(f"the model must return a tensor, a tuple or an object with .sample, got {type(out).__name__}")
+    raise TypeError(
+        f"the model must return a tensor, a tuple or an object with .sample, got {type(out).__name__}"
+    )
 
 
 def _param_dtype(model: nn.Module | Any) -> torch.dtype:
@@ -54,7 +56,9 @@ class Precond(nn.Module):
         self.model = model
         self.dtype = dtype if dtype is not None else _param_dtype(model)
 
-    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def coefficients(
+        self, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c_skip, c_out, c_in, c_noise) for a sigma tensor, in its dtype (float64 for the engine)."""
         raise NotImplementedError
 
@@ -70,7 +74,9 @@ class Precond(nn.Module):
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = (c.reshape(-1, *([1] * (x.dim() - 1))) for c in self.coefficients(sigma))
+        c_skip, c_out, c_in, c_noise = (
+            c.reshape(-1, *([1] * (x.dim() - 1))) for c in self.coefficients(sigma)
+        )
         f = self.raw((c_in * x).to(self.dtype), c_noise.reshape(-1).to(torch.float32), **cond)
         return (c_skip * x + c_out * f.to(torch.float64)).to(x.dtype)
 
@@ -79,8 +85,14 @@ class EDMPrecond(Precond):
     """EDM: ``c_skip = sd^2/(s^2+sd^2)``, ``c_out = s sd/sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)``,
     ``c_noise = ln(s)/4`` with sd = sigma_data (0.5)."""
 
-    def __init__(self, model, sigma_data: float = 0.5, sigma_min: float = 0.0, sigma_max: float = math.inf,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.0,
+        sigma_max: float = math.inf,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(model, dtype)
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
 
@@ -93,8 +105,15 @@ class EDMPrecond(Precond):
 class VPPrecond(Precond):
     """VP: ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)``, ``c_noise = (M-1) sigma^-1(s)``."""
 
-    def __init__(self, model, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model,
+        beta_d: float = 19.9,
+        beta_min: float = 0.1,
+        M: int = 1000,
+        epsilon_t: float = 1e-5,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(model, dtype)
         self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
         self.sigma_min = float(vp_sigma(epsilon_t, beta_d, beta_min))
@@ -108,7 +127,9 @@ class VPPrecond(Precond):
 class VEPrecond(Precond):
     """VE: ``c_skip = 1``, ``c_out = s``, ``c_in = 1``, ``c_noise = ln(s/2)``."""
 
-    def __init__(self, model, sigma_min: float = 0.02, sigma_max: float = 100.0, dtype: torch.dtype | None = None):
+    def __init__(
+        self, model, sigma_min: float = 0.02, sigma_max: float = 100.0, dtype: torch.dtype | None = None
+    ):
         super().__init__(model, dtype)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
@@ -123,7 +144,11 @@ class iDDPMPrecond(Precond):  # noqa: N801 - the paper's name
     variance) has its first half used as F.
     """
 
-    def __init__(self, model, C1: float = 0.001, C2: float = 0.008, M: int = 1000, dtype: torch.dtype | None = None):
+    u: torch.Tensor
+
+    def __init__(
+        self, model, C1: float = 0.001, C2: float = 0.008, M: int = 1000, dtype: torch.dtype | None = None
+    ):
         super().__init__(model, dtype)
         self.M = M
         self.register_buffer("u", iddpm_u(M, C1, C2), persistent=False)
@@ -132,7 +157,12 @@ class iDDPMPrecond(Precond):  # noqa: N801 - the paper's name
 
     def _index(self, sigma: torch.Tensor) -> torch.Tensor:
         u = self.u.to(sigma.device)
-        return (sigma.to(torch.float64).reshape(-1, 1) - u.reshape(1, -1)).abs().argmin(dim=1).reshape(sigma.shape)
+        return (
+            (sigma.to(torch.float64).reshape(-1, 1) - u.reshape(1, -1))
+            .abs()
+            .argmin(dim=1)
+            .reshape(sigma.shape)
+        )
 
     def round_sigma(self, sigma):
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
@@ -157,8 +187,16 @@ class DiscreteVPDenoiser(Precond):
     from there needs v_prediction or sample (see `limit_coefficients`).
     """
 
-    def __init__(self, model, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 dtype: torch.dtype | None = None):
+    sigmas: torch.Tensor
+    log_sigmas: torch.Tensor
+
+    def __init__(
+        self,
+        model,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str = "epsilon",
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(model, dtype)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")

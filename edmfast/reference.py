@@ -35,7 +35,9 @@ def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).reshape(t.shape[0] // batch, batch, -1)
 
 
-def guided_prediction(f: torch.Tensor, batch: int, guidance_scale: float, k: torch.Tensor | None) -> torch.Tensor:
+def guided_prediction(
+    f: torch.Tensor, batch: int, guidance_scale: float, k: torch.Tensor | None
+) -> torch.Tensor:
     """F[b] = k[b] * (uncond + w (cond - uncond)) when f has 2B rows, else f itself; float64 [B, M]."""
     f64 = f.reshape(f.shape[0], -1).double()
     if f.shape[0] == batch:
@@ -163,7 +165,9 @@ def draw_exact_noise(generator, shape: tuple[int, ...], device: torch.device) ->
     if generator is None:
         return torch.randn(shape, dtype=torch.float64, device=device)
     if isinstance(generator, torch.Generator):
-        return torch.randn(shape, dtype=torch.float64, device=generator.device, generator=generator).to(device)
+        return torch.randn(shape, dtype=torch.float64, device=generator.device, generator=generator).to(
+            device
+        )
     return generator.randn(shape, dtype=torch.float64, device=device)
 
 
@@ -172,7 +176,7 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
     batch = x.shape[0]
     cfg = merged is not None
     xb = torch.cat([x, x]) if cfg else x
-    kwargs = merged if cfg else cond
+    kwargs: dict = merged if merged is not None else cond
     rows = xb.shape[0]
     if hasattr(denoiser, "coefficients"):
         if limit:
@@ -183,13 +187,17 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
         noise_in = torch.full((rows,), c_noise, dtype=torch.float32, device=x.device)
         f = denoiser.raw((c_in * xb).to(denoiser.dtype), noise_in, **kwargs).to(torch.float64)
         if f.shape != xb.shape:
-            raise ValueError(f"the denoiser's network returned shape {tuple(f.shape)}, expected {tuple(xb.shape)}")
+            raise ValueError(
+                f"the denoiser's network returned shape {tuple(f.shape)}, expected {tuple(xb.shape)}"
+            )
         if cfg:
             f = cfg_rescale(f[:batch], f[batch:], opts.guidance_scale, opts.guidance_rescale)
         return c_skip * x + c_out * f
     if limit:
-        raise ValueError("sigmas[0] is inf (zero terminal SNR): the denoiser needs limit_coefficients() "
-                         "(use edmfast.DiscreteVPDenoiser with v_prediction or sample prediction)")
+        raise ValueError(
+            "sigmas[0] is inf (zero terminal SNR): the denoiser needs limit_coefficients() "
+            "(use edmfast.DiscreteVPDenoiser with v_prediction or sample prediction)"
+        )
     sig = torch.full((rows,), sigma, dtype=torch.float64, device=x.device)
     d = denoiser(xb, sig, **kwargs)
     if not isinstance(d, torch.Tensor) or d.shape != xb.shape:
@@ -201,8 +209,17 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
     return d
 
 
-def sample(denoiser, noise: torch.Tensor, sigmas=None, *, cond=None, uncond=None, generator=None, seeds=None,
-           **options) -> torch.Tensor:
+def sample(
+    denoiser,
+    noise: torch.Tensor,
+    sigmas=None,
+    *,
+    cond=None,
+    uncond=None,
+    generator=None,
+    seeds=None,
+    **options,
+) -> torch.Tensor:
     """EDM Algorithm 2 (Algorithm 1 when s_churn = 0), eager, float64 state. Same signature as
     `edmfast.sample`; ``backend``, ``cuda_graph``, ``compile`` and ``progress`` are accepted and
     ignored here.
@@ -215,7 +232,15 @@ def sample(denoiser, noise: torch.Tensor, sigmas=None, *, cond=None, uncond=None
     A schedule starting at sigma = inf starts from the noise itself and takes the limit step
     ``x_1 = D(eps; inf) + sigma_1 eps``. Returns a tensor shaped and typed like ``noise``.
     """
-    from .options import SamplerOptions, check_cond, check_noise, check_seeds, merge_cond, plan_steps, resolve_sigmas
+    from .options import (
+        SamplerOptions,
+        check_cond,
+        check_noise,
+        check_seeds,
+        merge_cond,
+        plan_steps,
+        resolve_sigmas,
+    )
 
     opts = SamplerOptions.create(**options)
     noise = check_noise(noise)
@@ -256,7 +281,9 @@ def sample(denoiser, noise: torch.Tensor, sigmas=None, *, cond=None, uncond=None
         else:
             a = opts.effective_alpha
             x_prime = x_hat + a * h * d
-            d_prime = (x_prime - _denoise(denoiser, x_prime, st.sigma_prime, cond, merged, opts)) / st.sigma_prime
+            d_prime = (
+                x_prime - _denoise(denoiser, x_prime, st.sigma_prime, cond, merged, opts)
+            ) / st.sigma_prime
             x = x_hat + h * ((1 - 1 / (2 * a)) * d + 1 / (2 * a) * d_prime)
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"non-finite values appeared at step {i} (sigma={st.sigma:g})")
@@ -264,11 +291,27 @@ def sample(denoiser, noise: torch.Tensor, sigmas=None, *, cond=None, uncond=None
 
 
 def ablation_sample(
-    denoiser, noise: torch.Tensor, *, num_steps: int = 18, sigma_min: float | None = None,
-    sigma_max: float | None = None, rho: float = 7.0, solver: str = "heun", discretization: str = "edm",
-    schedule: str = "linear", scaling: str = "none", epsilon_s: float = 1e-3, C1: float = 0.001, C2: float = 0.008,
-    M: int = 1000, alpha: float = 1.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-    s_noise: float = 1.0, generator=None,
+    denoiser,
+    noise: torch.Tensor,
+    *,
+    num_steps: int = 18,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    solver: str = "heun",
+    discretization: str = "edm",
+    schedule: str = "linear",
+    scaling: str = "none",
+    epsilon_s: float = 1e-3,
+    C1: float = 0.001,
+    C2: float = 0.008,
+    M: int = 1000,
+    alpha: float = 1.0,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator=None,
 ) -> torch.Tensor:
     """The general EDM sampler over the whole design space (Algorithms 1-2 with sigma(t), s(t)).
 
@@ -280,8 +323,12 @@ def ablation_sample(
     """
     from .schedules import iddpm_sigmas, ve_sigmas, vp_betas_for_range, vp_sigma
 
-    defaults = {"vp": (float(vp_sigma(epsilon_s)), float(vp_sigma(1.0))), "ve": (0.02, 100.0),
-                "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}
+    defaults = {
+        "vp": (float(vp_sigma(epsilon_s)), float(vp_sigma(1.0))),
+        "ve": (0.02, 100.0),
+        "iddpm": (0.002, 81.0),
+        "edm": (0.002, 80.0),
+    }
     if discretization not in defaults:
         raise ValueError(f"discretization must be one of {tuple(defaults)}, got {discretization!r}")
     if schedule not in ("linear", "vp", "ve"):
@@ -310,6 +357,7 @@ def ablation_sample(
 
     # sigma(t), sigma'(t), sigma^-1; s(t), s'(t): float64 tensors throughout
     if schedule == "vp":
+
         def sig(t):
             return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
 
@@ -319,6 +367,7 @@ def ablation_sample(
         def sig_inv(s):
             return ((beta_min**2 + 2 * beta_d * torch.log1p(s**2)).sqrt() - beta_min) / beta_d
     elif schedule == "ve":
+
         def sig(t):
             return t.sqrt()
 
@@ -328,6 +377,7 @@ def ablation_sample(
         def sig_inv(s):
             return s**2
     else:
+
         def sig(t):
             return t
 
@@ -338,12 +388,14 @@ def ablation_sample(
             return s
 
     if scaling == "vp":
+
         def s_of(t):
             return 1 / (1 + sig(t) ** 2).sqrt()
 
         def s_d(t):
             return -sig(t) * sig_d(t) * s_of(t) ** 3
     else:
+
         def s_of(t):
             return torch.ones_like(t)
 

@@ -151,7 +151,7 @@ class _Buffers:
     sigma_in: torch.Tensor  # float32 [2N, R B]: the sigma (plain denoiser) or c_noise fed per evaluation
     k: torch.Tensor  # float32 [B] CFG-rescale factors
     seeds: torch.Tensor  # int64 [B]
-    exact_eps: torch.Tensor | None  # float32 [N, B, ...] exact churn draws (drawn before the loop)
+    exact_eps: torch.Tensor  # float32 [N | 1 | 0, B, ...] exact churn draws (N: graphs, 1: eager, 0: none)
     sums: torch.Tensor  # float32 [N, B] per-step sums of the state: non-finite -> the step it appeared
     cond: dict = field(default_factory=dict)  # static copies of tensor keyword arguments
 
@@ -226,7 +226,9 @@ class Sampler:
         return fn(x_in, sigma_in, **cond)
 
     def _net_dtype(self, noise: torch.Tensor) -> torch.dtype:
-        dtype = getattr(self.denoiser, "dtype", torch.float32) if hasattr(self.denoiser, "raw") else torch.float32
+        dtype = (
+            getattr(self.denoiser, "dtype", torch.float32) if hasattr(self.denoiser, "raw") else torch.float32
+        )
         if dtype not in ops.IO_DTYPES:
             raise TypeError(f"the network dtype must be one of {ops.IO_DTYPES}, got {dtype}")
         return dtype
@@ -251,7 +253,9 @@ class Sampler:
         use_cfg = opts.guidance_scale != 1.0
         if use_cfg:
             if uncond is None:
-                raise ValueError("guidance_scale != 1 needs uncond (the unconditional keyword arguments, {} if none)")
+                raise ValueError(
+                    "guidance_scale != 1 needs uncond (the unconditional keyword arguments, {} if none)"
+                )
             kwargs = merge_cond(cond, check_cond(uncond, batch, device, "uncond"), batch)
         else:
             kwargs = cond
@@ -262,8 +266,12 @@ class Sampler:
                 seeds = getattr(generator, "seeds", None)
             if seeds is None:
                 raise ValueError("noise_mode='fused' with s_churn > 0 needs seeds (int64 [B])")
-        seeds_t = check_seeds(seeds, batch, device) if seeds is not None else torch.zeros(batch, dtype=torch.int64)
-        if generator is not None and not (isinstance(generator, torch.Generator) or hasattr(generator, "randn")):
+        seeds_t = (
+            check_seeds(seeds, batch, device) if seeds is not None else torch.zeros(batch, dtype=torch.int64)
+        )
+        if generator is not None and not (
+            isinstance(generator, torch.Generator) or hasattr(generator, "randn")
+        ):
             raise TypeError("generator must be a torch.Generator or an edmfast.PerSampleGenerator")
 
         net_dtype = self._net_dtype(noise)
@@ -297,9 +305,17 @@ class Sampler:
             sums = buf.sums
         else:
             key = (
-                tuple(noise.shape), noise.dtype, device, net_dtype, backend, plan.structure, use_cfg,
-                tuple((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
-                      for k, v in sorted(kwargs.items())),
+                tuple(noise.shape),
+                noise.dtype,
+                device,
+                net_dtype,
+                backend,
+                plan.structure,
+                use_cfg,
+                tuple(
+                    (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
+                    for k, v in sorted(kwargs.items())
+                ),
             )
             entry = self._graphs.pop(key, None)
             if entry is None:
@@ -345,13 +361,21 @@ class Sampler:
             k=torch.ones(shape[0], **f32),
             seeds=torch.zeros(shape[0], dtype=torch.int64, device=dev),
             # eager loops draw exact noise step by step into one slot; graphs need all N up front
-            exact_eps=torch.zeros((n if graph else 1, *shape), **f32) if exact else None,
+            exact_eps=torch.zeros(((n if graph else 1) if exact else 0, *shape), **f32),
             sums=torch.zeros(n, shape[0], **f32),
             cond={k: torch.empty_like(v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
         )
 
-    def _loop(self, buf: _Buffers, plan: _Plan, backend: str, use_cfg: bool, cond: dict, draw=None,
-              progress: bool = False) -> None:
+    def _loop(
+        self,
+        buf: _Buffers,
+        plan: _Plan,
+        backend: str,
+        use_cfg: bool,
+        cond: dict,
+        draw=None,
+        progress: bool = False,
+    ) -> None:
         """The whole sampling loop on static buffers: capturable as one CUDA graph.
 
         ``draw`` (eager exact-noise mode only) draws step i's churn noise when the loop reaches it.
@@ -360,7 +384,7 @@ class Sampler:
         batch, n = buf.x_hat.shape[0], len(plan.steps)
         w, phi = opts.guidance_scale, opts.guidance_rescale
 
-        def noise_args(i: int) -> dict:
+        def noise_args(i: int) -> dict[str, Any]:
             if i >= n:
                 return {}
             if draw is not None:
@@ -371,14 +395,16 @@ class Sampler:
                 return {}
             if not plan.noise_steps[i]:
                 return {}
-            if buf.exact_eps is not None:
+            if buf.exact_eps.shape[0]:
                 return {"noise": buf.exact_eps[i]}
             return {"seeds": buf.seeds, "step": i}
 
         def evaluate(j: int) -> torch.Tensor:
             f = self._call_network(buf.net, buf.sigma_in[j], cond)
             if f.shape != buf.net.shape:
-                raise ValueError(f"the denoiser returned shape {tuple(f.shape)}, expected {tuple(buf.net.shape)}")
+                raise ValueError(
+                    f"the denoiser returned shape {tuple(f.shape)}, expected {tuple(buf.net.shape)}"
+                )
             if f.device != buf.net.device:
                 raise ValueError(f"the denoiser returned a tensor on {f.device}, expected {buf.net.device}")
             if not f.is_floating_point():
@@ -389,8 +415,10 @@ class Sampler:
                 ops.cfg_rescale_factors(f, w, phi, out=buf.k, backend=backend)
             return f
 
-        guide = dict(k=buf.k if use_cfg and phi > 0 else None, guidance_scale=w)
-        ops.heun_step(buf.noise, buf.coef[0], out=buf.x_hat, out_net=buf.net, backend=backend, **noise_args(0))
+        guide: dict[str, Any] = dict(k=buf.k if use_cfg and phi > 0 else None, guidance_scale=w)
+        ops.heun_step(
+            buf.noise, buf.coef[0], out=buf.x_hat, out_net=buf.net, backend=backend, **noise_args(0)
+        )
         steps = range(len(plan.steps))
         if progress:
             from tqdm import tqdm
@@ -400,14 +428,38 @@ class Sampler:
             next_net = buf.net if i + 1 < n else None  # the last pass feeds no network
             f = evaluate(2 * i)
             if plan.evals[i][1] is not None:
-                ops.heun_step(buf.x_hat, buf.coef[1 + 2 * i], f=f, out=buf.x_prime, out_net=buf.net,
-                              backend=backend, **guide)
+                ops.heun_step(
+                    buf.x_hat,
+                    buf.coef[1 + 2 * i],
+                    f=f,
+                    out=buf.x_prime,
+                    out_net=buf.net,
+                    backend=backend,
+                    **guide,
+                )
                 f = evaluate(2 * i + 1)
-                ops.heun_step(buf.x_hat, buf.coef[2 + 2 * i], x_prime=buf.x_prime, f=f, out=buf.x_hat,
-                              out_net=next_net, backend=backend, **guide, **noise_args(i + 1))
+                ops.heun_step(
+                    buf.x_hat,
+                    buf.coef[2 + 2 * i],
+                    x_prime=buf.x_prime,
+                    f=f,
+                    out=buf.x_hat,
+                    out_net=next_net,
+                    backend=backend,
+                    **guide,
+                    **noise_args(i + 1),
+                )
             else:
-                ops.heun_step(buf.x_hat, buf.coef[1 + 2 * i], f=f, out=buf.x_hat, out_net=next_net,
-                              backend=backend, **guide, **noise_args(i + 1))
+                ops.heun_step(
+                    buf.x_hat,
+                    buf.coef[1 + 2 * i],
+                    f=f,
+                    out=buf.x_hat,
+                    out_net=next_net,
+                    backend=backend,
+                    **guide,
+                    **noise_args(i + 1),
+                )
             # one read of the state per step; NaN/inf anywhere makes its sample's sum non-finite
             torch.sum(buf.x_hat.reshape(batch, -1), dim=1, out=buf.sums[i])
 
@@ -438,8 +490,8 @@ class Sampler:
             i = int(bad.nonzero()[0, 0])
             samples = (~torch.isfinite(sums[i])).nonzero().flatten().tolist()
             raise FloatingPointError(
-                f"non-finite values appeared at step {i} (sigma={plan.steps[i].sigma:g}) in samples {samples[:8]}"
-                " - the denoiser produced NaN or inf"
+                f"non-finite values appeared at step {i} (sigma={plan.steps[i].sigma:g}) in samples "
+                f"{samples[:8]}: the denoiser produced NaN or inf"
             )
 
     def release(self) -> None:
@@ -469,4 +521,6 @@ def sample(
     guidance_scale 1, guidance_rescale 0, noise_mode "exact" | "fused", backend "auto",
     cuda_graph "auto", compile False, progress False. Returns a tensor like ``noise``.
     """
-    return Sampler(denoiser, sigmas, **options)(noise, cond=cond, uncond=uncond, generator=generator, seeds=seeds)
+    return Sampler(denoiser, sigmas, **options)(
+        noise, cond=cond, uncond=uncond, generator=generator, seeds=seeds
+    )

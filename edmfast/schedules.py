@@ -36,7 +36,9 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(
+    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
     """EDM (Karras) steps: ``(smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``, then 0."""
     _check_steps(num_steps)
     _check_range(sigma_min, sigma_max)
@@ -111,7 +113,12 @@ def iddpm_u(M: int = 1000, C1: float = 0.001, C2: float = 0.008) -> torch.Tensor
 
 
 def iddpm_sigmas(
-    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81.0, *, M: int = 1000, C1: float = 0.001,
+    num_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 81.0,
+    *,
+    M: int = 1000,
+    C1: float = 0.001,
     C2: float = 0.008,
 ) -> torch.Tensor:
     """iDDPM steps: N of the u_j inside [sigma_min, sigma_max], evenly spaced by index, then 0."""
@@ -137,6 +144,7 @@ def discrete_timesteps(
     T = num_train_timesteps
     if num_steps > T:
         raise ValueError(f"num_steps={num_steps} exceeds num_train_timesteps={T}")
+    t: np.ndarray
     if spacing == "linspace":
         t = np.linspace(0, T - 1, num_steps).round()[::-1]
     elif spacing == "leading":

@@ -1,0 +1,145 @@
+"""Preconditioners (EDM Table 1) and the discrete VP adapter, against closed forms."""
+
+import math
+
+import pytest
+import torch
+
+import edmfast
+from edmfast.analytic import EDMNetworkOf, GaussianDenoiser
+from edmfast.schedules import iddpm_u, vp_sigma
+
+SIGMAS = torch.tensor([0.002, 0.05, 0.5, 1.0, 7.3, 80.0], dtype=torch.float64)
+
+
+def _ident(x, c_noise, **_):
+    return x
+
+
+def test_edm_coefficients():
+    sd = 0.5
+    c_skip, c_out, c_in, c_noise = edmfast.EDMPrecond(_ident).coefficients(SIGMAS)
+    for i, s in enumerate(SIGMAS.tolist()):
+        assert float(c_skip[i]) == pytest.approx(sd**2 / (s**2 + sd**2), rel=1e-14)
+        assert float(c_out[i]) == pytest.approx(s * sd / math.sqrt(s**2 + sd**2), rel=1e-14)
+        assert float(c_in[i]) == pytest.approx(1 / math.sqrt(s**2 + sd**2), rel=1e-14)
+        assert float(c_noise[i]) == pytest.approx(math.log(s) / 4, rel=1e-14)
+
+
+def test_vp_coefficients_and_range():
+    p = edmfast.VPPrecond(_ident)
+    c_skip, c_out, c_in, c_noise = p.coefficients(SIGMAS)
+    assert (c_skip == 1).all() and torch.equal(c_out, -SIGMAS)
+    torch.testing.assert_close(c_in, 1 / (SIGMAS**2 + 1).sqrt())
+    # c_noise = (M - 1) t with sigma(t) = sigma: invert through the forward schedule
+    torch.testing.assert_close(vp_sigma(c_noise / 999), SIGMAS, rtol=1e-10, atol=0)
+    assert p.sigma_min == pytest.approx(float(vp_sigma(1e-5))) and p.sigma_max == pytest.approx(
+        float(vp_sigma(1.0))
+    )
+
+
+def test_ve_coefficients():
+    c_skip, c_out, c_in, c_noise = edmfast.VEPrecond(_ident).coefficients(SIGMAS)
+    assert (c_skip == 1).all() and torch.equal(c_out, SIGMAS) and (c_in == 1).all()
+    torch.testing.assert_close(c_noise, (SIGMAS / 2).log())
+
+
+def test_iddpm_coefficients_round_sigma_and_learned_variance():
+    p = edmfast.iDDPMPrecond(_ident)
+    u = iddpm_u()
+    r = p.round_sigma(SIGMAS)
+    for s, rs in zip(SIGMAS.tolist(), r.tolist(), strict=True):
+        j = int((u - s).abs().argmin())
+        assert rs == float(u[j])
+    c_skip, c_out, c_in, c_noise = p.coefficients(r)
+    assert (c_skip == 1).all() and torch.equal(c_out, -r)
+    idx = torch.tensor([int((u - s).abs().argmin()) for s in r.tolist()])
+    assert torch.equal(c_noise, (999 - idx).double())
+    assert p.sigma_max == float(u[0]) and p.sigma_min == float(u[999])
+
+    class TwoHeads(torch.nn.Module):
+        def forward(self, x, c_noise):
+            return torch.cat([x, torch.full_like(x, 1e9)], dim=1)
+
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(edmfast.iDDPMPrecond(TwoHeads()).raw(x, torch.zeros(2)), x)
+
+
+def test_edm_precond_wraps_an_exact_network_back_into_the_denoiser():
+    g = GaussianDenoiser(0.2, 0.5)
+    p = edmfast.EDMPrecond(EDMNetworkOf(g))
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) * 3
+    torch.testing.assert_close(p(x, SIGMAS), g(x, SIGMAS), rtol=1e-5, atol=1e-6)  # F runs in float32
+
+
+# --------------------------------------------------------------------------- DiscreteVPDenoiser
+
+
+def _abar():
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+
+
+class ExactVPModel(torch.nn.Module):
+    """The exact eps / v / x0 model of N(0, s^2 I) data in discrete VP form."""
+
+    def __init__(self, abar, kind, s=0.5):
+        super().__init__()
+        self.abar, self.kind, self.s = abar, kind, s
+
+    def forward(self, x_t, t):
+        a = self.abar[t.round().long()].reshape(-1, 1, 1, 1)
+        x_t = x_t.double()
+        # x_t = sqrt(a) x0 + sqrt(1-a) eps: E[x0 | x_t] = sqrt(a) s^2 / (a s^2 + 1 - a) x_t
+        x0 = a.sqrt() * self.s**2 / (a * self.s**2 + 1 - a) * x_t
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        out = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[self.kind]
+        return out.float()
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_discrete_vp_denoiser_reproduces_the_ideal_denoiser(kind):
+    abar = _abar()
+    den = edmfast.DiscreteVPDenoiser(ExactVPModel(abar, kind), abar, prediction_type=kind)
+    ts = torch.tensor([999, 500, 120, 3])
+    sig = den.sigmas_for(ts)
+    torch.testing.assert_close(sig[:-1], ((1 - abar[ts]) / abar[ts]).sqrt())
+    assert sig[-1] == 0
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64) * sig[:-1].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(
+        den(x, sig[:-1]), GaussianDenoiser(0.0, 0.5)(x, sig[:-1]), rtol=2e-5, atol=2e-5
+    )
+
+
+def test_sigma_to_t_interpolates_in_log_sigma():
+    abar = _abar()
+    den = edmfast.DiscreteVPDenoiser(_ident, abar)
+    s = den.sigmas[[10, 11]]
+    mid = (s.log().mean()).exp()  # halfway in log sigma
+    assert float(den.sigma_to_t(mid.reshape(1))) == pytest.approx(10.5, abs=1e-9)
+    assert den.sigma_to_t(den.sigmas).tolist() == pytest.approx(list(range(1000)), abs=1e-9)
+
+
+def test_model_output_forms():
+    class Out:
+        def __init__(self, t):
+            self.sample = t
+
+    abar = _abar()
+    x = torch.randn(2, 1, 2, 2)
+    outs = [lambda x, t: x, lambda x, t: (x,), lambda x, t: Out(x)]
+    results = [edmfast.DiscreteVPDenoiser(m, abar, "sample")(x, torch.ones(2)) for m in outs]
+    assert all(torch.equal(r, results[0]) for r in results)
+    with pytest.raises(TypeError, match="must return"):
+        edmfast.DiscreteVPDenoiser(lambda x, t: "nope", abar, "sample")(x, torch.ones(2))
+
+
+def test_epsilon_prediction_rejects_zero_terminal_snr_start():
+    abar = torch.cumprod(1 - edmfast.rescale_zero_terminal_snr(1 - _abar()[1:] / _abar()[:-1]), 0)
+    den = edmfast.DiscreteVPDenoiser(_ident, abar, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="epsilon"):
+        den.limit_coefficients()
+
+
+def test_bad_prediction_type():
+    with pytest.raises(ValueError, match="prediction_type"):
+        edmfast.DiscreteVPDenoiser(_ident, _abar(), prediction_type="x0")

@@ -1,0 +1,123 @@
+"""Discretizations (EDM Table 1) and discrete schedules (Lin et al. 2023) against independent facts."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import edmfast
+from edmfast.schedules import iddpm_u, vp_betas_for_range, vp_sigma, vp_sigma_inv
+
+
+def test_karras_defaults_endpoints_and_layout():
+    s = edmfast.karras_sigmas(18)
+    assert s.dtype == torch.float64 and s.shape == (19,)
+    assert s[0] == pytest.approx(80.0, rel=1e-14) and s[17] == pytest.approx(0.002, rel=1e-12) and s[18] == 0
+    assert (s[1:] < s[:-1]).all()
+
+
+def test_karras_rho_one_is_linear_and_large_rho_tends_to_geometric():
+    s = edmfast.karras_sigmas(5, 1.0, 9.0, rho=1.0)[:-1]
+    torch.testing.assert_close(s, torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0], dtype=torch.float64))
+    # (a^(1/rho) + t (b^(1/rho) - a^(1/rho)))^rho -> a^(1-t) b^t as rho -> inf
+    g = edmfast.karras_sigmas(5, 0.01, 100.0, rho=1e6)[:-1]
+    torch.testing.assert_close(g, torch.logspace(2, -2, 5, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_ve_is_geometric_between_its_endpoints():
+    s = edmfast.ve_sigmas(10)[:-1]
+    assert s[0] == pytest.approx(100.0) and s[-1] == pytest.approx(0.02)
+    ratios = s[1:] / s[:-1]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-12)
+
+
+def test_vp_default_and_refitted_ranges():
+    s = edmfast.vp_sigmas(10)[:-1]
+    # sigma(1) = sqrt(e^(19.9/2 + 0.1) - 1), sigma(1e-3) = sqrt(e^(19.9e-6/2 + 1e-4) - 1)
+    assert s[0] == pytest.approx(math.sqrt(math.exp(10.05) - 1), rel=1e-12)
+    assert s[-1] == pytest.approx(math.sqrt(math.exp(0.5 * 19.9e-6 + 1e-4) - 1), rel=1e-9)
+    r = edmfast.vp_sigmas(10, sigma_min=0.002, sigma_max=80.0)[:-1]
+    assert r[0] == pytest.approx(80.0, rel=1e-10) and r[-1] == pytest.approx(0.002, rel=1e-8)
+    bd, bm = vp_betas_for_range(0.002, 80.0)
+    t = torch.rand(100, dtype=torch.float64)
+    torch.testing.assert_close(vp_sigma_inv(vp_sigma(t, bd, bm), bd, bm), t, rtol=1e-9, atol=1e-12)
+
+
+def test_iddpm_levels_follow_the_unclipped_closed_form():
+    M, C2 = 1000, 0.008
+    u = iddpm_u(M)
+    assert u[M] == 0 and (u[1:] < u[:-1]).all()
+    # without the clip the recursion telescopes: u_j^2 + 1 = abar(M) / abar(j)
+    j = torch.arange(1, M + 1, dtype=torch.float64)
+    abar = torch.sin(0.5 * math.pi * j / M / (C2 + 1)) ** 2
+    closed = (abar[-1] / abar - 1).clamp(min=0).sqrt()
+    torch.testing.assert_close(u[1:][50:], closed[50:], rtol=1e-9, atol=1e-12)
+    s = edmfast.iddpm_sigmas(18)
+    assert s[-1] == 0 and ((s[:-1] >= 0.002) & (s[:-1] <= 81)).all()
+    assert all(bool((u == v).any()) for v in s[:-1])  # every step is one of the u_j
+
+
+@pytest.mark.parametrize(
+    "spacing, expected",
+    [
+        ("linspace", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
+        ("leading", [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
+        ("trailing", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
+    ],
+)
+def test_lin_et_al_table_2_spacings(spacing, expected):
+    t = edmfast.discrete_timesteps(10, 1000, spacing)
+    assert t.dtype == torch.int64 and t.tolist() == expected
+
+
+def test_leading_offset_and_bad_spacing():
+    assert edmfast.discrete_timesteps(10, 1000, "leading", steps_offset=1).tolist()[0] == 901
+    with pytest.raises(ValueError, match="spacing"):
+        edmfast.discrete_timesteps(10, 1000, "even")
+
+
+def _sd_betas():
+    return torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+
+
+def test_zero_terminal_snr():
+    betas = _sd_betas()
+    new = edmfast.rescale_zero_terminal_snr(betas)
+    abar_old, abar = torch.cumprod(1 - betas, 0), torch.cumprod(1 - new, 0)
+    assert abar[-1] == 0.0  # exactly zero SNR at T
+    assert abar[0] == pytest.approx(float(abar_old[0]), rel=1e-14)
+    assert (abar[1:] < abar[:-1]).all()
+    # sqrt(abar) is an affine map of the old sqrt(abar)
+    r_old, r = abar_old.sqrt(), abar.sqrt()
+    expected = (r_old - r_old[-1]) * r_old[0] / (r_old[0] - r_old[-1])
+    torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-12)
+    den = edmfast.DiscreteVPDenoiser(lambda x, t: x, abar, prediction_type="v_prediction")
+    assert math.isinf(float(den.sigmas_for([999])[0]))
+
+
+def test_float32_betas_keep_their_dtype():
+    out = edmfast.rescale_zero_terminal_snr(_sd_betas().float())
+    assert out.dtype == torch.float32 and np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "fn", [edmfast.karras_sigmas, edmfast.ve_sigmas, edmfast.vp_sigmas, edmfast.iddpm_sigmas]
+)
+def test_bad_num_steps(fn):
+    with pytest.raises(ValueError, match="num_steps"):
+        fn(0)
+    with pytest.raises(TypeError, match="num_steps"):
+        fn(2.5)
+
+
+def test_bad_sigma_range():
+    with pytest.raises(ValueError, match="sigma_min"):
+        edmfast.karras_sigmas(10, sigma_min=-1.0)
+    with pytest.raises(ValueError, match="sigma_min"):
+        edmfast.karras_sigmas(10, sigma_min=1.0, sigma_max=0.5)
+
+
+def test_single_step_schedules_start_at_sigma_max():
+    assert edmfast.karras_sigmas(1).tolist() == [80.0, 0.0]
+    assert edmfast.ve_sigmas(1)[0] == pytest.approx(100.0)
