@@ -209,6 +209,7 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
     return d
 
 
+@torch.no_grad()
 def sample(
     denoiser,
     noise: torch.Tensor,
@@ -290,6 +291,7 @@ def sample(
     return x.to(noise.dtype)
 
 
+@torch.no_grad()
 def ablation_sample(
     denoiser,
     noise: torch.Tensor,

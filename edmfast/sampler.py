@@ -235,6 +235,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ call
 
+    @torch.no_grad()
     def __call__(
         self,
         noise: torch.Tensor,
