@@ -35,11 +35,15 @@ class GaussianDenoiser(nn.Module):
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor | float, mu: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``mu`` (optional, [B, ...] or broadcastable) overrides the mean: a conditional denoiser."""
-        sig = _per_sample(sigma, x)
-        mean = self.mu.to(x.device) if mu is None else mu.to(x.device, torch.float64)
+        """``mu`` (optional, [B, ...] or broadcastable) overrides the mean: a conditional denoiser.
+
+        Computed in float64 for float64 inputs, else in float32 (so a benchmark's denoiser costs
+        what the caller's precision costs)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sig = _per_sample(sigma, x).to(dtype)
+        mean = (self.mu if mu is None else mu).to(x.device, dtype)
         s2 = self.s**2
-        out = mean + s2 / (s2 + sig**2) * (x.to(torch.float64) - mean)
+        out = mean + s2 / (s2 + sig**2) * (x.to(dtype) - mean)
         return out.to(x.dtype)
 
     def ode_solution(self, x_a: torch.Tensor, sigma_a: float, sigma_b: float) -> torch.Tensor:
