@@ -9,7 +9,6 @@ allocates nothing and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 
@@ -28,12 +27,17 @@ class BackendUnavailable(RuntimeError):
 # ----------------------------------------------------------------------------- backend registry
 
 
+# Plain relative imports (not importlib) so torch.compile can trace through the dispatch.
 def _native() -> ModuleType:
-    return importlib.import_module("edmfast.native")
+    from . import native
+
+    return native
 
 
 def _triton() -> ModuleType:
-    return importlib.import_module("edmfast.triton")
+    from . import triton
+
+    return triton
 
 
 def backend_status(backend: str, device: torch.device) -> str | None:
@@ -226,6 +230,8 @@ def heun_step(
     check_step_args(
         x_hat, coef, x_prime=x_prime, f=f, k=k, noise=noise, seeds=seeds, out=out, out_net=out_net
     )
+    if x_hat.numel() == 0:
+        return out  # samples of zero elements: nothing to compute, no kernel to launch
     x_prime = None if x_prime is None else x_prime.contiguous()
     f = None if f is None else f.contiguous()
     noise = None if noise is None else noise.contiguous()
@@ -261,6 +267,8 @@ def churn(
 ) -> torch.Tensor:
     """Fused churn ``out = x + std eps; out_net = c out`` (`edmfast.reference.churn`)."""
     check_step_args(x, coef, x_prime=None, f=None, k=None, noise=noise, seeds=seeds, out=out, out_net=out_net)
+    if x.numel() == 0:
+        return out
     noise = None if noise is None else noise.contiguous()
     if backend == "torch":
         one = torch.stack(
@@ -307,6 +315,8 @@ def cfg_rescale_factors(
     _check_tensor("f", f, f.device, IO_DTYPES)
     _check_tensor("out", out, f.device, (torch.float32,))
     _check_out("out", out, f.shape[0] // 2, 1)
+    if f.numel() == 0:
+        return out.fill_(1.0)  # no elements: the unbiased std is undefined, the ratio is 1
     if backend == "torch":
         out.copy_(_torch_cfg_factors(f.float(), guidance_scale, guidance_rescale))
     else:

@@ -10,7 +10,9 @@ the sample (0 <= e < M, so a sample's noise does not depend on the batch it is i
 * counter = (c0, c1, c2, c3) = (g & 0xFFFFFFFF, g >> 32, i, 0) with g = e // 4
 * ten Philox4x32 rounds (Salmon et al. 2011), multipliers 0xD2511F53 / 0xCD9E8D57, Weyl
   increments 0x9E3779B9 / 0xBB67AE85 added to the key between rounds, giving words x0..x3.
-* uniforms u_j = ((x_j >> 8) + 0.5) * 2**-24: exact in float32, strictly inside (0, 1).
+* uniforms u_j = ((x_j >> 8) + 0.5) * 2**-24, strictly inside (0, 1); exact in float64 but not in
+  float32 when u >= 1/2 (25 significant bits): float32 kernels form ln u and the angle from the
+  exact 1 - u there (csrc/include/edmfast/philox.h, edmfast/triton/philox.py).
 * Box-Muller on the pairs (u0, u1) and (u2, u3):
   n0 = r0 cos(2 pi u1), n1 = r0 sin(2 pi u1), r0 = sqrt(-2 ln u0); n2, n3 likewise from (u2, u3).
 * element e takes n_(e % 4).

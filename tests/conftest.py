@@ -1,17 +1,19 @@
 """Shared test fixtures: the backend matrix, tolerance tables, devices.
 
-TRITON_INTERPRET=1 is set here, before anything imports triton, so the Triton kernels run on
-CPU tensors (that is how CI tests them).
+Without a GPU, TRITON_INTERPRET=1 is set here, before anything imports triton, so the Triton
+kernels run on CPU tensors (that is how CI tests them); with one, the compiled kernels are tested.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():  # GPU machines test the compiled kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from edmfast import ops  # noqa: E402
 

@@ -37,7 +37,9 @@ def test_replay_with_new_noise_seeds_and_sigmas_equals_a_fresh_eager_run(backend
         sig = edmfast.karras_sigmas(8, sigma_max=80.0 - 10 * trial)
         got = s(noise, sig, seeds=seeds)
         eager = edmfast.sample(den, noise, sig, cuda_graph=False, seeds=seeds, **kw)
-        ref = reference.sample(den, noise.double(), sig, seeds=seeds, num_steps=8, s_churn=30, noise_mode="fused")
+        ref = reference.sample(
+            den, noise.double(), sig, seeds=seeds, num_steps=8, s_churn=30, noise_mode="fused"
+        )
         assert torch.allclose(got, eager, rtol=1e-5, atol=1e-5)
         assert rel_err(got, ref) < 2e-5
     assert s.stats["captures"] == 1 and s.stats["replays"] == 3
@@ -52,7 +54,9 @@ def test_exact_noise_mode_in_a_graph_matches_the_reference():
         noise = rng.randn([2, 3, 8, 8])
         got = s(noise, generator=rng)
         rng2 = edmfast.PerSampleGenerator(seeds, device=DEV)
-        ref = reference.sample(den, rng2.randn([2, 3, 8, 8]).double(), generator=rng2, num_steps=6, s_churn=20)
+        ref = reference.sample(
+            den, rng2.randn([2, 3, 8, 8]).double(), generator=rng2, num_steps=6, s_churn=20
+        )
         assert rel_err(got, ref) < 2e-5
     assert s.stats["captures"] == 1
 
@@ -66,7 +70,9 @@ def test_cfg_conditioning_is_refreshed_on_replay():
         mu = torch.full_like(noise, scale)
         kw = dict(cond={"mu": mu}, uncond={"mu": torch.zeros_like(mu)})
         got = s(noise, **kw)
-        ref = reference.sample(den, noise.double(), num_steps=6, guidance_scale=4.0, guidance_rescale=0.7, **kw)
+        ref = reference.sample(
+            den, noise.double(), num_steps=6, guidance_scale=4.0, guidance_rescale=0.7, **kw
+        )
         assert rel_err(got, ref) < 2e-5
     assert s.stats["captures"] == 1
 

@@ -1,0 +1,162 @@
+"""Triton backend: the fused ops of `edmfast.ops` as Triton kernels.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton and this
+package's kernel modules are imported: ``triton.jit`` picks the interpreter at decoration time).
+Importing this package never imports triton; the kernel modules load on the first call.
+
+Each op is registered as ``torch.ops.edmfast_triton.<op>`` with `torch.library.triton_op`, so
+torch.compile traces into the kernels and CUDA-graph capture sees plain kernel launches. Operands
+arrive validated and contiguous from `edmfast.ops`; results go to caller-provided buffers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["why_unavailable", "heun_step", "churn", "cfg_rescale_factors", "cfg_rescale"]
+
+_KERNEL_MODULES = ("heun_step", "churn", "cfg_rescale")
+
+
+def why_unavailable(device: torch.device) -> str | None:
+    """None if the Triton kernels can run on ``device``, else the reason they cannot."""
+    device = torch.device(device)
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable: {e}"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "torch reports no CUDA device"
+    if device.type != "cpu":
+        return f"the triton backend runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+    # The variable may have been set after the kernels were decorated as GPU kernels.
+    loaded = sys.modules.get(f"{__name__}.heun_step")
+    if loaded is not None and type(loaded._heun_step_kernel).__name__ != "InterpretedFunction":
+        return "TRITON_INTERPRET=1 was set after edmfast's Triton kernels were compiled for the GPU"
+    return None
+
+
+# ----------------------------------------------------------------------------- torch.library glue
+
+
+def _wrap_triton(kernel: Any) -> Any:
+    """`torch.library.wrap_triton` (torch >= 2.6) so torch.compile can trace the launch."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return kernel if wrap is None else wrap(kernel)
+
+
+def _triton_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable[..., None]], Any]:
+    """Register ``fn`` as ``torch.ops.<name>``: `torch.library.triton_op` when torch has it (>= 2.6),
+    else an opaque `torch.library.custom_op` (still capturable, compiled as a graph break-free call).
+    """
+
+    def register(fn: Callable[..., None]) -> Any:
+        if hasattr(torch.library, "triton_op"):
+            return torch.library.triton_op(name, fn, mutates_args=tuple(mutates_args))
+        op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
+        op.register_fake(lambda *args, **kwargs: None)  # every op writes its out= buffers only
+        return op
+
+    return register
+
+
+_loaded = False
+
+
+def _ops() -> Any:
+    """Import the kernel modules (which registers their ops) and return the op namespace.
+
+    A plain global flag rather than functools.cache: torch.compile traces this without a break.
+    """
+    global _loaded
+    if not _loaded:
+        for name in _KERNEL_MODULES:
+            importlib.import_module(f"{__name__}.{name}")
+        _loaded = True
+    return torch.ops.edmfast_triton
+
+
+class _Package(types.ModuleType):
+    """This package, except that loading submodule ``heun_step`` (etc.) keeps the entry point.
+
+    The kernel modules share their op's name (STYLE rule 1) and the import system binds a loaded
+    submodule as an attribute of its package, which would replace the function `edmfast.ops`
+    calls. Use ``from edmfast.triton.heun_step import ...`` to reach a kernel module.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _KERNEL_MODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+# ----------------------------------------------------------------------------- backend entry points
+
+
+def heun_step(
+    x_hat: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    x_prime: torch.Tensor | None,
+    f: torch.Tensor | None,
+    k: torch.Tensor | None,
+    guidance_scale: float,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    step: int,
+    out_net: torch.Tensor | None,
+) -> None:
+    """``out = p x_hat + q x_prime + r F + std eps``; ``out_net[j B + b] = c out[b]``.
+
+    See `edmfast.reference.heun_step` for the operands; ``out`` may alias ``x_hat``.
+    """
+    _ops().heun_step(
+        x_hat, coef, out=out, x_prime=x_prime, f=f, k=k, guidance_scale=float(guidance_scale),
+        noise=noise, seeds=seeds, step=int(step), out_net=out_net,
+    )  # fmt: skip
+
+
+def churn(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    step: int,
+    out_net: torch.Tensor | None,
+) -> None:
+    """``out = x + std eps``; ``out_net = c out`` (`edmfast.reference.churn`)."""
+    _ops().churn(x, coef, out=out, noise=noise, seeds=seeds, step=int(step), out_net=out_net)
+
+
+def cfg_rescale_factors(
+    f: torch.Tensor, guidance_scale: float, guidance_rescale: float, *, out: torch.Tensor
+) -> None:
+    """k[b] = phi std(cond_b) / std(cfg_b) + (1 - phi) into ``out`` (float32 [B]); f is [2B, ...]."""
+    _ops().cfg_rescale_factors(f, float(guidance_scale), float(guidance_rescale), out=out)
+
+
+def cfg_rescale(
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+    guidance_rescale: float,
+    *,
+    out: torch.Tensor,
+) -> None:
+    """``out = k[b] (uncond + w (cond - uncond))`` in cond's dtype (Lin et al. Eq. 14-16)."""
+    _ops().cfg_rescale(cond, uncond, float(guidance_scale), float(guidance_rescale), out=out)
