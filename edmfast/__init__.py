@@ -5,7 +5,7 @@ and classifier-free guidance with rescale, driven by a graph-captured sampling l
 path is checked against `edmfast.reference`, a plain float64 PyTorch implementation of the math.
 """
 
-from . import analytic, reference
+from . import analytic, k_diffusion, reference
 from .guidance import cfg_rescale
 from .precond import DiscreteVPDenoiser, EDMPrecond, Precond, VEPrecond, VPPrecond, iDDPMPrecond
 from .rng import PerSampleGenerator
@@ -32,6 +32,7 @@ __all__ = [
     "discrete_timesteps",
     "iDDPMPrecond",
     "iddpm_sigmas",
+    "k_diffusion",
     "karras_sigmas",
     "reference",
     "rescale_zero_terminal_snr",

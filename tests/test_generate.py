@@ -1,0 +1,225 @@
+"""``edmfast generate``: per-seed images, batch/process invariance, resume, refusal, kill safety.
+
+The default model is the exact denoiser of the built-in 8-bit shapes data set, on which a correct
+sampler lands exactly on training images: comparisons of PNG bytes are exact, not statistical.
+Churn is on (S_churn = 10) so the per-seed churn noise streams are exercised too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import edmfast
+from edmfast import cli
+from edmfast.data import ShapesDenoiser, to_uint8
+from edmfast.generate import (
+    ManifestMismatch,
+    generate,
+    image_path,
+    load_model,
+    parse_seeds,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLER = ["--steps", "6", "--churn", "10"]
+OPTIONS = {"num_steps": 6, "s_churn": 10.0}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.suffix == ".png"}
+
+
+def _run(outdir: Path, seeds: str, batch: int, *extra: str) -> int:
+    return cli.main(
+        [
+            "generate",
+            "--seeds",
+            seeds,
+            "--batch",
+            str(batch),
+            "--outdir",
+            str(outdir),
+            "--no-progress",
+            *SAMPLER,
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> dict[str, bytes]:
+    """Seeds 0-11 generated in one process with batch 5 (12 = 5 + 5 + 2: a ragged last batch)."""
+    d = tmp_path_factory.mktemp("baseline")
+    assert _run(d, "0-11", 5) == 0
+    files = _files(d)
+    assert sorted(files) == [f"{s:06d}.png" for s in range(12)]
+    return files
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds("7") == [7]
+    assert parse_seeds("1,5,7-9") == [1, 5, 7, 8, 9]
+    for bad in ("", "a-b", "5-1", "-3", "1,1", "1-2-3"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+
+
+def test_images_are_the_reference_samples(baseline):
+    """Each PNG is edmfast.reference.sample with the official per-seed streams (latents, then churn)."""
+    den = ShapesDenoiser()
+    for seed in (0, 7, 11):
+        rng = edmfast.PerSampleGenerator([seed])
+        x = edmfast.reference.sample(den, rng.randn([1, 3, 32, 32]), generator=rng, **OPTIONS)
+        expected = to_uint8(x)[0].permute(1, 2, 0).numpy()
+        png = np.asarray(Image.open(io.BytesIO(baseline[f"{seed:06d}.png"])))
+        assert np.array_equal(png, expected), seed
+
+
+def test_batch_size_invariant(tmp_path, baseline):
+    assert _run(tmp_path, "0-11", 3) == 0
+    assert _files(tmp_path) == baseline
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["sampler"]["s_churn"] == 10.0 and manifest["image_shape"] == [3, 32, 32]
+    assert manifest["edmfast_version"] == edmfast.__version__
+
+
+def test_resume_regenerates_exactly_the_missing(tmp_path, baseline):
+    assert _run(tmp_path, "0-11", 4) == 0
+    deleted = ["000002.png", "000003.png", "000010.png"]
+    for name in deleted:
+        (tmp_path / name).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.png")}
+    stats = generate(range(12), tmp_path, batch=4, options=OPTIONS, progress=False, log=lambda _: None)
+    assert stats["generated"] == 3 and stats["skipped"] == 9
+    assert _files(tmp_path) == baseline
+    after = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.png")}
+    assert all(after[n] == t for n, t in before.items()), "existing images must not be rewritten"
+
+
+def test_changed_option_is_refused(tmp_path, capsys):
+    assert _run(tmp_path, "0-1", 2) == 0
+    capsys.readouterr()
+    assert _run(tmp_path, "0-3", 2, "--s-noise", "1.003") == 2
+    err = capsys.readouterr().err
+    assert "s_noise: 1.0 in the folder, 1.003 now" in err and "refusing" in err
+    assert sorted(_files(tmp_path)) == ["000000.png", "000001.png"]  # nothing written
+    # a bad option fails before anything is written
+    assert _run(tmp_path / "new", "0", 1, "--alpha", "0.5") == 2
+    assert "alpha" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    with pytest.raises(ManifestMismatch, match="model"):
+        generate([0], tmp_path, model="tests.test_generate:tiny_model", options=OPTIONS, progress=False)
+    # other seeds with the same options are fine (extend a run)
+    assert _run(tmp_path, "2-3", 2) == 0
+    assert len(_files(tmp_path)) == 4
+
+
+def test_kill_and_resume(tmp_path):
+    """SIGKILL a run mid-way, plant a half-written temporary, rerun: exactly the uninterrupted images."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _run(whole, "0-39", 8) == 0  # the uninterrupted run
+    args = ["generate", "--seeds", "0-39", "--batch", "1", "--outdir", str(killed), "--no-progress", *SAMPLER]
+    cmd = [sys.executable, "-m", "edmfast", *args]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and len(list(killed.glob("*.png"))) < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(killed.glob("*.png")))
+    assert 3 <= n_done < 40, f"the run was not interrupted mid-way ({n_done} images)"
+    # A kill during a write leaves a temporary like this one (the final name never sees a partial file).
+    (killed / ".tmp-abc123.png").write_bytes(b"\x89PNG\r\n\x1a\n half")
+    assert subprocess.run(cmd, env=_env(), capture_output=True, timeout=300).returncode == 0
+    assert _files(killed) == _files(whole)
+    assert sorted(p.name for p in killed.iterdir()) == sorted(
+        p.name for p in whole.iterdir()
+    )  # no temporaries
+
+
+def tiny_model():
+    """A user factory (``--model tests.test_generate:tiny_model``): returns (denoiser, image_shape)."""
+    return edmfast.analytic.GaussianDenoiser(mu=0.25, s=0.5), (1, 8, 6)
+
+
+class _WithShape(torch.nn.Module):
+    image_shape = (3, 4, 4)
+
+    def forward(self, x, sigma):
+        return torch.zeros_like(x)
+
+
+def shaped_model():
+    return _WithShape()
+
+
+def test_user_model_and_npz(tmp_path):
+    assert load_model("tests.test_generate:shaped_model")[1] == (3, 4, 4)
+    with pytest.raises(ValueError, match="module:function"):
+        load_model("edmfast.data")
+    with pytest.raises(ValueError, match="cannot load"):
+        load_model("edmfast.data:no_such_factory")
+    generate(
+        range(3),
+        tmp_path,
+        batch=2,
+        model="tests.test_generate:tiny_model",
+        options=OPTIONS,
+        npz=True,
+        progress=False,
+        log=lambda _: None,
+    )
+    pngs = [np.asarray(Image.open(image_path(tmp_path, s))) for s in range(3)]
+    assert pngs[0].shape == (8, 6) and pngs[0].dtype == np.uint8  # one channel -> greyscale PNG
+    with np.load(tmp_path / "images.npz") as f:
+        arr = f["arr_0"]
+    assert arr.shape == (3, 8, 6, 3) and arr.dtype == np.uint8
+    assert np.array_equal(arr[..., 0], np.stack(pngs))
+    assert not np.array_equal(pngs[0], pngs[1])  # seeds differ
+
+
+def test_torchrun_two_processes_match_single_process(tmp_path, baseline):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this python")
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "edmfast",
+        "generate",
+        "--seeds",
+        "0-11",
+        "--batch",
+        "4",
+        "--outdir",
+        str(tmp_path),
+        "--no-progress",
+        "--device",
+        "cpu",
+        *SAMPLER,
+    ]
+    out = subprocess.run(
+        cmd, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es)" in out.stdout
+    assert _files(tmp_path) == baseline
