@@ -235,6 +235,7 @@ def heun_step(
     x_prime = None if x_prime is None else x_prime.contiguous()
     f = None if f is None else f.contiguous()
     noise = None if noise is None else noise.contiguous()
+    k = None if k is None else k.contiguous()
     if backend == "torch":
         _torch_heun_step(x_hat, coef, x_prime, f, k, guidance_scale, noise, seeds, step, out, out_net)
     else:

@@ -1,0 +1,259 @@
+"""Bandwidth of the fused ops (heun_step pass B, churn, cfg_rescale) per backend, vs measured copy.
+
+For every backend available on the device, at several sizes, reports the median time, the
+effective bandwidth (the minimum traffic: every input read once, every output written once) and
+its fraction of the device-to-device copy bandwidth measured in the same run. Comparisons in the
+same process on the same inputs:
+  * GPU: the same step written as torch ops and compiled with torch.compile (fp32 math);
+  * CPU: the same step in eager PyTorch, with the noise drawn by torch.randn.
+GPU timings replay a CUDA graph of the op (the way the sampler runs it) so Python dispatch is
+excluded; they use triton.testing.do_bench (median). CPU timings are time.perf_counter medians.
+
+    python benchmarks/bench_ops.py                  # full run on CUDA if present, else CPU
+    python benchmarks/bench_ops.py --quick          # a few seconds (CI smoke run)
+    python benchmarks/bench_ops.py --json benchmarks/results/bench_ops_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from edmfast import ops  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_cpu(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of ``fn`` over ``reps`` calls after two warm-up calls."""
+    fn()
+    fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def time_gpu(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of one ``fn`` replayed from a CUDA graph (no Python dispatch in the timing)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up: compilation, workspace allocation
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        from triton.testing import do_bench
+
+        return do_bench(graph.replay, warmup=25, rep=max(reps, 20), return_mode="median") * 1e-3
+    except ImportError:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(max(reps, 20)):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e-3)
+        return statistics.median(samples)
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def make_inputs(numel: int, batch: int, dtype: torch.dtype, device: torch.device) -> dict:
+    m = numel // batch
+    g = torch.Generator(device=device).manual_seed(0)
+    return dict(
+        x_hat=torch.randn(batch, m, device=device, generator=g),
+        x_prime=torch.randn(batch, m, device=device, generator=g),
+        f=torch.randn(batch, m, device=device, generator=g).to(dtype),
+        cond=torch.randn(batch, m, device=device, generator=g).to(dtype),
+        uncond=torch.randn(batch, m, device=device, generator=g).to(dtype),
+        coef=torch.tensor([0.9, 0.3, -0.7, 0.05, 1.3, 0, 0, 0], device=device),
+        seeds=torch.arange(batch, device=device, dtype=torch.int64),
+        out=torch.empty(batch, m, device=device),
+        out_net=torch.empty(batch, m, device=device, dtype=dtype),
+        out_cfg=torch.empty(batch, m, device=device, dtype=dtype),
+        k=torch.empty(batch, device=device),
+    )
+
+
+def op_calls(backend: str, t: dict) -> dict[str, Callable[[], object]]:
+    """The three ops as the sampler calls them (heun_step in its pass-B form, with fused noise)."""
+    x_hat, coef, out, out_net, seeds = t["x_hat"], t["coef"], t["out"], t["out_net"], t["seeds"]
+
+    def heun_step():
+        ops.heun_step(
+            x_hat, coef, out=out, x_prime=t["x_prime"], f=t["f"], seeds=seeds, step=3, out_net=out_net,
+            backend=backend,
+        )  # fmt: skip
+
+    def churn():
+        ops.churn(x_hat, coef, out=out, seeds=seeds, step=3, out_net=out_net, backend=backend)
+
+    def cfg_rescale():
+        ops.cfg_rescale(t["cond"], t["uncond"], 7.5, 0.7, out=t["out_cfg"], backend=backend)
+
+    return {"heun_step": heun_step, "churn": churn, "cfg_rescale": cfg_rescale}
+
+
+def torch_step(x_hat, x_prime, f, coef, eps, out, out_net):
+    """The pass-B math as plain torch ops in fp32 (the comparison baseline)."""
+    x = coef[0] * x_hat + coef[1] * x_prime + coef[2] * f.float() + coef[3] * eps
+    out.copy_(x)
+    out_net.copy_(coef[4] * x)
+
+
+def baseline_calls(device: torch.device, t: dict) -> tuple[str, dict[str, Callable[[], object]]]:
+    """GPU: torch.compile of the torch-ops step (noise from torch.randn inside); CPU: eager."""
+    g = torch.Generator(device=device).manual_seed(1)
+    if device.type == "cuda":
+
+        def step(x_hat, x_prime, f, coef, out, out_net):
+            torch_step(x_hat, x_prime, f, coef, torch.randn_like(x_hat), out, out_net)
+
+        step_fn = torch.compile(step)
+        return "torch.compile", {
+            "heun_step": lambda: step_fn(t["x_hat"], t["x_prime"], t["f"], t["coef"], t["out"], t["out_net"])
+        }
+
+    def eager_step():
+        torch_step(t["x_hat"], t["x_prime"], t["f"], t["coef"], torch.randn(t["x_hat"].shape, generator=g),
+                   t["out"], t["out_net"])  # fmt: skip
+
+    def eager_churn():
+        x = t["x_hat"] + t["coef"][3] * torch.randn(t["x_hat"].shape, generator=g)
+        t["out"].copy_(x)
+        t["out_net"].copy_(t["coef"][4] * x)
+
+    def eager_cfg():
+        c, u = t["cond"].float(), t["uncond"].float()
+        cfg = u + 7.5 * (c - u)
+        k = 0.7 * c.std(dim=1, keepdim=True) / cfg.std(dim=1, keepdim=True) + 0.3
+        t["out_cfg"].copy_(k * cfg)
+
+    return "eager", {"heun_step": eager_step, "churn": eager_churn, "cfg_rescale": eager_cfg}
+
+
+def min_bytes(op: str, numel: int, dtype: torch.dtype) -> int:
+    io = torch.empty((), dtype=dtype).element_size()
+    if op == "heun_step":  # read x_hat, x_prime, f; write out, out_net
+        return numel * (4 + 4 + io + 4 + io)
+    if op == "churn":  # read x; write out, out_net
+        return numel * (4 + 4 + io)
+    return numel * 3 * io  # cfg_rescale: read cond, uncond; write out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="network-side dtype (f, out_net)"
+    )
+    parser.add_argument("--batch", type=int, default=1, help="samples the elements are split into")
+    parser.add_argument(
+        "--sizes", type=str, default=None, help="comma-separated element counts, e.g. 1e6,4e6"
+    )
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a few seconds: small sizes, few repetitions")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; both sides)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the results as JSON (and a .md beside it)"
+    )
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the native CPU ops follow torch's thread count
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    gpu = device.type == "cuda"
+    if args.sizes:
+        sizes = [int(float(s)) for s in args.sizes.split(",")]
+    elif args.quick:
+        sizes = [1 << 20] if gpu else [1 << 16]
+    else:
+        sizes = [1 << p for p in (20, 22, 24, 26, 28)] if gpu else [1 << p for p in (18, 20, 22)]
+    reps = args.reps or (5 if args.quick else 50 if gpu else 15)
+
+    def timer(fn: Callable[[], object]) -> float:
+        return time_gpu(fn, reps) if gpu else time_cpu(fn, reps)
+
+    backends = [b for b in (("cuda", "triton") if gpu else ("cpu",)) if ops.backend_status(b, device) is None]
+    rows = []
+    for numel in sizes:
+        numel -= numel % args.batch
+        t = make_inputs(numel, args.batch, dtype, device)
+        src, dst = t["x_hat"].flatten(), t["out"].flatten()
+        copy_s = timer(lambda: dst.copy_(src))  # noqa: B023
+        copy_gbs = 8 * numel / copy_s / 1e9
+        rows.append(dict(op="copy", backend="torch", numel=numel, ms=copy_s * 1e3, gbs=copy_gbs, frac=1.0))
+        results: dict[tuple[str, str], float] = {}
+        candidates = [(b, op_calls(b, t)) for b in backends] + [baseline_calls(device, t)]
+        for backend, calls in candidates:
+            for op, fn in calls.items():
+                sec = timer(fn)
+                results[(backend, op)] = sec
+                gbs = min_bytes(op, numel, dtype) / sec / 1e9
+                rows.append(
+                    dict(op=op, backend=backend, numel=numel, ms=sec * 1e3, gbs=gbs, frac=gbs / copy_gbs)
+                )
+        base = "torch.compile" if gpu else "eager"
+        for row in rows:
+            key = (base, row["op"])
+            if row["numel"] == numel and row["backend"] not in ("torch", base) and key in results:
+                row[f"speedup_vs_{base}"] = results[key] / (row["ms"] * 1e-3)
+        del t
+
+    header = f"{'op':<12}{'backend':<15}{'elements':>12}{'ms':>10}{'GB/s':>9}{'of copy':>9}{'speedup':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        speedup = next((f"{v:.2f}x" for k, v in r.items() if k.startswith("speedup")), "")
+        lines.append(
+            f"{r['op']:<12}{r['backend']:<15}{r['numel']:>12}{r['ms']:>10.3f}{r['gbs']:>9.1f}{r['frac']:>8.0%}{speedup:>9}"
+        )
+    print("\n".join(lines))
+
+    if args.json:
+        meta = dict(
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            machine=torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            python=platform.python_version(),
+            dtype=args.dtype,
+            batch=args.batch,
+            quick=args.quick,
+        )
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+        md = [f"# bench_ops ({meta['machine']}, {meta['date']})", "", f"`{json.dumps(meta)}`", "", "```"]
+        args.json.with_suffix(".md").write_text("\n".join(md + lines + ["```", ""]))
+        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

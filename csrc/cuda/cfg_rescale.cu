@@ -1,0 +1,193 @@
+// CUDA CFG rescale (Lin et al. 2023, Eq. 14-16): k[b] = phi std(cond_b)/std(cfg_b) + (1 - phi).
+//
+// Stage 1 (one read of cond and uncond): grid (chunk, sample); every block reduces one chunk of
+// kCfgChunk elements of one sample to 4 fp32 partial sums, so batch 1 is spread over numel/8192
+// blocks. Stage 2: one block per sample adds its partials in double, in a fixed order, and
+// writes k (deterministic: no atomics). cfg_rescale then runs one elementwise pass out = k cfg.
+//
+// The sums are over pivot-shifted values (cond - cond[b,0], cfg - cfg[b,0]): variance is shift
+// invariant and the shift removes the cancellation of sum(x^2) - sum(x)^2/n when |mean| >> std.
+// cfg is summed directly (g = u + w (c - u) per element) instead of expanding its variance
+// through sum(u^2), sum(c u), sum(c^2), whose coefficients (up to w^2 = 56 at w = 7.5) cancel
+// whenever cond and uncond are close.
+#include <cuda_runtime.h>
+
+#include "edmfast/cuda_utils.h"
+#include "edmfast/ops.h"
+#include "edmfast/step.h"
+
+namespace edmfast {
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+
+// Sum of v over the block, fixed reduction tree; the result is valid in thread 0.
+template <typename Acc, int kN>
+__device__ __forceinline__ void block_sum(Acc v[kN]) {
+  __shared__ Acc shared[kWarps][kN];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+    for (int o = 16; o > 0; o /= 2) v[j] += __shfl_down_sync(0xFFFFFFFFu, v[j], o);
+  if (lane == 0)
+    for (int j = 0; j < kN; ++j) shared[warp][j] = v[j];
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      v[j] = lane < kWarps ? shared[lane][j] : Acc(0);
+      for (int o = 16; o > 0; o /= 2) v[j] += __shfl_down_sync(0xFFFFFFFFu, v[j], o);
+    }
+  }
+  __syncthreads();  // `shared` is reused by the next sample of a grid-stride loop
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cfg_partial_kernel(const CfgArgs a, float* partials, int64_t chunks) {
+  const T* cond_all = static_cast<const T*>(a.cond);
+  const T* uncond_all = static_cast<const T*>(a.uncond);
+  const float w = a.guidance_scale;
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const T* cond = cond_all + b * a.numel;
+    const T* uncond = uncond_all + b * a.numel;
+    // numel == 0 leaves all sums 0 and k = 1 (the n < 2 rule); never read element 0 then.
+    const float pivot_c = a.numel > 0 ? to_float(cond[0]) : 0.0f;
+    const float pivot_u = a.numel > 0 ? to_float(uncond[0]) : 0.0f;
+    const int64_t begin = static_cast<int64_t>(blockIdx.x) * kCfgChunk;
+    const int64_t end = begin + kCfgChunk < a.numel ? begin + kCfgChunk : a.numel;
+    float sums[4] = {0, 0, 0, 0};  // cond, cond^2, cfg, cfg^2 (32 terms per thread, then a tree)
+#pragma unroll 4
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+      const float c = to_float(cond[i]) - pivot_c;
+      const float u = to_float(uncond[i]) - pivot_u;
+      const float g = u + w * (c - u);
+      sums[0] += c;
+      sums[1] += c * c;
+      sums[2] += g;
+      sums[3] += g * g;
+    }
+    block_sum<float, 4>(sums);
+    if (threadIdx.x == 0) {
+      float* p = partials + (b * chunks + blockIdx.x) * 4;
+      for (int j = 0; j < 4; ++j) p[j] = sums[j];
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    cfg_finish_kernel(const float* partials, int64_t chunks, int64_t batch, int64_t numel, float phi, float* k_out) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+    double sums[4] = {0, 0, 0, 0};
+    for (int64_t j = threadIdx.x; j < chunks; j += kThreads) {
+      const float* p = partials + (b * chunks + j) * 4;
+      for (int q = 0; q < 4; ++q) sums[q] += p[q];
+    }
+    block_sum<double, 4>(sums);
+    if (threadIdx.x == 0) k_out[b] = rescale_factor<double>(sums[0], sums[1], sums[2], sums[3], numel, phi);
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) cfg_apply_kernel(const CfgArgs a, const float* k, T* out) {
+  const T* cond = static_cast<const T*>(a.cond);
+  const T* uncond = static_cast<const T*>(a.uncond);
+  const int64_t groups = (a.numel + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const float kb = k[b];
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
+      const int64_t e = 4 * g;
+      const int64_t n = a.numel - e;
+      const int64_t off = b * a.numel + e;
+      float c[4], u[4], v[4];
+      load4<T, kVec>(cond + off, n, c);
+      load4<T, kVec>(uncond + off, n, u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = guided_prediction(c[j], u[j], a.guidance_scale, kb);
+      store4<T, kVec>(out + off, n, v);
+    }
+  }
+}
+
+template <typename T>
+int launch_factors(const CfgArgs& a, float* k_out, float* partials, int device, cudaStream_t stream) {
+  const int64_t chunks = cfg_chunks(a.numel);
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(a.batch < 65535 ? a.batch : 65535), 1);
+  cfg_partial_kernel<T><<<grid, kThreads, 0, stream>>>(a, partials, chunks);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const int64_t max_blocks = static_cast<int64_t>(sm_count(device)) * kBlocksPerSm;
+  const unsigned finish_blocks = static_cast<unsigned>(a.batch < max_blocks ? a.batch : max_blocks);
+  cfg_finish_kernel<<<finish_blocks, kThreads, 0, stream>>>(partials, chunks, a.batch, a.numel,
+                                                            a.guidance_rescale, k_out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_apply(const CfgArgs& a, const float* k, T* out, int device, cudaStream_t stream) {
+  constexpr size_t kPack = 4 * sizeof(T);
+  const bool vec = a.numel % 4 == 0 && aligned(a.cond, kPack) && aligned(a.uncond, kPack) && aligned(out, kPack);
+  const dim3 grid = grid_for((a.numel + 3) / 4, a.batch, device);
+  if (vec) {
+    cfg_apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, k, out);
+  } else {
+    cfg_apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, k, out);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+// Entry checks shared by both launchers: the workspace must hold the partials and k.
+int check(const CfgArgs& a, const float* workspace, int64_t workspace_floats) {
+  if (validate(a) != kOk || !workspace) return kBadArgument;
+  if (workspace_floats < cfg_workspace_floats(a.batch, a.numel)) return kBadArgument;
+  if (a.numel > static_cast<int64_t>(0x7FFFFFFF) * kCfgChunk) return kBadArgument;  // grid.x limit
+  return kOk;
+}
+
+}  // namespace
+
+int cfg_rescale_factors_cuda(const CfgArgs& a, float* k_out, float* workspace, int64_t workspace_floats,
+                             int device, void* stream) {
+  if (check(a, workspace, workspace_floats) != kOk || !k_out) return kBadArgument;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.dtype) {
+    case DType::kFloat32:
+      return launch_factors<float>(a, k_out, workspace, device, s);
+    case DType::kFloat16:
+      return launch_factors<half_t>(a, k_out, workspace, device, s);
+    case DType::kBFloat16:
+      return launch_factors<bfloat16_t>(a, k_out, workspace, device, s);
+  }
+  return kBadArgument;
+}
+
+int cfg_rescale_cuda(const CfgArgs& a, void* out, float* workspace, int64_t workspace_floats, int device,
+                     void* stream) {
+  if (check(a, workspace, workspace_floats) != kOk || !out) return kBadArgument;
+  if (a.numel == 0) return kOk;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // Workspace layout: [batch][chunks][4] partial sums, then k [batch].
+  float* k = workspace + a.batch * 4 * cfg_chunks(a.numel);
+  int err = kBadArgument;
+  switch (a.dtype) {
+    case DType::kFloat32:
+      err = launch_factors<float>(a, k, workspace, device, s);
+      if (err == kOk) err = launch_apply(a, k, static_cast<float*>(out), device, s);
+      break;
+    case DType::kFloat16:
+      err = launch_factors<half_t>(a, k, workspace, device, s);
+      if (err == kOk) err = launch_apply(a, k, static_cast<half_t*>(out), device, s);
+      break;
+    case DType::kBFloat16:
+      err = launch_factors<bfloat16_t>(a, k, workspace, device, s);
+      if (err == kOk) err = launch_apply(a, k, static_cast<bfloat16_t*>(out), device, s);
+      break;
+  }
+  return err;
+}
+
+}  // namespace edmfast

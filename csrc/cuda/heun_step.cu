@@ -1,0 +1,104 @@
+// CUDA kernel of the fused sampler pass (heun_step, and churn as its p = 1 special case).
+//
+// One thread owns 4 consecutive elements of one sample: one 16-byte access per fp32 operand
+// (8 bytes per 16-bit one) when the sample size is a multiple of 4 and every pointer is aligned,
+// and one Philox call for the 4 normals. Samples sit on grid.y so no thread divides a 64-bit
+// index; groups of 4 run grid-stride on x. The coefficients are read from device memory at run
+// time and the step index is a launch argument, so a captured graph replays with new values.
+#include <cuda_runtime.h>
+
+#include "edmfast/cuda_utils.h"
+#include "edmfast/ops.h"
+#include "edmfast/philox.h"
+#include "edmfast/step.h"
+
+namespace edmfast {
+namespace {
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) heun_step_kernel(const StepArgs a) {
+  const bool has_eps = a.noise != nullptr || a.seeds != nullptr;
+  const StepCoef s = load_coef(a.coef, a.x_prime != nullptr, a.f_rows != 0, has_eps, a.churn);
+  const bool cfg = a.f_rows == 2 * a.batch;
+  const T* f = static_cast<const T*>(a.f);
+  T* out_net = static_cast<T*>(a.out_net);
+  const int64_t groups = (a.numel + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const int64_t row = b * a.numel;
+    const float k = a.k ? a.k[b] : 1.0f;
+    const uint64_t seed = a.seeds ? static_cast<uint64_t>(a.seeds[b]) : 0;
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
+      const int64_t e = 4 * g;
+      const int64_t n = a.numel - e;  // >= 4 except in the last group of a sample
+      const int64_t off = row + e;
+
+      float x_hat[4], x_prime[4] = {0, 0, 0, 0}, pred[4] = {0, 0, 0, 0}, eps[4] = {0, 0, 0, 0};
+      load4<float, kVec>(a.x_hat + off, n, x_hat);
+      if (a.x_prime) load4<float, kVec>(a.x_prime + off, n, x_prime);
+      if (cfg) {
+        float cond[4], uncond[4];
+        load4<T, kVec>(f + off, n, cond);
+        load4<T, kVec>(f + a.batch * a.numel + off, n, uncond);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) pred[j] = guided_prediction(cond[j], uncond[j], a.guidance_scale, k);
+      } else if (f) {
+        load4<T, kVec>(f + off, n, pred);
+      }
+      if (a.noise) {
+        load4<float, kVec>(a.noise + off, n, eps);
+      } else if (a.seeds) {
+        const float4x32 z = philox_normal4(seed, a.step, static_cast<uint64_t>(g));
+        eps[0] = z.n0;
+        eps[1] = z.n1;
+        eps[2] = z.n2;
+        eps[3] = z.n3;
+      }
+
+      float x[4], net[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        x[j] = fused_update(s, x_hat[j], x_prime[j], pred[j], eps[j]);
+        net[j] = precondition_input(s.c, x[j]);
+      }
+      store4<float, kVec>(a.out + off, n, x);  // may alias x_hat: same thread, same elements
+      for (int64_t r = 0; r < a.net_rows; ++r) store4<T, kVec>(out_net + r * a.batch * a.numel + off, n, net);
+    }
+  }
+}
+
+template <typename T>
+int launch(const StepArgs& a, int device, cudaStream_t stream) {
+  constexpr size_t kPack = 4 * sizeof(T);
+  const bool vec = a.numel % 4 == 0 && aligned(a.x_hat, 16) && aligned(a.x_prime, 16) && aligned(a.noise, 16) &&
+                   aligned(a.out, 16) && aligned(a.f, kPack) && aligned(a.out_net, kPack);
+  const dim3 grid = grid_for((a.numel + 3) / 4, a.batch, device);
+  if (vec) {
+    heun_step_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    heun_step_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int heun_step_cuda(const StepArgs& a, int device, void* stream) {
+  if (validate(a) != kOk) return kBadArgument;
+  if (a.numel == 0) return kOk;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.dtype) {
+    case DType::kFloat32:
+      return launch<float>(a, device, s);
+    case DType::kFloat16:
+      return launch<half_t>(a, device, s);
+    case DType::kBFloat16:
+      return launch<bfloat16_t>(a, device, s);
+  }
+  return kBadArgument;
+}
+
+}  // namespace edmfast

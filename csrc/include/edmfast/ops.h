@@ -1,0 +1,91 @@
+// Launcher interface of the fused ops: raw pointers, sizes and a stream in, a status code out
+// (kOk, a negative edmfast code, or a positive cudaError_t). Plain C++ so the pybind11 layer
+// compiles with g++ and no CUDA headers; the stream travels as void* (a cudaStream_t).
+#pragma once
+
+#include <cstdint>
+
+#include "edmfast/common.h"
+
+namespace edmfast {
+
+// One fused sampler pass (see step.h and edmfast/reference.py heun_step):
+//   out[b, e] = p x_hat + q x_prime + r F + std eps,  out_net[j B + b, e] = c out[b, e]
+// Tensors are [rows, numel] row-major and contiguous. Optional operands are nullptr.
+struct StepArgs {
+  const float* x_hat = nullptr;    // [batch, numel]
+  const float* x_prime = nullptr;  // [batch, numel] or nullptr
+  const void* f = nullptr;         // [f_rows, numel] of dtype, f_rows = batch or 2 batch (CFG)
+  const float* k = nullptr;        // [batch] CFG-rescale factors (f_rows = 2 batch only) or nullptr
+  const float* noise = nullptr;    // [batch, numel] eps, or nullptr
+  const int64_t* seeds = nullptr;  // [batch] Philox seeds (eps from the fused stream), or nullptr
+  const float* coef = nullptr;     // [>= 5] p, q, r, std, c, read at run time
+  float* out = nullptr;            // [batch, numel], may alias x_hat
+  void* out_net = nullptr;         // [net_rows * batch, numel] of dtype, or nullptr
+  int64_t batch = 0;
+  int64_t numel = 0;
+  int64_t f_rows = 0;    // 0 (no f), batch, or 2 batch
+  int64_t net_rows = 0;  // 0 (no out_net), 1, or 2 (CFG: the input is written for both halves)
+  DType dtype = DType::kFloat32;
+  float guidance_scale = 1.0f;
+  uint32_t step = 0;
+  bool churn = false;  // p = 1, q = r = 0: edmfast/reference.py churn
+};
+
+// CFG rescale over cond [batch, numel] and uncond [batch, numel] (both of dtype).
+struct CfgArgs {
+  const void* cond = nullptr;
+  const void* uncond = nullptr;
+  int64_t batch = 0;
+  int64_t numel = 0;
+  DType dtype = DType::kFloat32;
+  float guidance_scale = 1.0f;
+  float guidance_rescale = 0.0f;
+};
+
+// Checks shared by both backends (sizes, flags and required pointers), so a bad call from the
+// bindings fails with kBadArgument instead of reading out of bounds.
+inline int validate(const StepArgs& a) {
+  const bool dtype_ok = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16;
+  if (!dtype_ok || a.batch < 1 || a.numel < 0 || !a.x_hat || !a.coef || !a.out) return kBadArgument;
+  if ((a.f_rows != 0) != (a.f != nullptr) || (a.f_rows != 0 && a.f_rows != a.batch && a.f_rows != 2 * a.batch))
+    return kBadArgument;
+  if ((a.net_rows != 0) != (a.out_net != nullptr) || a.net_rows < 0 || a.net_rows > 2) return kBadArgument;
+  if (a.k && a.f_rows != 2 * a.batch) return kBadArgument;
+  if (a.noise && a.seeds) return kBadArgument;
+  if (a.churn && (a.x_prime || a.f)) return kBadArgument;
+  return kOk;
+}
+
+inline int validate(const CfgArgs& a) {
+  const bool dtype_ok = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16;
+  if (!dtype_ok || a.batch < 1 || a.numel < 0 || !a.cond || !a.uncond) return kBadArgument;
+  if (!(a.guidance_rescale >= 0.0f && a.guidance_rescale <= 1.0f)) return kBadArgument;
+  return kOk;
+}
+
+// The CUDA reduction splits every sample into chunks of kCfgChunk elements, one block each, so
+// batch 1 still fills the GPU; the workspace holds 4 fp32 partial sums per chunk, then k [batch].
+constexpr int64_t kCfgChunk = 8192;
+inline int64_t cfg_chunks(int64_t numel) { return numel > kCfgChunk ? (numel + kCfgChunk - 1) / kCfgChunk : 1; }
+inline int64_t cfg_workspace_floats(int64_t batch, int64_t numel) { return batch * (4 * cfg_chunks(numel) + 1); }
+
+// CPU (OpenMP when available; num_threads <= 0 means the OpenMP default).
+int heun_step_cpu(const StepArgs& a, int num_threads);
+int cfg_rescale_factors_cpu(const CfgArgs& a, float* k_out, int num_threads);
+int cfg_rescale_cpu(const CfgArgs& a, void* out, int num_threads);
+
+// CUDA, enqueued on `stream` of `device`; never synchronizes, never allocates. The reduction
+// needs `workspace` of cfg_workspace_floats(batch, numel) floats (device memory).
+int heun_step_cuda(const StepArgs& a, int device, void* stream);
+int cfg_rescale_factors_cuda(const CfgArgs& a, float* k_out, float* workspace, int64_t workspace_floats,
+                             int device, void* stream);
+int cfg_rescale_cuda(const CfgArgs& a, void* out, float* workspace, int64_t workspace_floats, int device,
+                     void* stream);
+
+// Runtime probes of the CUDA build (defined in csrc/cuda/runtime.cu).
+int cuda_device_count(int* count);  // status of cudaGetDeviceCount
+const char* cuda_error_string(int status);
+int cuda_runtime_version();  // CUDART_VERSION the extension was built against
+
+}  // namespace edmfast
