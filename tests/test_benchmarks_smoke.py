@@ -1,0 +1,143 @@
+"""The benchmarks must not rot: run them in --quick mode (seconds) and check their JSON layout.
+
+They time nothing here (SPEC §5: performance is measured by benchmarks, never by timed tests);
+they check that every script runs end to end and writes the documented keys with finite numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+CPU_KEYS = (
+    "speedup_vs_official_loop_cpu",
+    "speedup_vs_k_diffusion_cpu",
+    "images_per_s_cpu",
+    "sampler_overhead_ratio_cpu",
+    "rel_err_vs_float64_cpu",
+)
+GPU_KEYS = (
+    "copy_bandwidth_GBps",
+    "kernel_bandwidth_fraction",
+    "sampler_overhead_ratio",
+    "speedup_vs_official_loop",
+    "speedup_vs_diffusers_compiled_cfg_b1",
+    "first_compile_s",
+    "warm_compile_s",
+)
+HAS_K_DIFFUSION = (
+    importlib.util.find_spec("k_diffusion") is not None and importlib.util.find_spec("torchsde") is not None
+)
+
+
+def run_bench(script: str, out: Path, *args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), EDMFAST_BENCH_DATE="2000-01-01")
+    env.pop("TRITON_INTERPRET", None)  # the benchmarks use the CPU backends, not interpreted Triton
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--out", str(out), "--stem", "smoke", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    record = json.loads((out / "smoke.json").read_text())
+    assert (out / "smoke.md").read_text().startswith("# ")
+    for key in ("machine", "versions", "date", "summary"):
+        assert key in record, f"{script}: missing {key!r}"
+    assert record["date"] == "2000-01-01"
+    return record
+
+
+def finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_bench_sampler_cpu_quick(tmp_path):
+    record = run_bench("bench_sampler.py", tmp_path, "--quick", "--mode", "cpu")
+    summary, rows = record["summary"], record["sections"]["cpu"]["rows"]
+    assert not record["errors"], record["errors"]
+    for key in CPU_KEYS:
+        if key == "speedup_vs_k_diffusion_cpu" and not HAS_K_DIFFUSION:
+            assert summary[key] is None and "k_diffusion_sample_heun" in record["skipped"] | record["errors"]
+            continue
+        assert finite(summary[key]), f"{key} = {summary[key]!r}"
+    for name in ("edmfast_torch_fused", "official_edm_loop", "denoiser_only_nfe"):
+        assert finite(rows[name]["median_s"]) and rows[name]["median_s"] > 0
+    # every sampler agrees with a float64 run of its own algorithm on its own noise
+    for name, row in rows.items():
+        if "rel_err_vs_float64" in row:
+            assert row["rel_err_vs_float64"] < 1e-4, (name, row["rel_err_vs_float64"])
+
+
+def test_bench_accuracy_quick(tmp_path):
+    record = run_bench("bench_accuracy.py", tmp_path, "--quick")
+    assert not record["errors"], record["errors"]
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+    for data in ("gaussian", "mixture"):
+        for solver in ("euler", "heun", "midpoint"):
+            assert finite(record["summary"][f"{data}_order_{solver}"])
+        pts = record["sections"][f"{data}_solvers"]["heun"]["points"]
+        assert all(finite(p["rel_err"]) for p in pts)
+    assert finite(record["summary"]["churn_finite_sample_floor"])
+
+
+def test_gpu_summary_layout_without_results():
+    """The GPU summary keeps every documented key (as null) when nothing could be measured."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_sampler
+    finally:
+        sys.path.remove(str(BENCH))
+    summary = bench_sampler.gpu_summary({}, None)
+    assert tuple(k for k in summary if k != "details") == GPU_KEYS
+    assert set(summary["kernel_bandwidth_fraction"]) == {"heun_step", "churn", "cfg_rescale"}
+    assert set(summary["speedup_vs_official_loop"]) == {"b1", "b16", "b64"}
+    ops = {
+        "rows": [
+            dict(op="copy", backend="torch", numel=8, gbs=100.0, frac=1.0),
+            dict(op="heun_step", backend="cuda", numel=8, gbs=90.0, frac=0.9),
+            dict(op="heun_step", backend="triton", numel=8, gbs=95.0, frac=0.95),
+        ]
+    }
+    summary = bench_sampler.gpu_summary({}, ops)
+    assert summary["copy_bandwidth_GBps"] == 100.0
+    assert summary["kernel_bandwidth_fraction"]["heun_step"] == 0.9  # the CUDA backend's
+
+
+def test_bench_sampler_gpu_code_path_tiny_on_cpu(tmp_path):
+    """The GPU sections (official loop, diffusers loops, edmfast) with tiny networks on the CPU."""
+    pytest.importorskip("diffusers")
+    record = run_bench(
+        "bench_sampler.py",
+        tmp_path,
+        "--mode",
+        "gpu",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--no-compile",
+        "--repeats",
+        "1",
+        "--tiny-batches",
+        "1",
+        "--sections",
+        "cifar",
+        "sd",
+    )
+    assert not record["errors"], record["errors"]
+    assert tuple(k for k in record["summary"] if k != "details") == GPU_KEYS
+    cifar = record["sections"]["cifar"]["rows"]["b1"]
+    assert cifar["rel_diff_vs_official"] < 1e-3  # the same network and latents: the same images
+    sd = record["sections"]["sd"]["rows"]["euler_b1"]
+    assert sd["rel_diff_vs_diffusers"] < 1e-3  # the same timesteps, CFG rescale and start point
