@@ -153,6 +153,11 @@ def _stream(t: Tensor) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- fused sampler pass
 
+# _EAGER_NOTE: the public functions launch directly unless torch.compile is tracing. The registered
+# custom ops are what torch.compile sees; in eager mode (and while a CUDA graph is captured, which
+# records plain kernel launches) the dispatcher adds ~0.1-0.2 ms per call, measured as ~5 ms of a
+# 62 ms CPU sampling run (benchmarks/bench_sampler.py, 2026-11-23).
+
 
 def _launch_step(x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net, churn):
     batch, numel, f_rows, net_rows, dtype = _check_step(
@@ -229,7 +234,12 @@ def heun_step(
     of one dtype in (float32, float16, bfloat16); k: float32 [B]; seeds: int64 [B]; coef: float32
     [>= 5] on the device (read by the kernel). All contiguous, on one device; out may alias x_hat.
     """
-    torch.ops.edmfast.heun_step(x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net)
+    if torch.compiler.is_compiling():
+        torch.ops.edmfast.heun_step(
+            x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net
+        )
+    else:  # see _EAGER_NOTE
+        _launch_step(x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net, False)
 
 
 def churn(
@@ -243,7 +253,10 @@ def churn(
     out_net: Tensor | None,
 ) -> None:
     """``out = x + std eps``, ``out_net[j B + b] = c out[b]``; std, c = coef[3:5] (`reference.churn`)."""
-    torch.ops.edmfast.churn(x, coef, out, noise, seeds, step, out_net)
+    if torch.compiler.is_compiling():
+        torch.ops.edmfast.churn(x, coef, out, noise, seeds, step, out_net)
+    else:  # see _EAGER_NOTE
+        _launch_step(x, coef, out, None, None, None, 1.0, noise, seeds, step, out_net, True)
 
 
 # ----------------------------------------------------------------------------- CFG rescale
@@ -254,8 +267,7 @@ def _workspace(batch: int, numel: int, device: torch.device) -> Tensor:
     return torch.empty(_C.cfg_workspace_floats(batch, numel), dtype=torch.float32, device=device)
 
 
-@torch.library.custom_op("edmfast::cfg_rescale_factors", mutates_args=("out",))
-def _cfg_rescale_factors_op(f: Tensor, guidance_scale: float, guidance_rescale: float, out: Tensor) -> None:
+def _launch_cfg_factors(f: Tensor, guidance_scale: float, guidance_rescale: float, out: Tensor) -> None:
     if not isinstance(f, Tensor) or f.dim() < 1 or f.shape[0] < 2 or f.shape[0] % 2:
         raise ValueError("f must be a [2B, ...] tensor (cond rows, then uncond rows)")
     batch = f.shape[0] // 2
@@ -275,6 +287,11 @@ def _cfg_rescale_factors_op(f: Tensor, guidance_scale: float, guidance_rescale: 
         )
 
 
+@torch.library.custom_op("edmfast::cfg_rescale_factors", mutates_args=("out",))
+def _cfg_rescale_factors_op(f: Tensor, guidance_scale: float, guidance_rescale: float, out: Tensor) -> None:
+    _launch_cfg_factors(f, guidance_scale, guidance_rescale, out)
+
+
 @_cfg_rescale_factors_op.register_fake
 def _(f, guidance_scale, guidance_rescale, out) -> None:
     batch = f.shape[0] // 2
@@ -282,8 +299,7 @@ def _(f, guidance_scale, guidance_rescale, out) -> None:
     _check("out", out, _F32, f.device, batch)
 
 
-@torch.library.custom_op("edmfast::cfg_rescale", mutates_args=("out",))
-def _cfg_rescale_op(
+def _launch_cfg(
     cond: Tensor, uncond: Tensor, guidance_scale: float, guidance_rescale: float, out: Tensor
 ) -> None:
     batch, numel = _check_cfg(cond, uncond, guidance_rescale)
@@ -299,6 +315,13 @@ def _cfg_rescale_op(
         _C.cfg_rescale_cpu(*args, float(guidance_scale), float(guidance_rescale), torch.get_num_threads())
 
 
+@torch.library.custom_op("edmfast::cfg_rescale", mutates_args=("out",))
+def _cfg_rescale_op(
+    cond: Tensor, uncond: Tensor, guidance_scale: float, guidance_rescale: float, out: Tensor
+) -> None:
+    _launch_cfg(cond, uncond, guidance_scale, guidance_rescale, out)
+
+
 @_cfg_rescale_op.register_fake
 def _(cond, uncond, guidance_scale, guidance_rescale, out) -> None:
     batch, numel = _check_cfg(cond, uncond, guidance_rescale)
@@ -311,11 +334,17 @@ def cfg_rescale_factors(f: Tensor, guidance_scale: float, guidance_rescale: floa
     One reduction pass over f; unbiased stds; ratio 1 where std(cfg) = 0 or M < 2
     (`edmfast.reference.cfg_rescale_factors`).
     """
-    torch.ops.edmfast.cfg_rescale_factors(f, guidance_scale, guidance_rescale, out)
+    if torch.compiler.is_compiling():
+        torch.ops.edmfast.cfg_rescale_factors(f, guidance_scale, guidance_rescale, out)
+    else:  # see _EAGER_NOTE
+        _launch_cfg_factors(f, guidance_scale, guidance_rescale, out)
 
 
 def cfg_rescale(
     cond: Tensor, uncond: Tensor, guidance_scale: float, guidance_rescale: float, *, out: Tensor
 ) -> None:
     """``out = k[b] (uncond + w (cond - uncond))`` in cond's dtype: the factors, then one elementwise pass."""
-    torch.ops.edmfast.cfg_rescale(cond, uncond, guidance_scale, guidance_rescale, out)
+    if torch.compiler.is_compiling():
+        torch.ops.edmfast.cfg_rescale(cond, uncond, guidance_scale, guidance_rescale, out)
+    else:  # see _EAGER_NOTE
+        _launch_cfg(cond, uncond, guidance_scale, guidance_rescale, out)

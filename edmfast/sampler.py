@@ -181,6 +181,7 @@ class Sampler:
         self.max_graphs = max_graphs
         self.stats: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0, "captures": 0, "replays": 0}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Buffers, torch.Tensor]] = {}
+        self._eager: tuple[tuple, _Buffers] | None = None
         self._network = self._compiled_network() if self.opts.compile else None
         self._compiled_warm = False
 
@@ -299,7 +300,11 @@ class Sampler:
         rows = 2 * batch if use_cfg else batch
         draw = (lambda: draw_exact_noise(generator, tuple(noise.shape), device)) if exact else None
         if not use_graph:
-            buf = self._alloc(noise, rows, net_dtype, plan, exact, {}, graph=False)
+            # eager buffers are kept for the next call of the same shape (the result is a copy)
+            eager_key = (tuple(noise.shape), device, net_dtype, rows, len(plan.steps), exact)
+            if self._eager is None or self._eager[0] != eager_key:
+                self._eager = (eager_key, self._alloc(noise, rows, net_dtype, plan, exact, {}, graph=False))
+            buf = self._eager[1]
             fill(buf)
             self._loop(buf, plan, backend, use_cfg, kwargs, draw=draw, progress=opts.progress)
             out = buf.x_hat
@@ -496,8 +501,9 @@ class Sampler:
             )
 
     def release(self) -> None:
-        """Drop every captured graph and its memory pool."""
+        """Drop every captured graph and its memory pool, and the eager buffers."""
         self._graphs.clear()
+        self._eager = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
