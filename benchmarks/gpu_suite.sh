@@ -75,6 +75,10 @@ $PY -c "import torch, edmfast.ops as o; d=torch.device('cuda'); print('backends:
 run_step tests 180 250 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" --durations=15 \
   --junitxml="$OUT/junit.xml" -o junit_family=xunit2 tests
 
+# --- the CUDA kernels under compute-sanitizer (memcheck on the full size/dtype/feature matrix,
+#     racecheck/initcheck/synccheck on a reduced one); reports go to the log --------------------
+run_step sanitize 120 230 bash csrc/tests/sanitize.sh cuda
+
 # --- kernel roofline (benchmarks/bench_ops.py, a teammate's) ------------------------------
 if [[ -f benchmarks/bench_ops.py ]]; then
   run_step ops 90 200 $PY benchmarks/bench_ops.py --json "$WORK/ops.json"

@@ -1,0 +1,412 @@
+// Shared part of the sanitizer drivers (sanitize_cpu.cpp, sanitize_cuda.cu): the case matrix,
+// deterministic inputs, and the reference checks in double. Host code only, no torch, no Python.
+//
+// The drivers own the buffers (exact-size malloc / cudaMalloc, so one-past-the-end accesses
+// trip AddressSanitizer, valgrind or compute-sanitizer), run the kernel entry points of
+// edmfast/ops.h and hand the results, copied to host vectors or read in place, to the checks
+// below. Outputs are poisoned with NaN before every call, and every element is compared with
+// the formula of edmfast/reference.py evaluated in double, so an element left unwritten, written
+// twice from the wrong row, or produced from an out-of-range read fails the run.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "edmfast/common.h"
+#include "edmfast/ops.h"
+#include "edmfast/philox.h"
+
+namespace sanitize {
+
+using edmfast::DType;
+
+// ------------------------------------------------------------------ dtype storage helpers
+
+inline size_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::kFloat32:
+      return "fp32";
+    case DType::kFloat16:
+      return "fp16";
+    case DType::kBFloat16:
+      return "bf16";
+  }
+  return "?";
+}
+
+constexpr DType kDTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+
+inline float load_elem(DType d, const void* p, int64_t i) {
+  switch (d) {
+    case DType::kFloat32:
+      return static_cast<const float*>(p)[i];
+    case DType::kFloat16:
+      return edmfast::to_float(static_cast<const edmfast::half_t*>(p)[i]);
+    case DType::kBFloat16:
+      return edmfast::to_float(static_cast<const edmfast::bfloat16_t*>(p)[i]);
+  }
+  return NAN;
+}
+
+inline void store_elem(DType d, void* p, int64_t i, float v) {
+  switch (d) {
+    case DType::kFloat32:
+      static_cast<float*>(p)[i] = v;
+      break;
+    case DType::kFloat16:
+      static_cast<edmfast::half_t*>(p)[i] = edmfast::from_float<edmfast::half_t>(v);
+      break;
+    case DType::kBFloat16:
+      static_cast<edmfast::bfloat16_t*>(p)[i] = edmfast::from_float<edmfast::bfloat16_t>(v);
+      break;
+  }
+}
+
+// Fill n elements of dtype d with a quiet NaN (the "never written" marker).
+inline void poison(DType d, void* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store_elem(d, p, i, NAN);
+}
+
+// Relative rounding of one store to dtype d (half an ulp, doubled for slack).
+inline double dtype_eps(DType d) {
+  switch (d) {
+    case DType::kFloat32:
+      return 1.2e-7;
+    case DType::kFloat16:
+      return 1.0e-3;
+    case DType::kBFloat16:
+      return 7.9e-3;
+  }
+  return 1.0;
+}
+
+// ------------------------------------------------------------------ deterministic inputs
+
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull) {}
+  uint64_t next() {  // splitmix64
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>((next() >> 40) * 0x1.0p-24); }
+};
+
+// ------------------------------------------------------------------ the fused step (heun_step)
+
+enum class FMode { kNone, kB, kCfg, kCfgK };  // no f, f [B], f [2B] (CFG), f [2B] + k [B]
+enum class EpsMode { kNone, kNoise, kSeeds };
+
+struct StepCase {
+  int64_t B = 1, M = 1;
+  DType dtype = DType::kFloat32;
+  bool churn = false;
+  bool x_prime = false;
+  FMode f = FMode::kNone;
+  EpsMode eps = EpsMode::kNone;
+  bool alias = false;  // out == x_hat
+  int net_rows = 0;    // 0: no out_net, 1: [B], 2: [2B]
+
+  int64_t f_rows() const { return f == FMode::kNone ? 0 : (f == FMode::kB ? B : 2 * B); }
+  std::string name() const {
+    static const char* fn[] = {"none", "B", "2B", "2B+k"};
+    static const char* en[] = {"none", "noise", "seeds"};
+    char buf[200];
+    std::snprintf(buf, sizeof(buf), "heun B=%lld M=%lld %s%s x_prime=%d f=%s eps=%s alias=%d net_rows=%d",
+                  static_cast<long long>(B), static_cast<long long>(M), dtype_name(dtype), churn ? " churn" : "",
+                  x_prime ? 1 : 0, fn[static_cast<int>(f)], en[static_cast<int>(eps)], alias ? 1 : 0, net_rows);
+    return buf;
+  }
+};
+
+// Every feature combination for one (B, M, dtype): 144 plain passes and 18 churns.
+inline std::vector<StepCase> step_feature_cases(int64_t B, int64_t M, DType dtype) {
+  std::vector<StepCase> cases;
+  for (int churn = 0; churn < 2; ++churn)
+    for (int xp = 0; xp < 2; ++xp)
+      for (int f = 0; f < 4; ++f) {
+        if (churn && (xp || f)) continue;  // a churn has no x_prime and no f (validate rejects it)
+        for (int e = 0; e < 3; ++e)
+          for (int alias = 0; alias < 2; ++alias)
+            for (int net = 0; net < 3; ++net) {
+              StepCase c;
+              c.B = B;
+              c.M = M;
+              c.dtype = dtype;
+              c.churn = churn != 0;
+              c.x_prime = xp != 0;
+              c.f = static_cast<FMode>(f);
+              c.eps = static_cast<EpsMode>(e);
+              c.alias = alias != 0;
+              c.net_rows = net;
+              cases.push_back(c);
+            }
+      }
+  return cases;
+}
+
+// Host copies of the inputs of one (B, M, dtype); the drivers copy them into exact-size buffers.
+struct StepInputs {
+  int64_t B = 0, M = 0;
+  DType dtype = DType::kFloat32;
+  std::vector<float> x_hat, x_prime, noise, k;
+  std::vector<unsigned char> f1, f2;  // f [B, M] and f [2B, M] in dtype storage
+  std::vector<int64_t> seeds;
+  float w = 7.5f;
+  uint32_t step = 3;
+};
+
+inline StepInputs make_step_inputs(int64_t B, int64_t M, DType dtype, uint64_t seed) {
+  StepInputs in;
+  in.B = B;
+  in.M = M;
+  in.dtype = dtype;
+  Rng rng(seed);
+  const size_t n = static_cast<size_t>(B * M);
+  in.x_hat.resize(n);
+  in.x_prime.resize(n);
+  in.noise.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    in.x_hat[i] = rng.uniform(-2.0f, 2.0f);
+    in.x_prime[i] = rng.uniform(-2.0f, 2.0f);
+    in.noise[i] = rng.uniform(-3.0f, 3.0f);
+  }
+  const size_t es = dtype_size(dtype);
+  in.f1.resize(n * es);
+  in.f2.resize(2 * n * es);
+  for (size_t i = 0; i < n; ++i) store_elem(dtype, in.f1.data(), static_cast<int64_t>(i), rng.uniform(-2.0f, 2.0f));
+  for (size_t i = 0; i < 2 * n; ++i)
+    store_elem(dtype, in.f2.data(), static_cast<int64_t>(i), rng.uniform(-2.0f, 2.0f));
+  in.k.resize(static_cast<size_t>(B));
+  in.seeds.resize(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    in.k[static_cast<size_t>(b)] = 0.8f + 0.1f * static_cast<float>(b % 5);
+    // large, negative and small seeds: both key words of Philox matter
+    const int64_t seeds[] = {0x123456789ALL, -1, 7, INT64_MIN + 5, 0x7FFFFFFFFFFFFFFFLL};
+    in.seeds[static_cast<size_t>(b)] = static_cast<int64_t>(static_cast<uint64_t>(seeds[b % 5]) + b / 5);
+  }
+  return in;
+}
+
+// [p, q, r, std, c] for a case: coefficients of absent operands are NaN (the kernels must ignore
+// them, see load_coef in step.h), and so is p of a churn (p = 1 there).
+constexpr float kP = 0.9f, kQ = 0.3f, kR = -0.7f, kStd = 0.5f, kC = 0.25f;
+
+inline void step_coef(const StepCase& c, float coef[5]) {
+  const bool has_f = c.f != FMode::kNone, has_eps = c.eps != EpsMode::kNone;
+  coef[0] = c.churn ? NAN : kP;
+  coef[1] = (c.x_prime && !c.churn) ? kQ : NAN;
+  coef[2] = (has_f && !c.churn) ? kR : NAN;
+  coef[3] = has_eps ? kStd : NAN;
+  coef[4] = kC;
+}
+
+inline edmfast::StepArgs step_args(const StepCase& c, const StepInputs& in) {
+  edmfast::StepArgs a;
+  a.batch = c.B;
+  a.numel = c.M;
+  a.f_rows = c.f_rows();
+  a.net_rows = c.net_rows;
+  a.dtype = c.dtype;
+  a.guidance_scale = in.w;
+  a.step = in.step;
+  a.churn = c.churn;
+  return a;  // the driver fills in the pointers
+}
+
+struct Report {
+  int64_t cases = 0;
+  int64_t failures = 0;  // failed cases
+  int printed = 0;
+  void fail(const std::string& what) {
+    ++failures;
+    if (printed < 30) {
+      std::fprintf(stderr, "FAIL %s\n", what.c_str());
+      ++printed;
+    } else if (printed == 30) {
+      std::fprintf(stderr, "(further failures not printed)\n");
+      ++printed;
+    }
+  }
+};
+
+inline bool close(double got, double want, double tol) { return std::fabs(got - want) <= tol; }  // NaN: false
+
+// Checks out [B, M] (float32) and out_net [net_rows B, M] (dtype) of one case against the
+// double-precision formula; returns "" or the first mismatch.
+inline std::string check_step(const StepCase& c, const StepInputs& in, const float* out, const void* out_net) {
+  const int64_t B = c.B, M = c.M;
+  const bool has_f = c.f != FMode::kNone, has_eps = c.eps != EpsMode::kNone;
+  const double p = c.churn ? 1.0 : kP, q = (c.x_prime && !c.churn) ? kQ : 0.0;
+  const double r = (has_f && !c.churn) ? kR : 0.0, sd = has_eps ? kStd : 0.0, cc = kC;
+  const double w = in.w;
+  const double out_eps = dtype_eps(c.dtype);
+  char msg[300];
+  for (int64_t b = 0; b < B; ++b) {
+    const double kb = c.f == FMode::kCfgK ? in.k[static_cast<size_t>(b)] : 1.0;
+    edmfast::float4x32 z{0, 0, 0, 0};
+    for (int64_t e = 0; e < M; ++e) {
+      const int64_t i = b * M + e;
+      const double xh = in.x_hat[static_cast<size_t>(i)];
+      const double xp = c.x_prime ? in.x_prime[static_cast<size_t>(i)] : 0.0;
+      double F = 0, F_scale = 0;
+      if (c.f == FMode::kB) {
+        F = load_elem(c.dtype, in.f1.data(), i);
+        F_scale = std::fabs(F);
+      } else if (c.f != FMode::kNone) {
+        const double cond = load_elem(c.dtype, in.f2.data(), i);
+        const double uncond = load_elem(c.dtype, in.f2.data(), B * M + i);
+        F = kb * (uncond + w * (cond - uncond));
+        F_scale = std::fabs(kb) * (std::fabs(uncond) + w * (std::fabs(cond) + std::fabs(uncond)));
+      }
+      double eps = 0;
+      if (c.eps == EpsMode::kNoise) {
+        eps = in.noise[static_cast<size_t>(i)];
+      } else if (c.eps == EpsMode::kSeeds) {
+        if (e % 4 == 0) z = edmfast::philox_normal4(static_cast<uint64_t>(in.seeds[static_cast<size_t>(b)]), in.step,
+                                                    static_cast<uint64_t>(e / 4));
+        const float n4[4] = {z.n0, z.n1, z.n2, z.n3};
+        eps = n4[e % 4];
+      }
+      const double want = p * xh + q * xp + r * F + sd * eps;
+      const double scale = std::fabs(p * xh) + std::fabs(q * xp) + std::fabs(r) * F_scale + std::fabs(sd * eps);
+      const double tol = 1e-5 * scale + 1e-6;
+      const double got = out[i];
+      if (!close(got, want, tol)) {
+        std::snprintf(msg, sizeof(msg), "out[%lld, %lld] = %.9g, want %.9g (tol %.3g)", static_cast<long long>(b),
+                      static_cast<long long>(e), got, want, tol);
+        return msg;
+      }
+      for (int64_t j = 0; j < c.net_rows; ++j) {
+        const double got_net = load_elem(c.dtype, out_net, (j * B + b) * M + e);
+        const double want_net = cc * want;
+        const double tol_net = out_eps * std::fabs(want_net) + cc * tol + 1e-6;
+        if (!close(got_net, want_net, tol_net)) {
+          std::snprintf(msg, sizeof(msg), "out_net[%lld, %lld] = %.9g, want %.9g (tol %.3g)",
+                        static_cast<long long>(j * B + b), static_cast<long long>(e), got_net, want_net, tol_net);
+          return msg;
+        }
+      }
+    }
+  }
+  return "";
+}
+
+// ------------------------------------------------------------------ CFG rescale
+
+struct CfgCase {
+  int64_t B = 1, M = 1;
+  DType dtype = DType::kFloat32;
+  bool constant = false;  // every element of cond and uncond equal: std(cfg) = 0, ratio 1
+  float w = 7.5f;
+  float phi = 0.7f;
+  std::string name() const {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "cfg B=%lld M=%lld %s%s w=%g phi=%g", static_cast<long long>(B),
+                  static_cast<long long>(M), dtype_name(dtype), constant ? " constant" : "", w, phi);
+    return buf;
+  }
+};
+
+constexpr float kCfgPhis[] = {0.0f, 0.7f, 1.0f};
+
+struct CfgInputs {
+  std::vector<unsigned char> cond, uncond;  // [B, M] each, dtype storage
+};
+
+inline CfgInputs make_cfg_inputs(int64_t B, int64_t M, DType dtype, bool constant, uint64_t seed) {
+  CfgInputs in;
+  Rng rng(seed);
+  const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
+  in.cond.resize(n * es);
+  in.uncond.resize(n * es);
+  for (size_t i = 0; i < n; ++i) {
+    const auto ii = static_cast<int64_t>(i);
+    // per-sample offsets and spreads differ, so a row mix-up changes k
+    const float mean = 0.5f * static_cast<float>(i / (M > 0 ? M : 1) % 3);
+    const float spread = 1.0f + 0.5f * static_cast<float>(i / (M > 0 ? M : 1) % 2);
+    store_elem(dtype, in.cond.data(), ii, constant ? 1.25f : mean + spread * rng.uniform(-1.0f, 1.0f));
+    store_elem(dtype, in.uncond.data(), ii, constant ? 1.25f : 0.8f * mean + rng.uniform(-1.0f, 1.0f));
+  }
+  return in;
+}
+
+// k[b] in double from the stored values (edmfast/reference.py cfg_rescale_factors).
+inline std::vector<double> cfg_reference_k(const CfgCase& c, const CfgInputs& in) {
+  std::vector<double> k(static_cast<size_t>(c.B), 1.0);
+  if (c.M < 2) return k;
+  for (int64_t b = 0; b < c.B; ++b) {
+    double sc = 0, sg = 0;
+    for (int64_t e = 0; e < c.M; ++e) {
+      const double x = load_elem(c.dtype, in.cond.data(), b * c.M + e);
+      const double u = load_elem(c.dtype, in.uncond.data(), b * c.M + e);
+      sc += x;
+      sg += u + c.w * (x - u);
+    }
+    const double mc = sc / static_cast<double>(c.M), mg = sg / static_cast<double>(c.M);
+    double vc = 0, vg = 0;
+    for (int64_t e = 0; e < c.M; ++e) {
+      const double x = load_elem(c.dtype, in.cond.data(), b * c.M + e);
+      const double u = load_elem(c.dtype, in.uncond.data(), b * c.M + e);
+      const double g = u + c.w * (x - u);
+      vc += (x - mc) * (x - mc);
+      vg += (g - mg) * (g - mg);
+    }
+    const double ratio = vg > 0 ? std::sqrt(vc / vg) : 1.0;
+    k[static_cast<size_t>(b)] = c.phi * ratio + (1.0 - c.phi);
+  }
+  return k;
+}
+
+inline std::string check_cfg_factors(const CfgCase& c, const std::vector<double>& k_ref, const float* k) {
+  char msg[200];
+  for (int64_t b = 0; b < c.B; ++b) {
+    const double want = k_ref[static_cast<size_t>(b)];
+    if (!close(k[b], want, 2e-4 * std::fabs(want) + 1e-6)) {
+      std::snprintf(msg, sizeof(msg), "k[%lld] = %.9g, want %.9g", static_cast<long long>(b),
+                    static_cast<double>(k[b]), want);
+      return msg;
+    }
+  }
+  return "";
+}
+
+inline std::string check_cfg(const CfgCase& c, const CfgInputs& in, const std::vector<double>& k_ref,
+                             const void* out) {
+  char msg[200];
+  const double out_eps = dtype_eps(c.dtype);
+  for (int64_t b = 0; b < c.B; ++b) {
+    const double kb = k_ref[static_cast<size_t>(b)];
+    for (int64_t e = 0; e < c.M; ++e) {
+      const int64_t i = b * c.M + e;
+      const double x = load_elem(c.dtype, in.cond.data(), i);
+      const double u = load_elem(c.dtype, in.uncond.data(), i);
+      const double want = kb * (u + c.w * (x - u));
+      const double scale = std::fabs(kb) * (std::fabs(u) + c.w * (std::fabs(x) + std::fabs(u)));
+      const double tol = out_eps * std::fabs(want) + 2e-4 * scale + 1e-6;
+      const double got = load_elem(c.dtype, out, i);
+      if (!close(got, want, tol)) {
+        std::snprintf(msg, sizeof(msg), "out[%lld, %lld] = %.9g, want %.9g (tol %.3g)", static_cast<long long>(b),
+                      static_cast<long long>(e), got, want, tol);
+        return msg;
+      }
+    }
+  }
+  return "";
+}
+
+// ------------------------------------------------------------------ the size matrix
+
+constexpr int64_t kBatches[] = {1, 2, 3};
+constexpr int64_t kNumels[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 1023, 1025, 3 * 37 * 41};
+constexpr int64_t kNumelsQuick[] = {0, 1, 3, 4, 5, 9, 1025};
+
+}  // namespace sanitize

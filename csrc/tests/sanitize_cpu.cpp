@@ -1,0 +1,291 @@
+// Standalone driver of the CPU kernels for AddressSanitizer / UBSan / valgrind (no Python, no
+// torch): calls heun_step_cpu, cfg_rescale_factors_cpu and cfg_rescale_cpu of edmfast/ops.h over
+// odd sizes, every dtype, every feature combination and 1 and 2 threads. Every buffer is malloc'd
+// at exactly its size, so a one-past-the-end access is caught; outputs are NaN-poisoned before
+// each call and then compared element by element with the double formula (sanitize_common.h).
+//
+//   build + run: csrc/tests/sanitize.sh   (see there)
+//   usage:       sanitize_cpu [--quick]   (--quick: the reduced size set used under valgrind)
+// Exit status 0 when every case passed, 1 otherwise (sanitizer findings abort on their own).
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "edmfast/ops.h"
+#include "sanitize_common.h"
+
+using namespace sanitize;
+using edmfast::CfgArgs;
+using edmfast::kBadArgument;
+using edmfast::kOk;
+using edmfast::StepArgs;
+
+namespace {
+
+// One malloc of exactly `bytes` (malloc(0) included: any access to it is out of bounds).
+class Buf {
+ public:
+  explicit Buf(size_t bytes) : bytes_(bytes), p_(std::malloc(bytes)) {
+    if (!p_ && bytes) {
+      std::fprintf(stderr, "out of memory (%zu bytes)\n", bytes);
+      std::exit(2);
+    }
+    if (!p_) p_ = std::malloc(1);  // a libc whose malloc(0) is NULL: the kernels need non-null
+  }
+  ~Buf() { std::free(p_); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  template <typename T = void>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  void fill(const void* src) const {
+    if (bytes_) std::memcpy(p_, src, bytes_);
+  }
+
+ private:
+  size_t bytes_;
+  void* p_;
+};
+
+Report report;
+
+template <typename V>
+size_t bytes_of(const V& v) {
+  return v.size() * sizeof(v[0]);
+}
+
+// The fused step over every feature combination of one (B, M, dtype), `stride` > 1 runs every
+// stride-th combination only.
+void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
+  const StepInputs in = make_step_inputs(B, M, dtype, static_cast<uint64_t>(B * 1000003 + M * 31 + int(dtype)));
+  const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
+  Buf x_hat(n * 4), x_prime(n * 4), noise(n * 4), f1(n * es), f2(2 * n * es), k(static_cast<size_t>(B) * 4),
+      seeds(static_cast<size_t>(B) * 8), coef(5 * 4), out(n * 4), aliased(n * 4), net1(n * es), net2(2 * n * es);
+  x_hat.fill(in.x_hat.data());
+  x_prime.fill(in.x_prime.data());
+  noise.fill(in.noise.data());
+  f1.fill(in.f1.data());
+  f2.fill(in.f2.data());
+  k.fill(in.k.data());
+  seeds.fill(in.seeds.data());
+
+  const std::vector<StepCase> cases = step_feature_cases(B, M, dtype);
+  for (size_t ci = 0; ci < cases.size(); ci += static_cast<size_t>(stride)) {
+    const StepCase& c = cases[ci];
+    ++report.cases;
+    step_coef(c, coef.as<float>());
+    float* out_p = c.alias ? aliased.as<float>() : out.as<float>();
+    if (c.alias) {
+      aliased.fill(in.x_hat.data());
+    } else {
+      poison(DType::kFloat32, out_p, static_cast<int64_t>(n));
+    }
+    void* net_p = c.net_rows == 1 ? net1.as() : (c.net_rows == 2 ? net2.as() : nullptr);
+    if (net_p) poison(dtype, net_p, static_cast<int64_t>(n) * c.net_rows);
+
+    StepArgs a = step_args(c, in);
+    a.x_hat = c.alias ? aliased.as<float>() : x_hat.as<float>();
+    a.x_prime = c.x_prime ? x_prime.as<float>() : nullptr;
+    a.f = c.f == FMode::kNone ? nullptr : (c.f == FMode::kB ? f1.as() : f2.as());
+    a.k = c.f == FMode::kCfgK ? k.as<float>() : nullptr;
+    a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
+    a.seeds = c.eps == EpsMode::kSeeds ? seeds.as<int64_t>() : nullptr;
+    a.coef = coef.as<float>();
+    a.out = out_p;
+    a.out_net = net_p;
+    const int rc = edmfast::heun_step_cpu(a, threads);
+    if (rc != kOk) {
+      report.fail(c.name() + " threads=" + std::to_string(threads) + ": status " + std::to_string(rc));
+      continue;
+    }
+    const std::string err = check_step(c, in, out_p, net_p);
+    if (!err.empty()) report.fail(c.name() + " threads=" + std::to_string(threads) + ": " + err);
+  }
+}
+
+void run_cfg_size(int64_t B, int64_t M, DType dtype, int threads) {
+  const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
+  for (int constant = 0; constant < 2; ++constant) {
+    const CfgInputs in = make_cfg_inputs(B, M, dtype, constant != 0, static_cast<uint64_t>(B * 7919 + M));
+    Buf cond(n * es), uncond(n * es), k(static_cast<size_t>(B) * 4), out(n * es);
+    cond.fill(in.cond.data());
+    uncond.fill(in.uncond.data());
+    for (const float phi : kCfgPhis) {
+      CfgCase c;
+      c.B = B;
+      c.M = M;
+      c.dtype = dtype;
+      c.constant = constant != 0;
+      c.phi = phi;
+      const std::string where = c.name() + " threads=" + std::to_string(threads);
+      const std::vector<double> k_ref = cfg_reference_k(c, in);
+      CfgArgs a;
+      a.cond = cond.as();
+      a.uncond = uncond.as();
+      a.batch = B;
+      a.numel = M;
+      a.dtype = dtype;
+      a.guidance_scale = c.w;
+      a.guidance_rescale = c.phi;
+
+      report.cases += 2;
+      poison(DType::kFloat32, k.as(), B);
+      int rc = edmfast::cfg_rescale_factors_cpu(a, k.as<float>(), threads);
+      std::string err = rc == kOk ? check_cfg_factors(c, k_ref, k.as<float>()) : "status " + std::to_string(rc);
+      if (!err.empty()) report.fail(where + " factors: " + err);
+
+      poison(dtype, out.as(), static_cast<int64_t>(n));
+      rc = edmfast::cfg_rescale_cpu(a, out.as(), threads);
+      err = rc == kOk ? check_cfg(c, in, k_ref, out.as()) : "status " + std::to_string(rc);
+      if (!err.empty()) report.fail(where + " cfg_rescale: " + err);
+    }
+  }
+}
+
+// Invalid arguments: kBadArgument, and nothing written.
+void run_bad_arguments() {
+  const int64_t B = 2, M = 5, n = B * M;
+  Buf x(n * 4), f(2 * n * 4), k(B * 4), noise(n * 4), seeds(B * 8), coef(5 * 4), out(n * 4), net(2 * n * 4);
+  std::vector<float> ones(static_cast<size_t>(2 * n), 1.0f);
+  x.fill(ones.data());
+  f.fill(ones.data());
+  k.fill(ones.data());
+  noise.fill(ones.data());
+  coef.fill(ones.data());
+  std::memset(seeds.as(), 0, B * 8);
+  auto base = [&] {
+    StepArgs a;
+    a.x_hat = x.as<float>();
+    a.coef = coef.as<float>();
+    a.out = out.as<float>();
+    a.batch = B;
+    a.numel = M;
+    return a;
+  };
+  struct Bad {
+    const char* what;
+    StepArgs a;
+  };
+  std::vector<Bad> bad;
+  StepArgs a;
+  a = base(), a.batch = 0, bad.push_back({"batch 0", a});
+  a = base(), a.numel = -1, bad.push_back({"numel -1", a});
+  a = base(), a.dtype = static_cast<DType>(7), bad.push_back({"dtype 7", a});
+  a = base(), a.x_hat = nullptr, bad.push_back({"no x_hat", a});
+  a = base(), a.coef = nullptr, bad.push_back({"no coef", a});
+  a = base(), a.out = nullptr, bad.push_back({"no out", a});
+  a = base(), a.f = f.as(), a.f_rows = 0, bad.push_back({"f without f_rows", a});
+  a = base(), a.f_rows = B, bad.push_back({"f_rows without f", a});
+  a = base(), a.f = f.as(), a.f_rows = 3 * B, bad.push_back({"f_rows 3B", a});
+  a = base(), a.f = f.as(), a.f_rows = B, a.k = k.as<float>(), bad.push_back({"k with f_rows B", a});
+  a = base(), a.noise = noise.as<float>(), a.seeds = seeds.as<int64_t>(), bad.push_back({"noise and seeds", a});
+  a = base(), a.out_net = net.as(), a.net_rows = 3, bad.push_back({"net_rows 3", a});
+  a = base(), a.out_net = net.as(), a.net_rows = 0, bad.push_back({"out_net without net_rows", a});
+  a = base(), a.net_rows = 1, bad.push_back({"net_rows without out_net", a});
+  a = base(), a.churn = true, a.x_prime = x.as<float>(), bad.push_back({"churn with x_prime", a});
+  a = base(), a.churn = true, a.f = f.as(), a.f_rows = B, bad.push_back({"churn with f", a});
+  for (const Bad& b : bad) {
+    ++report.cases;
+    poison(DType::kFloat32, out.as(), n);
+    poison(DType::kFloat32, net.as(), 2 * n);
+    const int rc = edmfast::heun_step_cpu(b.a, 1);
+    if (rc != kBadArgument) report.fail(std::string("bad heun_step (") + b.what + "): status " + std::to_string(rc));
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isnan(out.as<float>()[i])) {
+        report.fail(std::string("bad heun_step (") + b.what + ") wrote out");
+        break;
+      }
+  }
+
+  auto cbase = [&] {
+    CfgArgs c;
+    c.cond = f.as();
+    c.uncond = f.as<float>() + n;
+    c.batch = B;
+    c.numel = M;
+    c.guidance_scale = 7.5f;
+    c.guidance_rescale = 0.7f;
+    return c;
+  };
+  struct BadCfg {
+    const char* what;
+    CfgArgs a;
+  };
+  std::vector<BadCfg> bad_cfg;
+  CfgArgs c;
+  c = cbase(), c.batch = 0, bad_cfg.push_back({"batch 0", c});
+  c = cbase(), c.numel = -3, bad_cfg.push_back({"numel -3", c});
+  c = cbase(), c.cond = nullptr, bad_cfg.push_back({"no cond", c});
+  c = cbase(), c.uncond = nullptr, bad_cfg.push_back({"no uncond", c});
+  c = cbase(), c.dtype = static_cast<DType>(-1), bad_cfg.push_back({"dtype -1", c});
+  c = cbase(), c.guidance_rescale = 1.5f, bad_cfg.push_back({"phi 1.5", c});
+  c = cbase(), c.guidance_rescale = -0.1f, bad_cfg.push_back({"phi -0.1", c});
+  c = cbase(), c.guidance_rescale = NAN, bad_cfg.push_back({"phi NaN", c});
+  for (const BadCfg& b : bad_cfg) {
+    report.cases += 2;
+    poison(DType::kFloat32, out.as(), n);
+    poison(DType::kFloat32, k.as(), B);
+    int rc = edmfast::cfg_rescale_factors_cpu(b.a, k.as<float>(), 1);
+    if (rc != kBadArgument) report.fail(std::string("bad cfg factors (") + b.what + "): status " + std::to_string(rc));
+    rc = edmfast::cfg_rescale_cpu(b.a, out.as(), 1);
+    if (rc != kBadArgument) report.fail(std::string("bad cfg_rescale (") + b.what + "): status " + std::to_string(rc));
+    if (!std::isnan(out.as<float>()[0]) || !std::isnan(k.as<float>()[0]))
+      report.fail(std::string("bad cfg (") + b.what + ") wrote its output");
+  }
+  ++report.cases;
+  if (edmfast::cfg_rescale_factors_cpu(cbase(), nullptr, 1) != kBadArgument) report.fail("cfg factors without k_out");
+  ++report.cases;
+  if (edmfast::cfg_rescale_cpu(cbase(), nullptr, 1) != kBadArgument) report.fail("cfg_rescale without out");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<int64_t> batches(std::begin(kBatches), std::end(kBatches));
+  std::vector<int64_t> numels(std::begin(kNumels), std::end(kNumels));
+  if (quick) {
+    batches = {1, 3};
+    numels.assign(std::begin(kNumelsQuick), std::end(kNumelsQuick));
+  }
+  // Sizes past the OpenMP threshold (B * M >= 2^15: the 2-thread runs really split the work,
+  // over chunks that end mid-sample), and more samples than one grid dimension holds on a GPU.
+  struct Extra {
+    int64_t B, M;
+    int stride;  // every stride-th feature combination
+  };
+  std::vector<Extra> extras = {{1, 32771, 3}, {2, 16411, 1}, {3, 16411, 5}, {65537, 3, 7}};
+  if (quick) extras = {{2, 16411, 9}};
+
+  run_bad_arguments();
+  for (const int threads : {1, 2}) {
+    for (const DType dtype : kDTypes) {
+      for (const int64_t B : batches)
+        for (const int64_t M : numels) {
+          run_step_size(B, M, dtype, threads, 1);
+          run_cfg_size(B, M, dtype, threads);
+        }
+      for (const Extra& e : extras) {
+        run_step_size(e.B, e.M, dtype, threads, e.stride);
+        run_cfg_size(e.B, e.M, dtype, threads);
+      }
+    }
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("sanitize_cpu%s: %lld cases, %lld failed, %.1f s\n", quick ? " --quick" : "",
+              static_cast<long long>(report.cases), static_cast<long long>(report.failures), secs);
+  return report.failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,300 @@
+// Standalone driver of the CUDA kernels for compute-sanitizer (memcheck, racecheck, initcheck,
+// synccheck): calls heun_step_cuda, cfg_rescale_factors_cuda and cfg_rescale_cuda of
+// edmfast/ops.h on a created non-blocking stream over the size / dtype / feature matrix of
+// sanitize_cpu.cpp. Every device buffer is its own cudaMalloc of exactly its size (a 0-element
+// buffer gets 1 byte, so any access to it is still out of bounds); "offset" runs place every
+// buffer one element into its allocation (still ending at the allocation's end), which turns off
+// the 16-byte vector path of sizes that are a multiple of 4. Outputs are NaN-poisoned before each
+// call, copied back and compared element by element with the double formula (sanitize_common.h).
+//
+//   build + run: csrc/tests/sanitize.sh cuda   (see there)
+//   usage:       sanitize_cuda [--quick]       (--quick: the reduced set for racecheck / initcheck)
+// Exit status 0 when every case passed, 1 on a failed case or CUDA error, 3 without a device.
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "edmfast/ops.h"
+#include "sanitize_common.h"
+
+using namespace sanitize;
+using edmfast::CfgArgs;
+using edmfast::kBadArgument;
+using edmfast::kOk;
+using edmfast::StepArgs;
+
+namespace {
+
+#define CUDA_CHECK(expr)                                                                                      \
+  do {                                                                                                        \
+    const cudaError_t err_ = (expr);                                                                          \
+    if (err_ != cudaSuccess) {                                                                                \
+      std::fprintf(stderr, "CUDA error %s (%d) at %s:%d: %s\n", cudaGetErrorString(err_), static_cast<int>(err_), \
+                   __FILE__, __LINE__, #expr);                                                                \
+      std::exit(1);                                                                                           \
+    }                                                                                                         \
+  } while (0)
+
+cudaStream_t g_stream = nullptr;
+int g_device = 0;
+Report report;
+
+// One cudaMalloc of exactly `offset + bytes` bytes (at least 1); ptr() is `offset` bytes in, so
+// the buffer always ends at the end of its allocation.
+class DevBuf {
+ public:
+  DevBuf(size_t bytes, size_t offset = 0) : bytes_(bytes), offset_(offset) {
+    CUDA_CHECK(cudaMalloc(&base_, offset + bytes > 0 ? offset + bytes : 1));
+  }
+  ~DevBuf() { cudaFree(base_); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  template <typename T = void>
+  T* as() const {
+    return reinterpret_cast<T*>(static_cast<char*>(base_) + offset_);
+  }
+  void upload(const void* src) const {
+    if (bytes_) CUDA_CHECK(cudaMemcpyAsync(as(), src, bytes_, cudaMemcpyHostToDevice, g_stream));
+  }
+  void upload(const void* src, size_t bytes) const {
+    if (bytes) CUDA_CHECK(cudaMemcpyAsync(as(), src, bytes, cudaMemcpyHostToDevice, g_stream));
+  }
+  void download(void* dst, size_t bytes) const {
+    if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, as(), bytes, cudaMemcpyDeviceToHost, g_stream));
+  }
+
+ private:
+  void* base_ = nullptr;
+  size_t bytes_, offset_;
+};
+
+void sync_or_die(const std::string& where) {
+  const cudaError_t err = cudaStreamSynchronize(g_stream);
+  const cudaError_t last = cudaGetLastError();
+  if (err != cudaSuccess || last != cudaSuccess) {
+    std::fprintf(stderr, "FAIL %s: CUDA error %s / %s (sticky: stopping)\n", where.c_str(), cudaGetErrorString(err),
+                 cudaGetErrorString(last));
+    std::exit(1);
+  }
+}
+
+std::vector<unsigned char> nan_bytes(DType d, size_t n) {
+  std::vector<unsigned char> v(n * dtype_size(d));
+  poison(d, v.data(), static_cast<int64_t>(n));
+  return v;
+}
+
+// The fused step over the feature combinations of one (B, M, dtype, offset): every stride-th one.
+void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
+  const StepInputs in = make_step_inputs(B, M, dtype, static_cast<uint64_t>(B * 1000003 + M * 31 + int(dtype)));
+  const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
+  const size_t o4 = offset ? 4 : 0, oe = offset ? es : 0;
+  DevBuf x_hat(n * 4, o4), x_prime(n * 4, o4), noise(n * 4, o4), f1(n * es, oe), f2(2 * n * es, oe),
+      k(static_cast<size_t>(B) * 4, o4), seeds(static_cast<size_t>(B) * 8, offset ? 8 : 0), coef(5 * 4, o4),
+      out(n * 4, o4), aliased(n * 4, o4), net1(n * es, oe), net2(2 * n * es, oe);
+  x_hat.upload(in.x_hat.data());
+  x_prime.upload(in.x_prime.data());
+  noise.upload(in.noise.data());
+  f1.upload(in.f1.data());
+  f2.upload(in.f2.data());
+  k.upload(in.k.data());
+  seeds.upload(in.seeds.data());
+  const std::vector<unsigned char> nan_out = nan_bytes(DType::kFloat32, n), nan_net = nan_bytes(dtype, 2 * n);
+  std::vector<float> host_out(n);
+  std::vector<unsigned char> host_net(2 * n * es);
+
+  const std::vector<StepCase> cases = step_feature_cases(B, M, dtype);
+  for (size_t ci = 0; ci < cases.size(); ci += static_cast<size_t>(stride)) {
+    const StepCase& c = cases[ci];
+    const std::string where = c.name() + (offset ? " offset" : "");
+    ++report.cases;
+    float coef_host[5];
+    step_coef(c, coef_host);
+    coef.upload(coef_host);
+    const DevBuf& out_buf = c.alias ? aliased : out;
+    out_buf.upload(c.alias ? static_cast<const void*>(in.x_hat.data()) : nan_out.data());
+    const DevBuf* net_buf = c.net_rows == 1 ? &net1 : (c.net_rows == 2 ? &net2 : nullptr);
+    if (net_buf) net_buf->upload(nan_net.data(), n * es * static_cast<size_t>(c.net_rows));
+
+    StepArgs a = step_args(c, in);
+    a.x_hat = c.alias ? aliased.as<float>() : x_hat.as<float>();
+    a.x_prime = c.x_prime ? x_prime.as<float>() : nullptr;
+    a.f = c.f == FMode::kNone ? nullptr : (c.f == FMode::kB ? f1.as() : f2.as());
+    a.k = c.f == FMode::kCfgK ? k.as<float>() : nullptr;
+    a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
+    a.seeds = c.eps == EpsMode::kSeeds ? seeds.as<int64_t>() : nullptr;
+    a.coef = coef.as<float>();
+    a.out = out_buf.as<float>();
+    a.out_net = net_buf ? net_buf->as() : nullptr;
+    const int rc = edmfast::heun_step_cuda(a, g_device, g_stream);
+    if (rc != kOk) {
+      report.fail(where + ": status " + std::to_string(rc) + " (" + edmfast::cuda_error_string(rc) + ")");
+      sync_or_die(where);
+      continue;
+    }
+    out_buf.download(host_out.data(), n * 4);
+    if (net_buf) net_buf->download(host_net.data(), n * es * static_cast<size_t>(c.net_rows));
+    sync_or_die(where);
+    const std::string err = check_step(c, in, host_out.data(), host_net.data());
+    if (!err.empty()) report.fail(where + ": " + err);
+  }
+}
+
+void run_cfg_size(int64_t B, int64_t M, DType dtype, bool offset, bool constant_too) {
+  const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
+  const size_t o4 = offset ? 4 : 0, oe = offset ? es : 0;
+  const std::vector<unsigned char> nan_out = nan_bytes(dtype, n), nan_k = nan_bytes(DType::kFloat32, B);
+  std::vector<float> host_k(static_cast<size_t>(B));
+  std::vector<unsigned char> host_out(n * es);
+  const int64_t ws_floats = edmfast::cfg_workspace_floats(B, M);
+  for (int constant = 0; constant < (constant_too ? 2 : 1); ++constant) {
+    const CfgInputs in = make_cfg_inputs(B, M, dtype, constant != 0, static_cast<uint64_t>(B * 7919 + M));
+    DevBuf cond(n * es, oe), uncond(n * es, oe), k(static_cast<size_t>(B) * 4, o4), out(n * es, oe);
+    cond.upload(in.cond.data());
+    uncond.upload(in.uncond.data());
+    for (const float phi : kCfgPhis) {
+      CfgCase c;
+      c.B = B;
+      c.M = M;
+      c.dtype = dtype;
+      c.constant = constant != 0;
+      c.phi = phi;
+      const std::string where = c.name() + (offset ? " offset" : "");
+      const std::vector<double> k_ref = cfg_reference_k(c, in);
+      CfgArgs a;
+      a.cond = cond.as();
+      a.uncond = uncond.as();
+      a.batch = B;
+      a.numel = M;
+      a.dtype = dtype;
+      a.guidance_scale = c.w;
+      a.guidance_rescale = c.phi;
+
+      // A fresh, uninitialized workspace of exactly the documented size per call, so initcheck
+      // sees any read of a partial sum that no block wrote.
+      report.cases += 2;
+      {
+        DevBuf ws(static_cast<size_t>(ws_floats) * 4);
+        k.upload(nan_k.data());
+        const int rc = edmfast::cfg_rescale_factors_cuda(a, k.as<float>(), ws.as<float>(), ws_floats, g_device,
+                                                         g_stream);
+        k.download(host_k.data(), static_cast<size_t>(B) * 4);
+        sync_or_die(where + " factors");
+        const std::string err = rc == kOk ? check_cfg_factors(c, k_ref, host_k.data()) : "status " + std::to_string(rc);
+        if (!err.empty()) report.fail(where + " factors: " + err);
+      }
+      {
+        DevBuf ws(static_cast<size_t>(ws_floats) * 4);
+        out.upload(nan_out.data());
+        const int rc = edmfast::cfg_rescale_cuda(a, out.as(), ws.as<float>(), ws_floats, g_device, g_stream);
+        out.download(host_out.data(), n * es);
+        sync_or_die(where + " cfg_rescale");
+        const std::string err = rc == kOk ? check_cfg(c, in, k_ref, host_out.data()) : "status " + std::to_string(rc);
+        if (!err.empty()) report.fail(where + " cfg_rescale: " + err);
+      }
+    }
+  }
+}
+
+// Invalid arguments the CUDA entry points must refuse before launching (kBadArgument).
+void run_bad_arguments() {
+  const int64_t B = 2, M = 5, n = B * M;
+  DevBuf x(n * 4), f(2 * n * 4), coef(5 * 4), out(n * 4), k(B * 4), ws(64 * 4);
+  StepArgs a;
+  a.x_hat = x.as<float>();
+  a.coef = coef.as<float>();
+  a.out = out.as<float>();
+  a.batch = B;
+  a.numel = M;
+  a.f = f.as();
+  a.f_rows = 3 * B;
+  ++report.cases;
+  if (edmfast::heun_step_cuda(a, g_device, g_stream) != kBadArgument) report.fail("bad heun_step_cuda (f_rows 3B)");
+  CfgArgs c;
+  c.cond = f.as();
+  c.uncond = f.as<float>() + n;
+  c.batch = B;
+  c.numel = M;
+  c.guidance_scale = 7.5f;
+  c.guidance_rescale = 0.7f;
+  const int64_t need = edmfast::cfg_workspace_floats(B, M);
+  report.cases += 3;
+  if (edmfast::cfg_rescale_factors_cuda(c, k.as<float>(), ws.as<float>(), need - 1, g_device, g_stream) !=
+      kBadArgument)
+    report.fail("cfg_rescale_factors_cuda accepted a short workspace");
+  if (edmfast::cfg_rescale_cuda(c, out.as(), ws.as<float>(), need - 1, g_device, g_stream) != kBadArgument)
+    report.fail("cfg_rescale_cuda accepted a short workspace");
+  c.guidance_rescale = 2.0f;
+  if (edmfast::cfg_rescale_cuda(c, out.as(), ws.as<float>(), need, g_device, g_stream) != kBadArgument)
+    report.fail("cfg_rescale_cuda accepted guidance_rescale 2");
+  sync_or_die("bad arguments");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    std::fprintf(stderr, "sanitize_cuda: no CUDA device (%s)\n", cudaGetErrorString(err));
+    return 3;
+  }
+  CUDA_CHECK(cudaSetDevice(g_device));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+  const auto t0 = std::chrono::steady_clock::now();
+
+  std::vector<int64_t> batches(std::begin(kBatches), std::end(kBatches));
+  std::vector<int64_t> numels(std::begin(kNumels), std::end(kNumels));
+  int stride = 1;  // feature combinations: every stride-th
+  if (quick) {
+    batches = {1, 3};
+    numels.assign(std::begin(kNumelsQuick), std::end(kNumelsQuick));
+    stride = 5;
+  }
+  struct Extra {
+    int64_t B, M;
+    int stride;
+  };
+  // Grid-stride loops: more groups of 4 than the capped grid.x (132 SMs x 16 blocks x 256 threads
+  // x 4 elements = 2.2M on an H200) and more samples than grid.y (65535); several CFG chunks.
+  std::vector<Extra> step_extras = {{1, 4194307, 17}, {1, 4194304, 17}, {2, 16411, 3}, {65537, 3, 13}, {65537, 4, 13}};
+  std::vector<Extra> cfg_extras = {{2, 16411, 0}, {1, 4194307, 0}, {65537, 5, 0}};
+  if (quick) {
+    step_extras = {{65537, 3, 41}, {2, 16411, 41}};
+    cfg_extras = {{2, 16411, 0}, {65537, 5, 0}};
+  }
+
+  run_bad_arguments();
+  for (const DType dtype : kDTypes) {
+    for (const int64_t B : batches)
+      for (const int64_t M : numels) {
+        // the offset run only changes the code path where the vector path was possible
+        for (const bool offset : {false, true}) {
+          if (offset && !(M > 0 && M % 4 == 0)) continue;
+          run_step_size(B, M, dtype, offset, stride);
+          run_cfg_size(B, M, dtype, offset, true);
+        }
+      }
+    for (const Extra& e : step_extras) run_step_size(e.B, e.M, dtype, false, e.stride);
+    for (const Extra& e : cfg_extras) run_cfg_size(e.B, e.M, dtype, false, false);
+  }
+  CUDA_CHECK(cudaStreamDestroy(g_stream));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("sanitize_cuda%s: %lld cases, %lld failed, %.1f s\n", quick ? " --quick" : "",
+              static_cast<long long>(report.cases), static_cast<long long>(report.failures), secs);
+  return report.failures == 0 ? 0 : 1;
+}
