@@ -11,9 +11,27 @@
 #include <omp.h>
 #endif
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+// GCC 12's AVX-512 intrinsics seed their unused pass-through operand with a self-initialized
+// "undefined" vector, which -Wall reports as maybe-uninitialized inside the header.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define EDMFAST_X86_SIMD 1
+#else
+#define EDMFAST_X86_SIMD 0
+#endif
+
 #include "edmfast/ops.h"
 #include "edmfast/philox.h"
 #include "edmfast/step.h"
+
+#if defined(__GNUC__)
+#define EDMFAST_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define EDMFAST_ALWAYS_INLINE inline
+#endif
 
 namespace edmfast {
 namespace {
@@ -26,26 +44,51 @@ constexpr int64_t kParallelMin = 1 << 15;
 
 const float kZeros[kChunk] = {};
 
-// eps[i] = element begin + i of the fused stream of (seed, step); begin is a multiple of 4.
-// The Philox + Box-Muller loop is branch-free and vectorizes (one SIMD lane per Philox call);
-// its four outputs land in lane arrays first and are interleaved by a second, cheap loop.
-// On x86-64 an AVX2 clone (8 lanes) is picked at load time where the CPU has it; without FMA
-// in the target the clones compute bit-identical results.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void fill_philox(float* eps, uint64_t seed, uint32_t step, int64_t begin, int64_t n) {
-  constexpr int64_t kGroups = kChunk / 4;
+// ----------------------------------------------------------------------------- Philox noise
+//
+// eps[i] = element begin + i of the fused stream of (seed, step), begin a multiple of 4, in two
+// passes over the chunk's kGroups Philox calls through a stack buffer of words (8 KB):
+//   1. the Philox words w[j][g] = x_j of call group0 + g (bit-exact integer math);
+//   2. Box-Muller of the words (philox.h's branch-free float32 helpers, auto-vectorized, one
+//      SIMD lane per call), then one cheap loop interleaving the four lanes into eps.
+// On x86-64 pass 1 is written with AVX2 / AVX-512F intrinsics (the compiler's own vectorization
+// of the 32x32->64 multiplies costs a shuffle per multiply) and both passes are compiled once
+// per ISA and picked at run time from the CPU's features; the portable scalar loops are the
+// fallback on any other CPU and finish the tails. The float code is the same source in every
+// variant and setup.py builds with -ffp-contract=off (AVX-512F brings FMA), so the normals are
+// bit-identical whichever variant runs.
+constexpr int64_t kGroups = kChunk / 4;
+using Words = uint32_t[4][kGroups];
+
+// Pass 1, portable: calls [g_begin, groups) of the chunk.
+EDMFAST_ALWAYS_INLINE void philox_words(Words& w, uint64_t group0, uint64_t seed, uint32_t step, int64_t g_begin,
+                                        int64_t groups) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int64_t g = g_begin; g < groups; ++g) {
+    const uint64_t c = group0 + static_cast<uint64_t>(g);
+    const uint4x32 x = philox4x32(uint4x32{static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), step, 0u}, k0, k1);
+    w[0][g] = x.x0;
+    w[1][g] = x.x1;
+    w[2][g] = x.x2;
+    w[3][g] = x.x3;
+  }
+}
+
+// Pass 2: the normals of the first n elements of the chunk from its words.
+EDMFAST_ALWAYS_INLINE void philox_normals(const Words& w, float* eps, int64_t n) {
   alignas(64) float lane[4][kGroups];
-  const uint64_t group0 = static_cast<uint64_t>(begin / 4);
   const int64_t groups = (n + 3) / 4;
 #pragma omp simd
   for (int64_t g = 0; g < groups; ++g) {
-    const float4x32 z = philox_normal4(seed, step, group0 + static_cast<uint64_t>(g));
-    lane[0][g] = z.n0;
-    lane[1][g] = z.n1;
-    lane[2][g] = z.n2;
-    lane[3][g] = z.n3;
+    const float r0 = sqrtf(-2.0f * log_uniform(w[0][g]));
+    const float r1 = sqrtf(-2.0f * log_uniform(w[2][g]));
+    float c0, s0, c1, s1;
+    sincos_2pi_uniform(w[1][g], &c0, &s0);
+    sincos_2pi_uniform(w[3][g], &c1, &s1);
+    lane[0][g] = r0 * c0;
+    lane[1][g] = r0 * s0;
+    lane[2][g] = r1 * c1;
+    lane[3][g] = r1 * s1;
   }
   const int64_t full = n / 4;
   for (int64_t g = 0; g < full; ++g) {
@@ -55,6 +98,132 @@ void fill_philox(float* eps, uint64_t seed, uint32_t step, int64_t begin, int64_
     eps[4 * g + 3] = lane[3][g];
   }
   for (int64_t i = 4 * full; i < n; ++i) eps[i] = lane[i & 3][i >> 2];
+}
+
+void fill_philox_generic(float* eps, uint64_t seed, uint32_t step, int64_t begin, int64_t n) {
+  alignas(64) Words w;
+  philox_words(w, static_cast<uint64_t>(begin / 4), seed, step, 0, (n + 3) / 4);
+  philox_normals(w, eps, n);
+}
+
+#if EDMFAST_X86_SIMD
+// Philox rounds on 64-bit lanes: each lane holds one call's word in its low half (vpmuludq reads
+// only that half, so the high halves may hold junk: the products' high words, never read).
+// mul_epu32(x, M) = lo | hi << 32, so a round is two multiplies, two shifts and the XORs:
+//   x0' = hi(M1 x2) ^ x1 ^ k0,  x1' = lo(M1 x2),  x2' = hi(M0 x0) ^ x3 ^ k1,  x3' = lo(M0 x0).
+// Two states per iteration, a on the even calls and b on the odd ones, so that a blend of a's
+// low words with b's (shifted up) stores calls g, g + 1, ... in order; the two independent
+// chains also hide the multiply latency.
+__attribute__((target("avx2"))) void philox_words_avx2(Words& w, uint64_t group0, uint64_t seed, uint32_t step,
+                                                        int64_t groups) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  const __m256i step_v = _mm256_set1_epi64x(step), one = _mm256_set1_epi64x(1);
+  const __m256i even = _mm256_setr_epi64x(0, 2, 4, 6);
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256i ca = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group0 + g)), even);
+    const __m256i cb = _mm256_add_epi64(ca, one);
+    __m256i a0 = ca, a1 = _mm256_srli_epi64(ca, 32), a2 = step_v, a3 = _mm256_setzero_si256();
+    __m256i b0 = cb, b1 = _mm256_srli_epi64(cb, 32), b2 = step_v, b3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma GCC unroll 10
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m256i key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
+      const __m256i pa0 = _mm256_mul_epu32(a0, m0), pa1 = _mm256_mul_epu32(a2, m1);
+      const __m256i pb0 = _mm256_mul_epu32(b0, m0), pb1 = _mm256_mul_epu32(b2, m1);
+      a0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa1, 32), a1), key0);
+      a2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa0, 32), a3), key1);
+      a1 = pa1;
+      a3 = pa0;
+      b0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb1, 32), b1), key0);
+      b2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb0, 32), b3), key1);
+      b1 = pb1;
+      b3 = pb0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+#define EDMFAST_STORE_WORDS(j) \
+  _mm256_store_si256(reinterpret_cast<__m256i*>(&w[j][g]), \
+                     _mm256_blend_epi32(a##j, _mm256_slli_epi64(b##j, 32), 0xAA))
+    EDMFAST_STORE_WORDS(0);
+    EDMFAST_STORE_WORDS(1);
+    EDMFAST_STORE_WORDS(2);
+    EDMFAST_STORE_WORDS(3);
+#undef EDMFAST_STORE_WORDS
+  }
+  philox_words(w, group0, seed, step, g, groups);
+}
+
+// The same with 8 lanes per state, the three-way XORs as one ternary-logic op (0x96 = a ^ b ^ c).
+__attribute__((target("avx512f"))) void philox_words_avx512(Words& w, uint64_t group0, uint64_t seed,
+                                                             uint32_t step, int64_t groups) {
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  const __m512i step_v = _mm512_set1_epi64(step), one = _mm512_set1_epi64(1);
+  const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+  int64_t g = 0;
+  for (; g + 16 <= groups; g += 16) {
+    const __m512i ca = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(group0 + g)), even);
+    const __m512i cb = _mm512_add_epi64(ca, one);
+    __m512i a0 = ca, a1 = _mm512_srli_epi64(ca, 32), a2 = step_v, a3 = _mm512_setzero_si512();
+    __m512i b0 = cb, b1 = _mm512_srli_epi64(cb, 32), b2 = step_v, b3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma GCC unroll 10
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
+      const __m512i pa0 = _mm512_mul_epu32(a0, m0), pa1 = _mm512_mul_epu32(a2, m1);
+      const __m512i pb0 = _mm512_mul_epu32(b0, m0), pb1 = _mm512_mul_epu32(b2, m1);
+      a0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa1, 32), a1, key0, 0x96);
+      a2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa0, 32), a3, key1, 0x96);
+      a1 = pa1;
+      a3 = pa0;
+      b0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb1, 32), b1, key0, 0x96);
+      b2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb0, 32), b3, key1, 0x96);
+      b1 = pb1;
+      b3 = pb0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+#define EDMFAST_STORE_WORDS(j) \
+  _mm512_store_si512(&w[j][g], _mm512_mask_blend_epi32(0xAAAA, a##j, _mm512_slli_epi64(b##j, 32)))
+    EDMFAST_STORE_WORDS(0);
+    EDMFAST_STORE_WORDS(1);
+    EDMFAST_STORE_WORDS(2);
+    EDMFAST_STORE_WORDS(3);
+#undef EDMFAST_STORE_WORDS
+  }
+  philox_words(w, group0, seed, step, g, groups);
+}
+
+__attribute__((target("avx2"))) void fill_philox_avx2(float* eps, uint64_t seed, uint32_t step, int64_t begin,
+                                                       int64_t n) {
+  alignas(64) Words w;
+  philox_words_avx2(w, static_cast<uint64_t>(begin / 4), seed, step, (n + 3) / 4);
+  philox_normals(w, eps, n);
+}
+
+__attribute__((target("avx512f"))) void fill_philox_avx512(float* eps, uint64_t seed, uint32_t step,
+                                                            int64_t begin, int64_t n) {
+  alignas(64) Words w;
+  philox_words_avx512(w, static_cast<uint64_t>(begin / 4), seed, step, (n + 3) / 4);
+  philox_normals(w, eps, n);
+}
+#endif
+
+using FillPhilox = void (*)(float*, uint64_t, uint32_t, int64_t, int64_t);
+
+// The widest variant the CPU (and the OS, for the AVX-512 register state) supports.
+FillPhilox select_fill_philox() {
+#if EDMFAST_X86_SIMD
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return fill_philox_avx512;
+  if (__builtin_cpu_supports("avx2")) return fill_philox_avx2;
+#endif
+  return fill_philox_generic;
+}
+
+void fill_philox(float* eps, uint64_t seed, uint32_t step, int64_t begin, int64_t n) {
+  static const FillPhilox impl = select_fill_philox();
+  impl(eps, seed, step, begin, n);
 }
 
 template <typename T>

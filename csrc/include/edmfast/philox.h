@@ -67,29 +67,22 @@ EDMFAST_HD uint4x32 philox4x32(uint4x32 ctr, uint32_t k0, uint32_t k1) {
 // Cephes' sinf/cosf (|rel err| ~1 ulp on the reduced ranges); tests/test_philox.py checks the
 // normals against the float64 definition to 1e-6 absolute.
 
-// ln u = k ln 2 + ln(1 + f), u = 2^k (1 + f), f in [sqrt(1/2) - 1, sqrt(2) - 1] and exact:
-//   m < 2^23:           u = (2m + 1) 2^-25 is exact, split its exponent and mantissa;
-//   2^23 <= u < ...:    k = -1, f = 2u - 1 = (2m + 1 - 2^24) 2^-24 (an integer below 2^24);
-//   u >= sqrt(1/2):     k = 0,  f = u - 1 = -(2^25 - 2m - 1) 2^-25 (an integer below 2^24).
+// ln u = k ln 2 + ln(1 + f), u = 2^k (1 + f), f in [sqrt(1/2) - 1, sqrt(2) - 1] and exact. With
+// u = v 2^-25, v = 2m + 1 an odd integer below 2^25: k = E - 25 where 2^E is the power of two
+// nearest v in ratio (v 2^-E in [sqrt(1/2), sqrt(2))), and f = (v - 2^E) 2^-E, where the integer
+// v - 2^E is below 2^24 in magnitude: exact in float32, and so is the power-of-two scaling. E is
+// read off float32(v), which rounds when v >= 2^24 (m >= 2^23); that only moves the sqrt(2)
+// cut by a rounding of v, never f's exactness, and the cut matches the one on the exact m
+// (checked over all 2^24 values of m: the same k and f as splitting u's own exponent).
 EDMFAST_HD float log_uniform(uint32_t x) {
-  const uint32_t m = x >> 8;
   // Conversions go through int32 (all values fit): unsigned -> float does not vectorize on x86.
-  const float u = static_cast<float>(static_cast<int32_t>(2 * m + 1)) * 0x1.0p-25f;
-  const uint32_t bits = float_as_bits(u);
-  const float y = bits_as_float((bits & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
-  const float halve = y > 1.41421356f ? 1.0f : 0.0f;
-  const float f_small = y * (1.0f - 0.5f * halve) - 1.0f;
-  const float k_small = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127) + halve;
-  constexpr uint32_t kSqrtHalf = 11863283u;  // first m with m + 0.5 >= 2^24 sqrt(1/2)
-  const float f_mid = static_cast<float>(static_cast<int32_t>(2 * m + 1) - (1 << 24)) * 0x1.0p-24f;
-  const float f_top = -static_cast<float>(static_cast<int32_t>((1u << 25) - 2 * m - 1)) * 0x1.0p-25f;
-  // Sequential selects (not nested ternaries) so the compiler if-converts them to blends.
-  const bool mid = m < kSqrtHalf;
-  const bool small = m < (1u << 23);
-  float f = mid ? f_mid : f_top;
-  f = small ? f_small : f;
-  float k = mid ? -1.0f : 0.0f;
-  k = small ? k_small : k;
+  const int32_t v = static_cast<int32_t>(((x >> 8) << 1) | 1u);
+  const uint32_t bits = float_as_bits(static_cast<float>(v));
+  const bool up = bits_as_float((bits & 0x007FFFFFu) | 0x3F800000u) > 1.41421356f;  // mantissa > sqrt(2)
+  const uint32_t ebits = (bits & 0x7F800000u) + (up ? (1u << 23) : 0u);           // 2^E as a float
+  const int32_t pow2 = 1 << ((ebits >> 23) - 127u);                                // 2^E, E <= 25
+  const float f = static_cast<float>(v - pow2) * bits_as_float((254u << 23) - ebits);  // (v - 2^E) 2^-E
+  const float k = static_cast<float>(static_cast<int32_t>(ebits >> 23) - 152);     // E - 25
 
   // ln(1 + f) = f - f^2/2 + s (f^2/2 + R(s^2)), s = f / (2 + f), |s| <= 0.1716 (fdlibm e_logf.c).
   const float s = f / (2.0f + f);
