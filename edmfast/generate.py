@@ -40,6 +40,8 @@ import torch
 from PIL import Image
 
 from .data import to_uint8
+from .rng import PerSampleGenerator
+from .sampler import Sampler
 
 DEFAULT_MODEL = "edmfast.data:default_model"
 MANIFEST = "manifest.json"
@@ -278,19 +280,17 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 def sample_seeds(
-    denoiser: Any,
-    image_shape: Sequence[int],
-    seeds: Sequence[int],
-    device: torch.device,
-    options: dict[str, Any],
+    sampler: Any, image_shape: Sequence[int], seeds: Sequence[int], device: torch.device
 ) -> torch.Tensor:
-    """Images in [-1, 1] (float32 [B, C, H, W]) for ``seeds`` with per-seed latents and churn noise."""
-    from . import PerSampleGenerator, sample
+    """Images in [-1, 1] (float32 [B, C, H, W]) for ``seeds`` with per-seed latents and churn noise.
 
+    ``sampler`` is one `edmfast.Sampler` kept across batches: on CUDA its graph is captured once
+    per batch shape and replayed after (a fresh `edmfast.sample` per batch would warm up and
+    capture the whole loop every time, running it twice).
+    """
     rng = PerSampleGenerator(seeds, device)
     latents = rng.randn([len(seeds), *image_shape])
-    with torch.no_grad():
-        return sample(denoiser, latents, generator=rng, seeds=rng.seeds.to(device), **options)
+    return sampler(latents, generator=rng, seeds=rng.seeds.to(device))
 
 
 def write_npz(outdir: Path, seeds: Sequence[int]) -> Path:
@@ -334,6 +334,7 @@ def generate(
         if isinstance(denoiser, torch.nn.Module):
             denoiser = denoiser.to(dist.device)
         manifest = make_manifest(model, image_shape, options)
+        sampler = Sampler(denoiser, **options)
         out.mkdir(parents=True, exist_ok=True)
         # Every rank checks (and refuses) alike; only rank 0 writes, before anyone starts writing images.
         exists = check_manifest(out, manifest)
@@ -359,7 +360,7 @@ def generate(
             bar = tqdm(total=len(todo), unit="img", desc=f"rank 0/{dist.world}")
         t0 = time.perf_counter()
         for batch_seeds in _batches(todo, batch):
-            x = sample_seeds(denoiser, image_shape, batch_seeds, dist.device, options)
+            x = sample_seeds(sampler, image_shape, batch_seeds, dist.device)
             images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, C]
             for seed, image in zip(batch_seeds, images, strict=True):
                 save_png(image_path(out, seed), image)

@@ -95,14 +95,19 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_tensor(
-    name: str, t: torch.Tensor | None, device: torch.device, dtypes: tuple[torch.dtype, ...]
+    name: str,
+    t: torch.Tensor | None,
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...],
+    like: str = "x_hat",
 ) -> None:
+    """``t`` (optional) is a tensor on ``device`` (that of operand ``like``) with a dtype in ``dtypes``."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x_hat is on {device}")
+        raise ValueError(f"{name} is on {t.device} but {like} is on {device}")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
@@ -314,7 +319,7 @@ def cfg_rescale_factors(
     if f.dim() < 1 or f.shape[0] < 2 or f.shape[0] % 2:
         raise ValueError(f"f must have 2B rows (cond then uncond), got shape {tuple(f.shape)}")
     _check_tensor("f", f, f.device, IO_DTYPES)
-    _check_tensor("out", out, f.device, (torch.float32,))
+    _check_tensor("out", out, f.device, (torch.float32,), like="f")
     _check_out("out", out, f.shape[0] // 2, 1)
     if f.numel() == 0:
         return out.fill_(1.0)  # no elements: the unbiased std is undefined, the ratio is 1
@@ -360,10 +365,10 @@ def cfg_rescale(
     if cond.dim() < 1 or cond.shape[0] < 1:
         raise ValueError(f"cond must be [B, ...] with B >= 1, got shape {tuple(cond.shape)}")
     _check_tensor("cond", cond, cond.device, IO_DTYPES)
-    _check_tensor("uncond", uncond, cond.device, (cond.dtype,))
+    _check_tensor("uncond", uncond, cond.device, (cond.dtype,), like="cond")
     if out is None:
         out = torch.empty_like(cond, memory_format=torch.contiguous_format)
-    _check_tensor("out", out, cond.device, (cond.dtype,))
+    _check_tensor("out", out, cond.device, (cond.dtype,), like="cond")
     _check_out("out", out, cond.shape[0], cond.numel() // cond.shape[0])
     if backend == "torch":
         f = torch.cat([cond, uncond]).float()

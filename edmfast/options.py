@@ -86,8 +86,8 @@ class SamplerOptions:
             raise ValueError(f"solver must be one of {SOLVERS}, got {o['solver']!r}")
         if not 0 < o["alpha"] <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {o['alpha']}")
-        if o["solver"] == "heun" and o["alpha"] != 1.0:
-            raise ValueError("alpha applies to solver='2nd'; solver='heun' is alpha=1")
+        if o["solver"] != "2nd" and o["alpha"] != 1.0:
+            raise ValueError(f"alpha applies to solver='2nd' only, got alpha={o['alpha']}, {o['solver']!r}")
         if o["s_churn"] < 0 or math.isinf(o["s_churn"]):
             raise ValueError(f"s_churn must be finite and >= 0, got {o['s_churn']}")
         if o["s_tmin"] < 0 or o["s_tmax"] < o["s_tmin"]:
@@ -188,8 +188,9 @@ def plan_steps(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> lis
             )
         std = math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) * opts.s_noise
         correct = opts.second_order and sigma_next != 0
-        h = sigma_next - sigma_hat
-        steps.append(Step(sigma, sigma_hat, sigma_next, std, gamma > 0, correct, sigma_hat + alpha * h))
+        # Heun (alpha = 1) evaluates exactly at sigma_{i+1}, not at sigma_hat + h rounded in float64
+        sigma_prime = sigma_next if alpha == 1 else sigma_hat + alpha * (sigma_next - sigma_hat)
+        steps.append(Step(sigma, sigma_hat, sigma_next, std, gamma > 0, correct, sigma_prime))
     return steps
 
 
@@ -246,10 +247,12 @@ def check_noise(noise: Any) -> torch.Tensor:
 
 
 def check_seeds(seeds: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """seeds as int64 [B] on ``device``."""
+    """seeds as int64 [B] on ``device``; a sequence is converted, a tensor must already be there."""
     if isinstance(seeds, torch.Tensor):
         if seeds.is_floating_point() or seeds.dtype == torch.bool:
             raise TypeError(f"seeds must be integers, got {seeds.dtype}")
+        if seeds.device != device:
+            raise ValueError(f"seeds is on {seeds.device} but noise is on {device}")
         t = seeds.to(torch.int64)
     else:
         try:
@@ -259,3 +262,16 @@ def check_seeds(seeds: Any, batch: int, device: torch.device) -> torch.Tensor:
     if tuple(t.shape) != (batch,):
         raise ValueError(f"seeds must have one seed per sample ([B]=[{batch}]), got shape {tuple(t.shape)}")
     return t.to(device)
+
+
+def check_generator(generator: Any, batch: int) -> None:
+    """A torch.Generator, a PerSampleGenerator with one stream per sample, or None (global RNG)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not hasattr(generator, "randn"):
+        raise TypeError(
+            "generator must be a torch.Generator or an edmfast.PerSampleGenerator, "
+            f"got {type(generator).__name__}"
+        )
+    if hasattr(generator, "__len__") and len(generator) != batch:
+        raise ValueError(f"generator holds {len(generator)} per-sample streams but noise has batch {batch}")

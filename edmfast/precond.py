@@ -33,6 +33,13 @@ def _model_output(out: Any) -> torch.Tensor:
     )
 
 
+def _on(table: torch.Tensor, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float64 lookup table on ``device``: the host copy for CPU math (the engine plans its
+    schedule on the CPU; reading the module's CUDA buffer there would be a device sync per call),
+    else the module's buffer."""
+    return host if device.type == "cpu" else table.to(device)
+
+
 def _param_dtype(model: nn.Module | Any) -> torch.dtype:
     if isinstance(model, nn.Module):
         for p in model.parameters():
@@ -151,12 +158,13 @@ class iDDPMPrecond(Precond):  # noqa: N801 - the paper's name
     ):
         super().__init__(model, dtype)
         self.M = M
-        self.register_buffer("u", iddpm_u(M, C1, C2), persistent=False)
+        self._u_host = iddpm_u(M, C1, C2)
+        self.register_buffer("u", self._u_host.clone(), persistent=False)
         self.sigma_min = float(self.u[M - 1])
         self.sigma_max = float(self.u[0])
 
     def _index(self, sigma: torch.Tensor) -> torch.Tensor:
-        u = self.u.to(sigma.device)
+        u = _on(self.u, self._u_host, sigma.device)
         return (
             (sigma.to(torch.float64).reshape(-1, 1) - u.reshape(1, -1))
             .abs()
@@ -166,7 +174,7 @@ class iDDPMPrecond(Precond):  # noqa: N801 - the paper's name
 
     def round_sigma(self, sigma):
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        return self.u.to(sigma.device)[self._index(sigma)].to(sigma.dtype)
+        return _on(self.u, self._u_host, sigma.device)[self._index(sigma)].to(sigma.dtype)
 
     def coefficients(self, sigma):
         c_noise = (self.M - 1 - self._index(sigma)).to(sigma.dtype)
@@ -205,8 +213,9 @@ class DiscreteVPDenoiser(Precond):
             raise ValueError("alphas_cumprod must be a 1-D tensor of values in [0, 1]")
         self.prediction_type = prediction_type
         sigmas = ((1 - abar) / abar).sqrt()  # inf where abar = 0
-        self.register_buffer("sigmas", sigmas, persistent=False)
         finite = sigmas[torch.isfinite(sigmas)]
+        self._sigmas_host, self._log_sigmas_host = sigmas, finite.log()
+        self.register_buffer("sigmas", sigmas.clone(), persistent=False)
         self.register_buffer("log_sigmas", finite.log(), persistent=False)
         self.sigma_min = float(finite.min())
         self.sigma_max = float(sigmas.max())
@@ -217,14 +226,14 @@ class DiscreteVPDenoiser(Precond):
 
     def sigmas_for(self, timesteps: torch.Tensor) -> torch.Tensor:
         """sigma_t (float64) for descending integer train timesteps, with 0 appended."""
-        t = torch.as_tensor(timesteps, dtype=torch.int64).reshape(-1)
+        t = torch.as_tensor(timesteps, dtype=torch.int64).reshape(-1).cpu()
         if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}]")
-        return torch.cat([self.sigmas.cpu()[t], torch.zeros(1, dtype=torch.float64)])
+        return torch.cat([self._sigmas_host[t], torch.zeros(1, dtype=torch.float64)])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep for sigma: linear interpolation of the index in log sigma."""
-        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigmas = _on(self.log_sigmas, self._log_sigmas_host, sigma.device)
         n = log_sigmas.numel()
         ls = sigma.to(torch.float64).clamp(min=self.sigma_min).log()
         hi = torch.searchsorted(log_sigmas, ls.reshape(-1)).clamp(1, n - 1).reshape(ls.shape)

@@ -171,6 +171,19 @@ def draw_exact_noise(generator, shape: tuple[int, ...], device: torch.device) ->
     return generator.randn(shape, dtype=torch.float64, device=device)
 
 
+def _checked(out, like: torch.Tensor) -> torch.Tensor:
+    """The denoiser's output as float64, after the same shape / device / dtype checks as the engine."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the denoiser returned {type(out).__name__}, expected a tensor")
+    if out.shape != like.shape:
+        raise ValueError(f"the denoiser returned shape {tuple(out.shape)}, expected {tuple(like.shape)}")
+    if out.device != like.device:
+        raise ValueError(f"the denoiser returned a tensor on {out.device}, expected {like.device}")
+    if not out.is_floating_point():
+        raise TypeError(f"the denoiser returned dtype {out.dtype}, expected a floating dtype")
+    return out.to(torch.float64)
+
+
 def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, limit: bool = False):
     """D(x; sigma) in float64 with CFG(+rescale) in one batched call; on F for preconditioners."""
     batch = x.shape[0]
@@ -185,11 +198,7 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
             sig = torch.tensor([sigma], dtype=torch.float64, device=x.device)
             c_skip, c_out, c_in, c_noise = (float(c) for c in denoiser.coefficients(sig))
         noise_in = torch.full((rows,), c_noise, dtype=torch.float32, device=x.device)
-        f = denoiser.raw((c_in * xb).to(denoiser.dtype), noise_in, **kwargs).to(torch.float64)
-        if f.shape != xb.shape:
-            raise ValueError(
-                f"the denoiser's network returned shape {tuple(f.shape)}, expected {tuple(xb.shape)}"
-            )
+        f = _checked(denoiser.raw((c_in * xb).to(denoiser.dtype), noise_in, **kwargs), xb)
         if cfg:
             f = cfg_rescale(f[:batch], f[batch:], opts.guidance_scale, opts.guidance_rescale)
         return c_skip * x + c_out * f
@@ -199,11 +208,7 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
             "(use edmfast.DiscreteVPDenoiser with v_prediction or sample prediction)"
         )
     sig = torch.full((rows,), sigma, dtype=torch.float64, device=x.device)
-    d = denoiser(xb, sig, **kwargs)
-    if not isinstance(d, torch.Tensor) or d.shape != xb.shape:
-        got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
-        raise ValueError(f"the denoiser returned {got}, expected a tensor of shape {tuple(xb.shape)}")
-    d = d.to(torch.float64)
+    d = _checked(denoiser(xb, sig, **kwargs), xb)
     if cfg:
         d = cfg_rescale(d[:batch], d[batch:], opts.guidance_scale, opts.guidance_rescale)
     return d
@@ -236,6 +241,7 @@ def sample(
     from .options import (
         SamplerOptions,
         check_cond,
+        check_generator,
         check_noise,
         check_seeds,
         merge_cond,
@@ -254,9 +260,11 @@ def sample(
     merged = merge_cond(cond, uncond_checked, batch) if use_cfg else None
     sigmas = resolve_sigmas(denoiser, sigmas, opts)
     steps = plan_steps(denoiser, sigmas, opts)
+    check_generator(generator, batch)
     if opts.noise_mode == "fused" and opts.s_churn > 0:
         if seeds is None:
             seeds = getattr(generator, "seeds", None)
+            seeds = None if seeds is None else seeds.to(device)  # ours to move: the generator's CPU copy
         if seeds is None:
             raise ValueError("noise_mode='fused' with s_churn > 0 needs seeds (int64 [B])")
         seeds = check_seeds(seeds, batch, device)
@@ -265,16 +273,18 @@ def sample(
     if math.isfinite(steps[0].sigma):
         x = x * steps[0].sigma
     for i, st in enumerate(steps):
-        if math.isinf(st.sigma):
-            x = _denoise(denoiser, x, st.sigma, cond, merged, opts, limit=True) + st.sigma_next * x
-            continue
-        x_hat = x
+        # exact mode draws on every step, the sigma = inf one included, as the engine does: the
+        # stream position of step i's noise is i whatever the schedule
+        eps = None
         if opts.s_churn > 0:
             if opts.noise_mode == "exact":
                 eps = draw_exact_noise(generator, tuple(x.shape), device)
-            else:
+            elif st.churn:
                 eps = philox_normal(seeds, i, x[0].numel()).reshape(x.shape).to(device)
-            x_hat = x + st.noise_std * eps
+        if math.isinf(st.sigma):
+            x = _denoise(denoiser, x, st.sigma, cond, merged, opts, limit=True) + st.sigma_next * x
+            continue
+        x_hat = x if eps is None else x + st.noise_std * eps
         d = (x_hat - _denoise(denoiser, x_hat, st.sigma_hat, cond, merged, opts)) / st.sigma_hat
         h = st.sigma_next - st.sigma_hat
         if not st.correct:

@@ -128,7 +128,10 @@ def iddpm_sigmas(
     inside = u[(u >= sigma_min) & (u <= sigma_max)]
     if inside.numel() == 0:
         raise ValueError(f"no iDDPM noise level lies in [{sigma_min}, {sigma_max}]")
-    index = ((inside.numel() - 1) * _ramp(num_steps)).round().to(torch.int64)
+    # (L-1)/(N-1) * i, in this order as in the official ablation code: (L-1) * (i/(N-1)) rounds
+    # differently at exact .5 ties (e.g. N = 59 with the default range picks other levels)
+    step = (inside.numel() - 1) / max(num_steps - 1, 1)
+    index = (step * torch.arange(num_steps, dtype=torch.float64)).round().to(torch.int64)
     return _append_zero(inside[index])
 
 
@@ -150,7 +153,9 @@ def discrete_timesteps(
     elif spacing == "leading":
         t = (np.arange(num_steps) * (T // num_steps))[::-1] + steps_offset
     elif spacing == "trailing":
-        t = np.round(np.arange(T, 0, -T / num_steps)) - 1
+        # arange over a float step can overshoot by one element (S = 61 of 1000 ends in t = -1, as
+        # in diffusers); the first S are the intended ones
+        t = (np.round(np.arange(T, 0, -T / num_steps)) - 1)[:num_steps]
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     return torch.from_numpy(np.ascontiguousarray(t).astype(np.int64))

@@ -143,3 +143,19 @@ def test_epsilon_prediction_rejects_zero_terminal_snr_start():
 def test_bad_prediction_type():
     with pytest.raises(ValueError, match="prediction_type"):
         edmfast.DiscreteVPDenoiser(_ident, _abar(), prediction_type="x0")
+
+
+def test_schedule_planning_reads_no_device_buffer():
+    """The engine plans on CPU sigmas: the tables must come from host copies, not from the module's
+    (possibly CUDA) buffers, which would cost a device sync per coefficient. Meta buffers stand in
+    for device ones here (reading them raises)."""
+    vp = edmfast.DiscreteVPDenoiser(_ident, _abar(), "v_prediction")
+    sig = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    want = vp.coefficients(sig)
+    vp.to("meta")
+    assert all(torch.equal(a, b) for a, b in zip(vp.coefficients(sig), want, strict=True))
+    assert torch.equal(vp.sigmas_for([999, 0])[:-1], ((1 - _abar()[[999, 0]]) / _abar()[[999, 0]]).sqrt())
+    p = edmfast.iDDPMPrecond(_ident)
+    want = p.round_sigma(sig), p.coefficients(sig)[3]
+    p.to("meta")
+    assert torch.equal(p.round_sigma(sig), want[0]) and torch.equal(p.coefficients(sig)[3], want[1])

@@ -17,6 +17,8 @@ OPTIONS = [
     dict(solver="2nd", alpha=0.5),
     dict(s_churn=40, s_tmin=0.05, s_tmax=50, s_noise=1.003, noise_mode="fused"),
     dict(s_churn=10, noise_mode="exact"),
+    # exact noise with a window: steps outside it still draw (the official stream positions)
+    dict(s_churn=40, s_tmin=0.05, s_tmax=10, noise_mode="exact"),
     dict(guidance_scale=3.0, guidance_rescale=0.7),
 ]
 
@@ -111,7 +113,12 @@ def test_progress_bar_does_not_change_results(capsys):
     assert torch.equal(a, b)
 
 
-def test_zero_snr_engine_matches_reference(backend_device):
+@pytest.mark.parametrize(
+    "churn", [{}, dict(s_churn=20, noise_mode="exact"), dict(s_churn=20, noise_mode="fused")]
+)
+def test_zero_snr_engine_matches_reference(backend_device, churn):
+    """The inf-start limit step, with churn after it: the engine's exact noise stream draws on the
+    inf step too, so the reference must (step i's noise is draw i whatever the schedule)."""
     backend, device = backend_device
     from tests.test_precond import ExactVPModel
 
@@ -124,8 +131,11 @@ def test_zero_snr_engine_matches_reference(backend_device):
     )
     sig = den.sigmas_for(edmfast.discrete_timesteps(10, 1000, "trailing"))
     noise = torch.randn(2, 4, 8, 8, device=device)
-    out = edmfast.sample(den, noise, sig, solver="euler", backend=backend)
-    ref = reference.sample(den, noise.double(), sig, solver="euler")
+    seeds = torch.tensor([4, 9], device=device)
+    kw = dict(solver="euler", seeds=seeds, **churn)
+    gen = [torch.Generator(device).manual_seed(7) for _ in range(2)]
+    out = edmfast.sample(den, noise, sig, backend=backend, generator=gen[0], **kw)
+    ref = reference.sample(den, noise.double(), sig, generator=gen[1], **kw)
     assert torch.isfinite(out).all() and rel_err(out, ref) < RUN_TOL
 
 

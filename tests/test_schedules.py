@@ -58,6 +58,25 @@ def test_iddpm_levels_follow_the_unclipped_closed_form():
     assert all(bool((u == v).any()) for v in s[:-1])  # every step is one of the u_j
 
 
+def test_iddpm_steps_pick_the_official_indices():
+    """EDM's ablation code: ``u_filtered[((L - 1) / (N - 1) * i).round()]``, operations in that order."""
+    u = iddpm_u()
+    inside = u[(u >= 0.002) & (u <= 81.0)]
+    for n in (2, 18, 59, 99, 256):  # 59 and 99 hit exact .5 ties that another order rounds differently
+        index = ((len(inside) - 1) / (n - 1) * torch.arange(n, dtype=torch.float64)).round().long()
+        assert torch.equal(edmfast.iddpm_sigmas(n)[:-1], inside[index]), n
+
+
+@pytest.mark.parametrize("num_steps", [1, 7, 48, 61, 103, 1000])
+def test_trailing_spacing_gives_num_steps_timesteps_from_the_last(num_steps):
+    # np.arange(1000, 0, -1000/61) has 62 entries, the last rounding to t = -1
+    t = edmfast.discrete_timesteps(num_steps, 1000, "trailing")
+    assert t.shape == (num_steps,) and t[0] == 999 and t.min() >= 0 and (t[1:] < t[:-1]).all()
+    # each entry is round(T - i T/S) - 1 (ties may go either way)
+    ideal = 1000 - torch.arange(num_steps, dtype=torch.float64) * (1000 / num_steps) - 1
+    assert (t - ideal).abs().max() <= 0.5
+
+
 @pytest.mark.parametrize(
     "spacing, expected",
     [

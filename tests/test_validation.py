@@ -76,6 +76,21 @@ CASES = [
         "seeds",
     ),
     ("inf-start-plain-denoiser", dict(sigmas=[math.inf, 1.0, 0.0]), ValueError, "limit_coefficients"),
+    ("alpha-with-euler", dict(solver="euler", alpha=0.5), ValueError, "alpha"),
+    ("cond-device", dict(cond={"mu": torch.ones(2, 3, 4, 4, device="meta")}), ValueError, "cond['mu']"),
+    (
+        "seeds-device",
+        dict(s_churn=10.0, noise_mode="fused", seeds=torch.tensor([1, 2], device="meta")),
+        ValueError,
+        "seeds",
+    ),
+    ("generator-type", dict(s_churn=10.0, generator=42), TypeError, "generator"),
+    (
+        "generator-batch",
+        dict(s_churn=10.0, generator=edmfast.PerSampleGenerator([1, 2, 3])),
+        ValueError,
+        "generator",
+    ),
 ]
 
 
@@ -119,3 +134,19 @@ def test_cfg_rescale_bad_inputs():
         edmfast.cfg_rescale(c, torch.randn(2, 4), 7.5, 0.5)
     with pytest.raises(TypeError, match="cond"):
         edmfast.cfg_rescale(c.long(), c.long(), 7.5, 0.5)
+
+
+@pytest.mark.parametrize("fn", [edmfast.sample, edmfast.reference.sample], ids=["engine", "reference"])
+@pytest.mark.parametrize(
+    "bad, exc, text",
+    [
+        (lambda x: x.to("meta"), ValueError, "meta"),
+        (lambda x: x.to(torch.int32), TypeError, "dtype"),
+        (lambda x: x[:, :1], ValueError, "shape"),
+    ],
+    ids=["device", "dtype", "shape"],
+)
+def test_bad_denoiser_output_is_named(fn, bad, exc, text):
+    kw = dict(backend="torch") if fn is edmfast.sample else {}
+    with pytest.raises(exc, match=text):
+        fn(lambda x, sigma: bad(x), N, num_steps=3, **kw)
