@@ -203,7 +203,32 @@ def main() -> None:
         return time_gpu(fn, reps) if gpu else time_cpu(fn, reps)
 
     backends = [b for b in (("cuda", "triton") if gpu else ("cpu",)) if ops.backend_status(b, device) is None]
-    rows = []
+    rows: list[dict] = []
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        dtype=args.dtype,
+        batch=args.batch,
+        quick=args.quick,
+        sizes=sizes,
+    )
+
+    def save(rows: list[dict], final: bool) -> None:
+        lines = table(rows)
+        if final:
+            print("\n".join(lines))
+        if not args.json:
+            return
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(meta=dict(meta, complete=final), rows=rows), indent=1) + "\n")
+        md = [f"# bench_ops ({meta['machine']}, {meta['date']})", "", f"`{json.dumps(meta)}`", "", "```"]
+        args.json.with_suffix(".md").write_text("\n".join(md + lines + ["```", ""]))
+        if final:
+            print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+
     for numel in sizes:
         numel -= numel % args.batch
         t = make_inputs(numel, args.batch, dtype, device)
@@ -227,7 +252,13 @@ def main() -> None:
             if row["numel"] == numel and row["backend"] not in ("torch", base) and key in results:
                 row[f"speedup_vs_{base}"] = results[key] / (row["ms"] * 1e-3)
         del t
+        # rewritten after every size: a run stopped by the GPU suite's time limit keeps what it measured
+        save(rows, final=False)
 
+    save(rows, final=True)
+
+
+def table(rows: list[dict]) -> list[str]:
     header = f"{'op':<12}{'backend':<15}{'elements':>12}{'ms':>10}{'GB/s':>9}{'of copy':>9}{'speedup':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -235,24 +266,7 @@ def main() -> None:
         lines.append(
             f"{r['op']:<12}{r['backend']:<15}{r['numel']:>12}{r['ms']:>10.3f}{r['gbs']:>9.1f}{r['frac']:>8.0%}{speedup:>9}"
         )
-    print("\n".join(lines))
-
-    if args.json:
-        meta = dict(
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            machine=torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
-            threads=torch.get_num_threads(),
-            torch=torch.__version__,
-            python=platform.python_version(),
-            dtype=args.dtype,
-            batch=args.batch,
-            quick=args.quick,
-        )
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-        md = [f"# bench_ops ({meta['machine']}, {meta['date']})", "", f"`{json.dumps(meta)}`", "", "```"]
-        args.json.with_suffix(".md").write_text("\n".join(md + lines + ["```", ""]))
-        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    return lines
 
 
 if __name__ == "__main__":

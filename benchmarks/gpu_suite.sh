@@ -72,8 +72,13 @@ run_step build 240 200 env EDMFAST_CUDA=1 EDMFAST_CUDA_ARCH="${EDMFAST_CUDA_ARCH
 $PY -c "import torch, edmfast.ops as o; d=torch.device('cuda'); print('backends:', {b: o.backend_status(b, d) or 'ok' for b in ('cuda','triton','torch')}, 'cpu:', o.backend_status('cpu', torch.device('cpu')) or 'ok')"
 
 # --- the whole test suite, GPU-marked tests included -------------------------------------
-run_step tests 180 250 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" --durations=15 \
-  --junitxml="$OUT/junit.xml" -o junit_family=xunit2 tests
+# Parallel when pytest-xdist is there (the image lists it): on a fresh machine most of the GPU
+# tests' time is Triton/inductor compilation, which is per process and CPU-bound. One inductor
+# compile thread per worker keeps 8 workers from each starting a 16-process compile pool.
+xdist=()
+$PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
+run_step tests 180 250 env TORCHINDUCTOR_COMPILE_THREADS=1 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+  -m "gpu or not gpu" --durations=15 --junitxml="$OUT/junit.xml" -o junit_family=xunit2 tests
 
 # --- the CUDA kernels under compute-sanitizer (memcheck on the full size/dtype/feature matrix,
 #     racecheck/initcheck/synccheck on a reduced one); reports go to the log --------------------
