@@ -27,6 +27,7 @@ from .options import (
     SamplerOptions,
     Step,
     check_cond,
+    check_generator,
     check_noise,
     check_seeds,
     merge_cond,
@@ -167,6 +168,9 @@ class Sampler:
     number of steps, which steps churn or take the correction (that depends on s_tmin/s_tmax and
     trailing zeros), zero-SNR start, solver or noise mode. At most ``max_graphs`` configurations
     are kept (least recently used dropped, its memory pool released); `release` frees them all.
+    With ``cuda_graph="auto"`` a configuration's first call runs eagerly and the capture happens
+    when it repeats (so a one-off `sample` call never pays for a capture); ``True`` captures on
+    the first call; ``False`` never captures.
 
     ``stats`` records ``compile_s`` (first call through the compiled network), ``capture_s``,
     ``captures`` and ``replays``.
@@ -182,6 +186,7 @@ class Sampler:
         self.stats: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0, "captures": 0, "replays": 0}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Buffers, torch.Tensor]] = {}
         self._eager: tuple[tuple, _Buffers] | None = None
+        self._seen: set[tuple] = set()  # configurations run at least once (cuda_graph="auto")
         self._network = self._compiled_network() if self.opts.compile else None
         self._compiled_warm = False
 
@@ -266,28 +271,46 @@ class Sampler:
         if opts.noise_mode == "fused" and any(plan.noise_steps):
             if seeds is None:
                 seeds = getattr(generator, "seeds", None)
+                seeds = None if seeds is None else seeds.to(device)  # ours to move: the generator's CPU copy
             if seeds is None:
                 raise ValueError("noise_mode='fused' with s_churn > 0 needs seeds (int64 [B])")
         seeds_t = (
             check_seeds(seeds, batch, device) if seeds is not None else torch.zeros(batch, dtype=torch.int64)
         )
-        if generator is not None and not (
-            isinstance(generator, torch.Generator) or hasattr(generator, "randn")
-        ):
-            raise TypeError("generator must be a torch.Generator or an edmfast.PerSampleGenerator")
+        check_generator(generator, batch)
 
         net_dtype = self._net_dtype(noise)
-        use_graph = opts.cuda_graph is True or (opts.cuda_graph == "auto" and device.type == "cuda")
-        if use_graph and device.type != "cuda":
+        if opts.cuda_graph is True and device.type != "cuda":
             raise ValueError("cuda_graph=True needs CUDA tensors")
+        key = (
+            tuple(noise.shape),
+            noise.dtype,
+            device,
+            net_dtype,
+            backend,
+            plan.structure,
+            use_cfg,
+            tuple(
+                (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
+                for k, v in sorted(kwargs.items())
+            ),
+        )
+        if opts.cuda_graph == "auto":
+            # capture once a configuration repeats: a one-off call (e.g. sample()) runs eagerly
+            # instead of paying warm-up + capture + replay for a single use
+            use_graph = device.type == "cuda" and (key in self._graphs or key in self._seen)
+            if device.type == "cuda":
+                self._seen.add(key)
+        else:
+            use_graph = opts.cuda_graph is True
         exact = opts.noise_mode == "exact" and any(plan.noise_steps)
 
-        def fill(buf: _Buffers) -> None:
+        def fill(buf: _Buffers, draw_noise: bool = True) -> None:
             buf.noise.copy_(noise)
             buf.coef.copy_(plan.coef)
             buf.sigma_in.copy_(self._sigma_table(plan, buf.sigma_in.shape[1]))
             buf.seeds.copy_(seeds_t)
-            if exact and use_graph:
+            if exact and use_graph and draw_noise:
                 # a graph cannot call the generator: draw every step's noise before the replay, in
                 # the same order the loop would (the official script draws on every step)
                 for i, on in enumerate(plan.noise_steps):
@@ -310,19 +333,6 @@ class Sampler:
             out = buf.x_hat
             sums = buf.sums
         else:
-            key = (
-                tuple(noise.shape),
-                noise.dtype,
-                device,
-                net_dtype,
-                backend,
-                plan.structure,
-                use_cfg,
-                tuple(
-                    (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
-                    for k, v in sorted(kwargs.items())
-                ),
-            )
             entry = self._graphs.pop(key, None)
             if entry is None:
                 entry = self._capture(noise, rows, net_dtype, plan, exact, kwargs, backend, use_cfg, fill)
@@ -471,7 +481,10 @@ class Sampler:
 
     def _capture(self, noise, rows, net_dtype, plan, exact, kwargs, backend, use_cfg, fill):
         buf = self._alloc(noise, rows, net_dtype, plan, exact, kwargs, graph=True)
-        fill(buf)
+        # No exact-noise draws here: the caller fills again (drawing) right before the first
+        # replay, and drawing twice would advance the generator past the reference's stream.
+        # Warm-up and capture run on the zeroed exact_eps; only the replay's values matter.
+        fill(buf, draw_noise=False)
         # tensor keyword arguments are read from static copies that each replay refills
         cond = {k: buf.cond.get(k, v) for k, v in kwargs.items()}
         t0 = time.perf_counter()
@@ -504,6 +517,7 @@ class Sampler:
         """Drop every captured graph and its memory pool, and the eager buffers."""
         self._graphs.clear()
         self._eager = None
+        self._seen.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -527,6 +541,9 @@ def sample(
     solver "heun" | "euler" | "2nd" (with alpha), s_churn 0, s_tmin 0, s_tmax inf, s_noise 1,
     guidance_scale 1, guidance_rescale 0, noise_mode "exact" | "fused", backend "auto",
     cuda_graph "auto", compile False, progress False. Returns a tensor like ``noise``.
+
+    Each call builds a fresh `Sampler`, so with ``cuda_graph="auto"`` it runs eagerly; keep a
+    `Sampler` to get the whole loop captured once and replayed.
     """
     return Sampler(denoiser, sigmas, **options)(
         noise, cond=cond, uncond=uncond, generator=generator, seeds=seeds

@@ -120,3 +120,15 @@ def test_nan_inside_a_graph_is_reported_after_the_replay():
     s = edmfast.Sampler(edmfast.EDMPrecond(Bad()), num_steps=8, cuda_graph=True)
     with pytest.raises(FloatingPointError, match="step"):
         s(torch.randn(2, 3, 8, 8, device=DEV))
+
+
+def test_auto_captures_when_a_configuration_repeats():
+    s = edmfast.Sampler(_den(), num_steps=4)  # cuda_graph="auto"
+    noise = torch.randn(2, 3, 8, 8, device=DEV)
+    first = s(noise)
+    assert s.stats["captures"] == 0  # a one-off call runs eagerly
+    second = s(noise)
+    assert s.stats["captures"] == 1 and s.stats["replays"] == 1
+    third = s(noise)
+    assert s.stats["captures"] == 1 and s.stats["replays"] == 2
+    assert torch.allclose(first, second, rtol=1e-5, atol=1e-6) and torch.equal(second, third)
