@@ -9,6 +9,7 @@ allocates nothing and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import math
 import os
 from types import ModuleType
 
@@ -295,8 +296,10 @@ def churn(
 
 
 def _check_guidance(guidance_scale: float, guidance_rescale: float) -> None:
-    if not isinstance(guidance_scale, (int, float)) or guidance_scale != guidance_scale:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
         raise TypeError(f"guidance_scale must be a finite float, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
     if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
 

@@ -102,7 +102,8 @@ class SamplerOptions:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {o['noise_mode']!r}")
         if o["backend"] not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {o['backend']!r}")
-        if o["cuda_graph"] not in GRAPH_CHOICES:
+        graph = o["cuda_graph"]
+        if not (graph is True or graph is False or (isinstance(graph, str) and graph == "auto")):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {o['cuda_graph']!r}")
         if not isinstance(o["compile"], bool):
             raise TypeError(f"compile must be a bool, got {type(o['compile']).__name__}")

@@ -261,7 +261,7 @@ def sample(
     sigmas = resolve_sigmas(denoiser, sigmas, opts)
     steps = plan_steps(denoiser, sigmas, opts)
     check_generator(generator, batch)
-    if opts.noise_mode == "fused" and opts.s_churn > 0:
+    if opts.noise_mode == "fused" and any(st.churn and st.noise_std > 0 for st in steps):
         if seeds is None:
             seeds = getattr(generator, "seeds", None)
             seeds = None if seeds is None else seeds.to(device)  # ours to move: the generator's CPU copy
@@ -279,7 +279,7 @@ def sample(
         if opts.s_churn > 0:
             if opts.noise_mode == "exact":
                 eps = draw_exact_noise(generator, tuple(x.shape), device)
-            elif st.churn:
+            elif st.churn and st.noise_std > 0:
                 eps = philox_normal(seeds, i, x[0].numel()).reshape(x.shape).to(device)
         if math.isinf(st.sigma):
             x = _denoise(denoiser, x, st.sigma, cond, merged, opts, limit=True) + st.sigma_next * x

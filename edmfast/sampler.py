@@ -303,7 +303,9 @@ class Sampler:
                 self._seen.add(key)
         else:
             use_graph = opts.cuda_graph is True
-        exact = opts.noise_mode == "exact" and any(plan.noise_steps)
+        # like the official script (and the reference), exact mode draws on every step once
+        # S_churn > 0, even where no step churns, so the generator ends in the same state
+        exact = opts.noise_mode == "exact" and opts.s_churn > 0
 
         def fill(buf: _Buffers, draw_noise: bool = True) -> None:
             buf.noise.copy_(noise)

@@ -150,3 +150,26 @@ def test_bad_denoiser_output_is_named(fn, bad, exc, text):
     kw = dict(backend="torch") if fn is edmfast.sample else {}
     with pytest.raises(exc, match=text):
         fn(lambda x, sigma: bad(x), N, num_steps=3, **kw)
+
+
+def test_cuda_graph_takes_only_auto_true_false():
+    with pytest.raises(ValueError, match="cuda_graph"):
+        edmfast.sample(Counting(), N, cuda_graph=1, backend="torch")
+
+
+def test_infinite_guidance_scale_in_cfg_rescale():
+    c = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        edmfast.cfg_rescale(c, c, float("inf"), 0.5)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fused"])
+def test_churn_window_that_excludes_every_step(mode):
+    """s_churn > 0 but no sigma inside [s_tmin, s_tmax]: no noise is needed (fused mode asks for no
+    seeds) and exact mode still advances the generator once per step, like the reference."""
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    kw = dict(num_steps=4, s_churn=10.0, s_tmin=1000.0, s_tmax=2000.0, noise_mode=mode)
+    a = edmfast.sample(GaussianDenoiser(0.0, 0.5), N, generator=g1, backend="torch", **kw)
+    b = edmfast.reference.sample(GaussianDenoiser(0.0, 0.5), N.double(), generator=g2, **kw)
+    assert float((a.double() - b).norm() / b.norm()) < 2e-5  # float32 state vs float64
+    assert torch.equal(g1.get_state(), g2.get_state())
