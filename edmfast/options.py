@@ -7,8 +7,10 @@ before any kernel runs.
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -116,6 +118,24 @@ class SamplerOptions:
     @property
     def effective_alpha(self) -> float:
         return self.alpha if self.solver == "2nd" else 1.0
+
+
+def with_option_signature(fn: Callable) -> Callable:
+    """Show every sampler option (name and default) where ``fn`` takes ``**options``.
+
+    The options are validated in one place (`SamplerOptions.create`); this only makes them visible
+    to ``help()``, ``inspect.signature`` and interactive completion.
+    """
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+        for f in fields(SamplerOptions)
+        if f.name not in taken
+    ]
+    fn.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return fn
 
 
 def check_sigmas(sigmas: Any) -> torch.Tensor:

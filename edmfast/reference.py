@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from .options import with_option_signature
 from .philox import philox_normal
 
 COEF_P, COEF_Q, COEF_R, COEF_STD, COEF_C = range(5)
@@ -214,6 +215,7 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
     return d
 
 
+@with_option_signature
 @torch.no_grad()
 def sample(
     denoiser,

@@ -33,6 +33,7 @@ from .options import (
     merge_cond,
     plan_steps,
     resolve_sigmas,
+    with_option_signature,
 )
 from .reference import COEF_SIZE, draw_exact_noise
 
@@ -176,6 +177,7 @@ class Sampler:
     ``captures`` and ``replays``.
     """
 
+    @with_option_signature
     def __init__(self, denoiser: Any, sigmas: Any = None, *, max_graphs: int = 4, **options: Any):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
@@ -524,6 +526,7 @@ class Sampler:
             torch.cuda.empty_cache()
 
 
+@with_option_signature
 def sample(
     denoiser: Any,
     noise: torch.Tensor,

@@ -153,3 +153,13 @@ def test_half_precision_network_input():
     out = edmfast.sample(den, noise, num_steps=4, backend="torch")
     ref = reference.sample(den, noise.double(), num_steps=4)
     assert set(seen) == {torch.float16} and rel_err(out, ref) < 2e-3
+
+
+def test_signatures_show_every_option_with_its_default():
+    import inspect
+
+    for fn in (edmfast.sample, reference.sample, edmfast.Sampler):
+        params = inspect.signature(fn).parameters
+        assert params["num_steps"].default == 18 and params["rho"].default == 7.0
+        assert params["noise_mode"].default == "exact" and params["cuda_graph"].default == "auto"
+        assert "options" not in params
