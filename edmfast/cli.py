@@ -121,6 +121,11 @@ def _options(args: argparse.Namespace) -> dict:
         "s_noise": args.s_noise,
         "noise_mode": args.noise_mode,
         "backend": args.backend,
+        **(
+            {"guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale}
+            if "guidance" in args
+            else {}
+        ),
     }
 
 
@@ -197,6 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--no-progress", action="store_true", help="do not show the progress bar (shown by rank 0 otherwise)"
+    )
+    cls = g.add_argument_group(
+        "class-conditional models (a denoiser, or its .model, with label_dim > 0, called with "
+        "class_labels=one-hot [B, label_dim])"
+    )
+    cls.add_argument(
+        "--class",
+        dest="class_idx",
+        type=int,
+        default=None,
+        help="generate this class only [default: a random class per seed, drawn from the seed's "
+        "generator after its latents, as in EDM's generate script]",
+    )
+    cls.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale w; the unconditional call gets all-zero labels "
+        "[default: 1, off]",
+    )
+    cls.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="CFG rescale phi in [0, 1] (Lin et al. 2023) [default: 0]",
     )
     g.set_defaults(func=cmd_generate)
 
@@ -300,8 +330,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             device=args.device,
             npz=args.npz,
             progress=not args.no_progress,
+            class_idx=args.class_idx,
         )
-    except ManifestMismatch as e:
+    except (ManifestMismatch, ValueError) as e:
         print(f"edmfast generate: {e}", file=sys.stderr)
         return 2
     return 0

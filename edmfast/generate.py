@@ -60,6 +60,8 @@ IMAGE_OPTIONS = (
     "s_tmax",
     "s_noise",
     "noise_mode",
+    "guidance_scale",
+    "guidance_rescale",
 )
 
 
@@ -130,7 +132,9 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def make_manifest(model_spec: str, image_shape: Sequence[int], options: dict[str, Any]) -> dict[str, Any]:
+def make_manifest(
+    model_spec: str, image_shape: Sequence[int], options: dict[str, Any], class_idx: int | None = None
+) -> dict[str, Any]:
     """What determines the images. Options are validated and completed with their defaults first, so
     ``{}`` and the CLI's explicit defaults give the same manifest, and a bad option fails here,
     before anything is written."""
@@ -144,6 +148,7 @@ def make_manifest(model_spec: str, image_shape: Sequence[int], options: dict[str
         "edmfast_version": __version__,
         "model": model_spec,
         "image_shape": [int(s) for s in image_shape],
+        "class_idx": class_idx,
         "sampler": {k: _jsonable(options[k]) for k in IMAGE_OPTIONS},
         "noise": "per seed: torch.Generator().manual_seed(seed); latents randn [C, H, W] float32, then churn",
         "pixels": "uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1]",
@@ -279,10 +284,27 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[i : i + size]
 
 
+def label_dim_of(denoiser: Any) -> int:
+    """Number of classes of a class-conditional model (EDM's ``label_dim``; 0: unconditional)."""
+    dim = getattr(denoiser, "label_dim", None)
+    if dim is None:
+        dim = getattr(getattr(denoiser, "model", None), "label_dim", 0)
+    return int(dim or 0)
+
+
 def sample_seeds(
-    sampler: Any, image_shape: Sequence[int], seeds: Sequence[int], device: torch.device
+    sampler: Any,
+    image_shape: Sequence[int],
+    seeds: Sequence[int],
+    device: torch.device,
+    label_dim: int = 0,
+    class_idx: int | None = None,
 ) -> torch.Tensor:
     """Images in [-1, 1] (float32 [B, C, H, W]) for ``seeds`` with per-seed latents and churn noise.
+
+    A class-conditional model (``label_dim`` > 0) gets one-hot ``class_labels``: drawn from each
+    seed's generator right after its latents, as EDM's generate script does, or all ``class_idx``.
+    With guidance, the unconditional call gets all-zero labels.
 
     ``sampler`` is one `edmfast.Sampler` kept across batches: on CUDA its graph is captured once
     per batch shape and replayed after (a fresh `edmfast.sample` per batch would warm up and
@@ -290,7 +312,14 @@ def sample_seeds(
     """
     rng = PerSampleGenerator(seeds, device)
     latents = rng.randn([len(seeds), *image_shape])
-    return sampler(latents, generator=rng, seeds=rng.seeds.to(device))
+    cond = uncond = None
+    if label_dim:
+        index = rng.randint(0, label_dim, [len(seeds)]).to(device)
+        if class_idx is not None:
+            index = torch.full_like(index, class_idx)
+        labels = torch.eye(label_dim, device=device)[index]
+        cond, uncond = {"class_labels": labels}, {"class_labels": torch.zeros_like(labels)}
+    return sampler(latents, generator=rng, seeds=rng.seeds.to(device), cond=cond, uncond=uncond)
 
 
 def write_npz(outdir: Path, seeds: Sequence[int]) -> Path:
@@ -314,6 +343,7 @@ def generate(
     device: str | None = None,
     npz: bool = False,
     progress: bool = True,
+    class_idx: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write ``{seed:06d}.png`` for every seed into ``outdir``; see the module docstring.
@@ -333,7 +363,13 @@ def generate(
         denoiser, image_shape = load_model(model)
         if isinstance(denoiser, torch.nn.Module):
             denoiser = denoiser.to(dist.device)
-        manifest = make_manifest(model, image_shape, options)
+        label_dim = label_dim_of(denoiser)
+        if class_idx is not None and not 0 <= class_idx < label_dim:
+            raise ValueError(
+                f"--class {class_idx} needs a class-conditional model with label_dim > {class_idx} "
+                f"(this model's label_dim is {label_dim})"
+            )
+        manifest = make_manifest(model, image_shape, options, class_idx)
         sampler = Sampler(denoiser, **options)
         out.mkdir(parents=True, exist_ok=True)
         # Every rank checks (and refuses) alike; only rank 0 writes, before anyone starts writing images.
@@ -360,7 +396,7 @@ def generate(
             bar = tqdm(total=len(todo), unit="img", desc=f"rank 0/{dist.world}")
         t0 = time.perf_counter()
         for batch_seeds in _batches(todo, batch):
-            x = sample_seeds(sampler, image_shape, batch_seeds, dist.device)
+            x = sample_seeds(sampler, image_shape, batch_seeds, dist.device, label_dim, class_idx)
             images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, C]
             for seed, image in zip(batch_seeds, images, strict=True):
                 save_png(image_path(out, seed), image)

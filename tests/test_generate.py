@@ -223,3 +223,74 @@ def test_torchrun_two_processes_match_single_process(tmp_path, baseline):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 process(es)" in out.stdout
     assert _files(tmp_path) == baseline
+
+
+class _ClassGaussian(torch.nn.Module):
+    """Class-conditional ideal denoiser: class c's data is N(mu_c, 0.5^2) with mu_c = -0.6 + 0.4 c."""
+
+    label_dim = 4
+    image_shape = (1, 4, 4)
+
+    def forward(self, x, sigma, class_labels):
+        mu = (class_labels.to(x.dtype) @ torch.linspace(-0.6, 0.6, 4, dtype=x.dtype)).reshape(-1, 1, 1, 1)
+        return edmfast.analytic.GaussianDenoiser(0.0, 0.5)(x, sigma, mu=mu.expand_as(x))
+
+
+def class_model():
+    return _ClassGaussian()
+
+
+def test_class_labels_are_drawn_per_seed_after_the_latents(tmp_path):
+    """EDM's generate script: latents = rnd.randn(...), then labels = eye[rnd.randint(label_dim)]."""
+    opts = {"num_steps": 8, "s_churn": 5.0}
+    generate(
+        range(5),
+        tmp_path / "a",
+        batch=2,
+        model="tests.test_generate:class_model",
+        options=opts,
+        progress=False,
+        log=lambda _: None,
+    )
+    generate(
+        range(5),
+        tmp_path / "b",
+        batch=5,
+        model="tests.test_generate:class_model",
+        options=opts,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")  # per seed, whatever the batch
+    for seed in range(5):
+        rng = edmfast.PerSampleGenerator([seed])
+        latents = rng.randn([1, 1, 4, 4])
+        labels = torch.eye(4)[rng.randint(0, 4, [1])]
+        ref = edmfast.reference.sample(
+            class_model(), latents, generator=rng, cond={"class_labels": labels}, **opts
+        )
+        want = to_uint8(ref.float()).permute(0, 2, 3, 1).numpy()[0, ..., 0]
+        got = np.asarray(Image.open(image_path(tmp_path / "a", seed)))
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float32 vs float64 rounding
+
+
+def test_fixed_class_and_guidance(tmp_path, capsys):
+    common = [
+        "--seeds",
+        "0-3",
+        "--outdir",
+        str(tmp_path / "c"),
+        "--no-progress",
+        "--steps",
+        "6",
+        "--model",
+        "tests.test_generate:class_model",
+    ]
+    assert cli.main(["generate", *common, "--class", "3", "--guidance", "2.0"]) == 0
+    means = [np.asarray(Image.open(image_path(tmp_path / "c", s))).mean() for s in range(4)]
+    # class 3 has the brightest mean (mu = 0.6 -> ~204 of 255); guidance pushes further from uncond
+    assert min(means) > 180
+    assert cli.main(["generate", *common, "--class", "3", "--guidance", "3.0"]) == 2  # manifest differs
+    assert "guidance_scale" in capsys.readouterr().err
+    assert cli.main(["generate", *common[:-2], "--outdir", str(tmp_path / "d"), "--class", "1"]) == 2
+    assert "label_dim" in capsys.readouterr().err
