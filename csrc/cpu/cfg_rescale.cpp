@@ -13,18 +13,14 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "edmfast/ops.h"
 #include "edmfast/step.h"
+#include "parallel.h"
 
 namespace edmfast {
 namespace {
 
 constexpr int64_t kChunk = 8192;
-constexpr int64_t kParallelMin = 1 << 15;
 
 struct Sums {
   double c, c2, g, g2;
@@ -51,23 +47,12 @@ void factors(const CfgArgs& a, float* k_out, int num_threads) {
   const T* cond = static_cast<const T*>(a.cond);
   const T* uncond = static_cast<const T*>(a.uncond);
   const int64_t chunks = (a.numel + kChunk - 1) / kChunk;
-  const int64_t items = a.batch * chunks;
-  std::vector<Sums> partial(static_cast<size_t>(items));
-  const bool parallel = a.batch * a.numel >= kParallelMin;
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-#else
-  (void)num_threads;
-  (void)parallel;
-#endif
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t b = item / chunks;
-    const int64_t begin = (item - b * chunks) * kChunk;
+  std::vector<Sums> partial(static_cast<size_t>(a.batch * chunks));
+  for_each_chunk(a.batch, a.numel, kChunk, num_threads, [&](int64_t item, int64_t b, int64_t begin, int64_t n) {
     const int64_t row = b * a.numel;
-    partial[item] = chunk_sums(cond + row + begin, uncond + row + begin, std::min(kChunk, a.numel - begin),
-                               to_float(cond[row]), to_float(uncond[row]), a.guidance_scale);
-  }
+    partial[item] = chunk_sums(cond + row + begin, uncond + row + begin, n, to_float(cond[row]),
+                               to_float(uncond[row]), a.guidance_scale);
+  });
   for (int64_t b = 0; b < a.batch; ++b) {
     Sums s{0, 0, 0, 0};
     for (int64_t j = 0; j < chunks; ++j) {
@@ -85,27 +70,14 @@ template <typename T>
 void apply(const CfgArgs& a, const float* k, T* out, int num_threads) {
   const T* cond = static_cast<const T*>(a.cond);
   const T* uncond = static_cast<const T*>(a.uncond);
-  const int64_t chunks = (a.numel + kChunk - 1) / kChunk;
-  const int64_t items = a.batch * chunks;
   const float w = a.guidance_scale;
-  const bool parallel = a.batch * a.numel >= kParallelMin;
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-#else
-  (void)num_threads;
-  (void)parallel;
-#endif
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t b = item / chunks;
-    const int64_t begin = (item - b * chunks) * kChunk;
-    const int64_t n = std::min(kChunk, a.numel - begin);
+  for_each_chunk(a.batch, a.numel, kChunk, num_threads, [&](int64_t, int64_t b, int64_t begin, int64_t n) {
     const int64_t off = b * a.numel + begin;
     const float kb = k[b];
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i)
       out[off + i] = from_float<T>(guided_prediction(to_float(cond[off + i]), to_float(uncond[off + i]), w, kb));
-  }
+  });
 }
 
 template <typename T>

@@ -7,10 +7,6 @@
 // per-element conditionals and vectorizes.
 #include <algorithm>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 // GCC 12's AVX-512 intrinsics seed their unused pass-through operand with a self-initialized
 // "undefined" vector, which -Wall reports as maybe-uninitialized inside the header.
@@ -26,6 +22,7 @@
 #include "edmfast/ops.h"
 #include "edmfast/philox.h"
 #include "edmfast/step.h"
+#include "parallel.h"
 
 #if defined(__GNUC__)
 #define EDMFAST_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -39,9 +36,6 @@ namespace {
 // Elements per work item: a multiple of 4 (a Philox call feeds 4 elements, so chunks start on a
 // group boundary) and small enough that the two 8 KB staging buffers stay in L1.
 constexpr int64_t kChunk = 2048;
-// Below this many elements the OpenMP fork/join (~several us) costs more than it saves.
-constexpr int64_t kParallelMin = 1 << 15;
-
 const float kZeros[kChunk] = {};
 
 // ----------------------------------------------------------------------------- Philox noise
@@ -279,21 +273,8 @@ void step_chunk(const StepArgs& a, const StepCoef& s, int64_t b, int64_t begin, 
 template <typename T>
 void step_all(const StepArgs& a, int num_threads) {
   const StepCoef s = load_coef(a.coef, a.x_prime != nullptr, a.f_rows != 0, a.noise || a.seeds, a.churn);
-  const int64_t chunks = (a.numel + kChunk - 1) / kChunk;
-  const int64_t items = a.batch * chunks;
-  const bool parallel = a.batch * a.numel >= kParallelMin;
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-#else
-  (void)num_threads;
-  (void)parallel;
-#endif
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t b = item / chunks;
-    const int64_t begin = (item - b * chunks) * kChunk;
-    step_chunk<T>(a, s, b, begin, std::min(kChunk, a.numel - begin));
-  }
+  for_each_chunk(a.batch, a.numel, kChunk, num_threads,
+                 [&](int64_t, int64_t b, int64_t begin, int64_t n) { step_chunk<T>(a, s, b, begin, n); });
 }
 
 }  // namespace
