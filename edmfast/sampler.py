@@ -186,7 +186,7 @@ class Sampler:
         self.sigmas = sigmas
         self.max_graphs = max_graphs
         self.stats: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0, "captures": 0, "replays": 0}
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Buffers, torch.Tensor]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Buffers]] = {}
         self._eager: tuple[tuple, _Buffers] | None = None
         self._seen: set[tuple] = set()  # configurations run at least once (cuda_graph="auto")
         self._network = self._compiled_network() if self.opts.compile else None
@@ -343,15 +343,18 @@ class Sampler:
                 while len(self._graphs) >= self.max_graphs:
                     self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = entry  # most recently used last
-            graph, buf, _ = entry
+            graph, buf = entry
             fill(buf)
-            graph.replay()
-            self.stats["replays"] += 1
-            if opts.progress:
+            if opts.progress:  # the whole loop is one replay: one tick, closed when it has run
                 from tqdm import tqdm
 
-                for _ in tqdm(range(1), desc="edmfast (graph replay)"):
-                    pass
+                with tqdm(total=1, desc="edmfast (graph replay)") as bar:
+                    graph.replay()
+                    torch.cuda.current_stream(device).synchronize()
+                    bar.update()
+            else:
+                graph.replay()
+            self.stats["replays"] += 1
             out, sums = buf.x_hat, buf.sums
         self._check_finite(sums, plan)
         return out.to(noise.dtype, copy=True)
@@ -504,7 +507,7 @@ class Sampler:
         torch.cuda.synchronize(noise.device)
         self.stats["capture_s"] += time.perf_counter() - t0
         self.stats["captures"] += 1
-        return graph, buf, buf.x_hat
+        return graph, buf
 
     def _check_finite(self, sums: torch.Tensor, plan: _Plan) -> None:
         """The one host sync of a call: name the first step whose state went non-finite."""
