@@ -112,6 +112,15 @@ class BuildExt(build_ext):
             print(f"edmfast: building CUDA kernels with {nvcc} ({' '.join(gencode_flags())})")
         else:
             print("edmfast: building without CUDA (nvcc not found or EDMFAST_CUDA=0)")
+        # setuptools relinks only when a source is newer than the built module, so a CPU-only
+        # build/ left in the tree would silently stand in for a CUDA build (or the reverse).
+        # A stamp of the configuration, rewritten when it changes, is one more dependency.
+        config = f"nvcc={nvcc} gencode={gencode_flags() if nvcc else None} flags={ext.extra_compile_args}"
+        stamp = Path(self.build_temp).resolve() / "edmfast-build-config.txt"
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        if not stamp.is_file() or stamp.read_text() != config:
+            stamp.write_text(config)
+        ext.depends.append(str(stamp))
         super().build_extension(ext)
 
     def _compile_cuda(self, nvcc: Path) -> list[str]:
