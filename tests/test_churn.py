@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TOL, heun_term_scale, poisoned, rel_err
-from test_heun_step import SHAPES, eager_lowp_net, lowp_bound, make_tensor
+from test_heun_step import SHAPES, eager_lowp_net, lowp_bound, make_tensor, net_scale
 
 from edmfast import ops, reference
 
@@ -42,8 +42,10 @@ def run_churn(backend, device, dtype, shape, eps: str, net_rows: int, layout: st
     err = rel_err(out, ref_x, scale)
     assert err <= TOL[torch.float32], f"out rel err {err:.3g} {where}"
     if out_net is not None:
-        bound = lowp_bound(dtype, ref_net, eager_lowp_net(ref_x, coef.double().cpu(), dtype, net_rows))
-        err = rel_err(out_net, ref_net)
+        eager = eager_lowp_net(ref_x, coef.double().cpu(), dtype, net_rows)
+        n_scale = net_scale(scale, coef, net_rows)
+        bound = lowp_bound(dtype, ref_net, eager, n_scale)
+        err = rel_err(out_net, ref_net, n_scale)
         assert err <= bound, f"out_net rel err {err:.3g} > {bound:.3g} {where}"
 
 

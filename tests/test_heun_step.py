@@ -76,11 +76,19 @@ def random_coef(gen, device) -> torch.Tensor:
     return (lo + (hi - lo) * torch.rand(8, generator=gen, dtype=torch.float64)).float().to(device)
 
 
-def lowp_bound(net_dtype: torch.dtype, ref: torch.Tensor, eager: torch.Tensor) -> float:
-    """Error budget of a network-side output: TOL, or 2x PyTorch eager's own error in that dtype."""
+def lowp_bound(
+    net_dtype: torch.dtype, ref: torch.Tensor, eager: torch.Tensor, scale: torch.Tensor | None = None
+) -> float:
+    """Error budget of a network-side output: TOL, or 2x PyTorch eager's own error in that dtype
+    (both relative to `scale` when given, as in `rel_err`)."""
     if net_dtype == torch.float32:
         return TOL[torch.float32]
-    return max(TOL[net_dtype], 2.0 * rel_err(eager, ref))
+    return max(TOL[net_dtype], 2.0 * rel_err(eager, ref, scale))
+
+
+def net_scale(scale: torch.Tensor, coef: torch.Tensor, rows: int) -> torch.Tensor:
+    """The term magnitudes of out_net = c out, [rows * B, M]: |c| times those of out."""
+    return abs(float(coef[4])) * scale.repeat(rows, 1)
 
 
 def eager_lowp_net(ref_x: torch.Tensor, coef: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
@@ -129,8 +137,10 @@ def run_case(
     err = rel_err(out, ref_x, scale)
     assert err <= TOL[torch.float32], f"out rel err {err:.3g} {where}"
     if out_net is not None:
-        bound = lowp_bound(dtype, ref_net, eager_lowp_net(ref_x, coef.double().cpu(), dtype, case.net_rows))
-        err = rel_err(out_net, ref_net)
+        eager = eager_lowp_net(ref_x, coef.double().cpu(), dtype, case.net_rows)
+        n_scale = net_scale(scale, coef, case.net_rows)
+        bound = lowp_bound(dtype, ref_net, eager, n_scale)
+        err = rel_err(out_net, ref_net, n_scale)
         assert err <= bound, f"out_net rel err {err:.3g} > {bound:.3g} {where}"
 
 

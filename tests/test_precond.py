@@ -104,10 +104,13 @@ def test_discrete_vp_denoiser_reproduces_the_ideal_denoiser(kind):
     sig = den.sigmas_for(ts)
     torch.testing.assert_close(sig[:-1], ((1 - abar[ts]) / abar[ts]).sqrt())
     assert sig[-1] == 0
-    x = torch.randn(4, 2, 3, 3, dtype=torch.float64) * sig[:-1].reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(
-        den(x, sig[:-1]), GaussianDenoiser(0.0, 0.5)(x, sig[:-1]), rtol=2e-5, atol=2e-5
-    )
+    sigma = sig[:-1].reshape(-1, 1, 1, 1)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64) * sigma
+    got, want = den(x, sig[:-1]), GaussianDenoiser(0.0, 0.5)(x, sig[:-1])
+    # The model answers in float32, as real ones do. From eps, D = x - sigma eps carries eps's
+    # rounding (2^-24 |eps|, |eps| < 5) times sigma (157 at t = 999): 2.7e-5 was seen there.
+    bound = 2e-5 * want.abs() + 1e-6 * (1 + sigma)
+    assert ((got - want).abs() <= bound).all(), float(((got - want).abs() / bound).max())
 
 
 def test_sigma_to_t_interpolates_in_log_sigma():
