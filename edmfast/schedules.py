@@ -61,7 +61,11 @@ def vp_sigma_inv(sigma: torch.Tensor | float, beta_d: float = 19.9, beta_min: fl
 
 
 def vp_betas_for_range(sigma_min: float, sigma_max: float, eps_s: float = 1e-3) -> tuple[float, float]:
-    """(beta_d, beta_min) with sigma(eps_s) = sigma_min and sigma(1) = sigma_max (official EDM refit)."""
+    """(beta_d, beta_min) with sigma(eps_s) = sigma_min and sigma(1) = sigma_max (official EDM refit).
+
+    beta_min can come out negative (-0.0048 for sigma in [0.002, 80]); `vp_sigma` is then real
+    only for t >= -2 beta_min / beta_d (5.4e-4 there), which covers the t in [eps_s, 1] it is
+    used at."""
     beta_d = 2 * (math.log(sigma_min**2 + 1) / eps_s - math.log(sigma_max**2 + 1)) / (eps_s - 1)
     beta_min = math.log(sigma_max**2 + 1) - 0.5 * beta_d
     return beta_d, beta_min
