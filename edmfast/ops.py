@@ -343,10 +343,12 @@ def _torch_cfg_factors(f: torch.Tensor, w: float, phi: float) -> torch.Tensor:
     cond = ff[:batch] - ff[:batch, :1]
     uncond = ff[batch:] - ff[batch:, :1]
     cfg = uncond + w * (cond - uncond)
-    std_pos = cond.std(dim=1)
-    std_cfg = cfg.std(dim=1)
+    # The per-sample combination in float64, as the kernels' final stage does: a float32 ratio
+    # overflows when std(cfg) is tiny but not 0 (w ~ 1e-43 gave inf, then phi = 0 gave 0 * inf).
+    std_pos = cond.std(dim=1).double()
+    std_cfg = cfg.std(dim=1).double()
     ratio = torch.where(std_cfg > 0, std_pos / torch.where(std_cfg > 0, std_cfg, 1.0), 1.0)
-    return phi * ratio + (1.0 - phi)
+    return (phi * ratio + (1.0 - phi)).float()
 
 
 def cfg_rescale(

@@ -133,7 +133,8 @@ def cfg_rescale_factors(f: torch.Tensor, guidance_scale: float, guidance_rescale
     f64 = f.reshape(f.shape[0], -1).double()
     cond, uncond = f64[:batch], f64[batch:]
     cfg = uncond + guidance_scale * (cond - uncond)
-    if f64.shape[1] < 2:
+    if f64.shape[1] < 2 or guidance_rescale == 0:
+        # phi = 0 is k = 1 exactly, also where std(cfg) is so small that the ratio overflows
         return torch.ones(batch, dtype=torch.float64, device=f.device)
     std_pos = cond.std(dim=1, unbiased=True)
     std_cfg = cfg.std(dim=1, unbiased=True)

@@ -130,3 +130,18 @@ def test_phi_zero_is_plain_cfg(backend_device):
     out = poisoned(cond.shape, torch.float32, device)
     ops.cfg_rescale(cond, uncond, 4.0, 0.0, out=out, backend=backend)
     torch.testing.assert_close(out, uncond + 4.0 * (cond - uncond), rtol=1e-6, atol=1e-6)
+
+
+def test_phi_zero_with_vanishing_cfg_spread_gives_k_one(backend_device):
+    """std(cfg) tiny but not 0 (w = 6.7e-44 over a constant uncond): std(cond) / std(cfg)
+    overflows float32, and phi = 0 must still give k = 1, not 0 * inf = NaN (found by hypothesis)."""
+    backend, device = backend_device
+    cond = torch.tensor([[-53.8125, -55.25]], dtype=torch.float16, device=device)
+    uncond = torch.tensor([[-54.4375, -54.4375]], dtype=torch.float16, device=device)
+    w = 6.658489620338865e-44
+    k = poisoned((1,), torch.float32, device)
+    ops.cfg_rescale_factors(torch.cat([cond, uncond]), w, 0.0, out=k, backend=backend)
+    assert torch.equal(k, torch.ones_like(k)), k
+    out = poisoned(cond.shape, torch.float16, device)
+    ops.cfg_rescale(cond, uncond, w, 0.0, out=out, backend=backend)
+    assert torch.equal(out, uncond), out
