@@ -122,6 +122,11 @@ def heun_term_scale(
     return scale
 
 
+def net_scale(scale: torch.Tensor, coef: torch.Tensor, rows: int) -> torch.Tensor:
+    """The term magnitudes of out_net = c out, [rows * B, M]: |c| times those of out."""
+    return abs(float(coef[4])) * scale.repeat(rows, 1)
+
+
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An out= buffer full of NaN, so an unwritten element fails any comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, heun_term_scale, poisoned, rel_err
-from test_heun_step import SHAPES, eager_lowp_net, lowp_bound, make_tensor, net_scale
+from conftest import TOL, heun_term_scale, net_scale, poisoned, rel_err
+from test_heun_step import SHAPES, eager_lowp_net, lowp_bound, make_tensor
 
 from edmfast import ops, reference
 

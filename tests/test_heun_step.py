@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import TOL, heun_term_scale, poisoned, rel_err
+from conftest import TOL, heun_term_scale, net_scale, poisoned, rel_err
 
 from edmfast import ops, reference
 
@@ -86,11 +86,6 @@ def lowp_bound(
     return max(TOL[net_dtype], 2.0 * rel_err(eager, ref, scale))
 
 
-def net_scale(scale: torch.Tensor, coef: torch.Tensor, rows: int) -> torch.Tensor:
-    """The term magnitudes of out_net = c out, [rows * B, M]: |c| times those of out."""
-    return abs(float(coef[4])) * scale.repeat(rows, 1)
-
-
 def eager_lowp_net(ref_x: torch.Tensor, coef: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
     """out_net as eager PyTorch computes it in ``dtype``: the state rounded, then scaled in dtype."""
     return (coef[4].to(dtype) * ref_x.to(dtype)).repeat(rows, *([1] * (ref_x.dim() - 1)))
@@ -118,19 +113,12 @@ def run_case(
     step = int(torch.randint(0, 1000, (), generator=gen))
     w = float(1.0 + 7.0 * torch.rand((), generator=gen))
 
-    ref_x, ref_net = reference.heun_step(
-        x_hat, coef, x_prime=x_prime, f=f, k=k, guidance_scale=w, noise=noise, seeds=seeds, step=step,
-        net_rows=max(case.net_rows, 1),
-    )  # fmt: skip
-    scale = heun_term_scale(
-        x_hat, coef, x_prime=x_prime, f=f, k=k, guidance_scale=w, noise=noise, seeds=seeds, step=step
-    )
+    args = dict(x_prime=x_prime, f=f, k=k, guidance_scale=w, noise=noise, seeds=seeds, step=step)
+    ref_x, ref_net = reference.heun_step(x_hat, coef, net_rows=max(case.net_rows, 1), **args)
+    scale = heun_term_scale(x_hat, coef, **args)
     out = x_hat if case.layout == "alias" else poisoned(shape, torch.float32, device)
     out_net = poisoned((case.net_rows * batch, *shape[1:]), dtype, device) if case.net_rows else None
-    result = ops.heun_step(
-        x_hat, coef, out=out, x_prime=x_prime, f=f, k=k, guidance_scale=w, noise=noise, seeds=seeds,
-        step=step, out_net=out_net, backend=backend,
-    )  # fmt: skip
+    result = ops.heun_step(x_hat, coef, out=out, out_net=out_net, backend=backend, **args)
 
     where = f"(seed {seed}, {backend}, {dtype}, {shape}, {case})"
     assert result is out

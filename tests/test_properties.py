@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 from edmfast import ops, reference
-from tests.conftest import BASE_SEED, TOL, backend_device_pairs, heun_term_scale
+from tests.conftest import BASE_SEED, TOL, backend_device_pairs, heun_term_scale, net_scale, rel_err
 
 IO = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -85,7 +85,7 @@ def step_case(draw):
 
 def _maybe_strided(t, strided):
     """The same values through a non-contiguous view (every other column of a wider tensor)."""
-    if not strided or t.dim() < 2 or t.numel() == 0:
+    if t is None or not strided or t.dim() < 2 or t.numel() == 0:
         return t
     wide = torch.empty(t.shape[0], 2 * t[0].numel(), dtype=t.dtype, device=t.device)
     wide[:, ::2] = t.reshape(t.shape[0], -1)
@@ -113,47 +113,19 @@ def test_heun_step_matches_reference(backend_device):
         out_net = torch.full((c["net_rows"] * b, *c["inner"]), float("nan"), dtype=net_dtype, device=dev)
         out_net = out_net if c["net_rows"] else None
         coef = c["coef"].to(dev)
-        ref_x, ref_net = reference.heun_step(
-            x_hat,
-            coef,
-            x_prime=x_prime,
-            f=f,
-            k=k,
-            guidance_scale=c["w"],
-            noise=noise,
-            seeds=seeds,
-            step=c["step"],
-            net_rows=max(c["net_rows"], 1),
+        args = dict(
+            x_prime=x_prime, f=f, k=k, guidance_scale=c["w"], noise=noise, seeds=seeds, step=c["step"]
         )
-        scale = heun_term_scale(
-            x_hat,
-            coef,
-            x_prime=x_prime,
-            f=f,
-            k=k,
-            guidance_scale=c["w"],
-            noise=noise,
-            seeds=seeds,
-            step=c["step"],
-        )
+        ref_x, ref_net = reference.heun_step(x_hat, coef, net_rows=max(c["net_rows"], 1), **args)
+        scale = heun_term_scale(x_hat, coef, **args)
         out = x_hat if c["in_place"] else torch.full(shape, float("nan"), device=dev)
-        ops.heun_step(
-            _maybe_strided(x_hat, c["strided"]) if not c["in_place"] else x_hat,
-            coef,
-            out=out,
-            x_prime=None if x_prime is None else _maybe_strided(x_prime, c["strided"]),
-            f=None if f is None else _maybe_strided(f, c["strided"]),
-            k=k,
-            guidance_scale=c["w"],
-            noise=noise,
-            seeds=seeds,
-            step=c["step"],
-            out_net=out_net,
-            backend=backend,
-        )
+        if c["strided"]:
+            args.update(x_prime=_maybe_strided(x_prime, True), f=_maybe_strided(f, True))
+        x_in = x_hat if c["in_place"] else _maybe_strided(x_hat, c["strided"])
+        ops.heun_step(x_in, coef, out=out, out_net=out_net, backend=backend, **args)
         _close(out, ref_x, torch.float32 if f is None else c["dtype"], f is not None, scale)
         if out_net is not None:
-            _close(out_net, ref_net, net_dtype, True, abs(float(coef[4])) * scale.repeat(c["net_rows"], 1))
+            _close(out_net, ref_net, net_dtype, True, net_scale(scale, coef, c["net_rows"]))
 
     check()
 
@@ -161,16 +133,11 @@ def test_heun_step_matches_reference(backend_device):
 def _close(out, ref, dtype, low_precision_inputs, scale=None, min_tol=0.0):
     """Relative error within the dtype's budget (at least min_tol); relative to `scale` (the
     magnitude of the terms that sum to ref, see conftest.heun_term_scale) where given."""
-    out64, ref64 = out.double().cpu().flatten(), ref.double().cpu().flatten()
-    assert torch.isfinite(out64).all(), "unwritten (NaN-poisoned) or non-finite output"
-    if ref64.numel() == 0:
-        return
     # inputs rounded to the network dtype before the reference saw them, so the budget is the
     # dtype's rounding of the output (fp16/bf16 net outputs) or float32 arithmetic otherwise
     tol = TOL[dtype] if low_precision_inputs else 1e-5
-    denom = ref64 if scale is None else scale.double().cpu().flatten()
-    err = (out64 - ref64).norm() / denom.norm().clamp_min(1e-30)
-    assert err < max(tol, 1e-5, min_tol), f"relative error {float(err):.3g}"
+    err = rel_err(out, ref, scale)  # asserts every element was written and is finite
+    assert err < max(tol, 1e-5, min_tol), f"relative error {err:.3g}"
 
 
 @st.composite

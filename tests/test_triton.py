@@ -15,7 +15,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TOL, heun_term_scale, poisoned, rel_err
+from conftest import HAS_CUDA, TOL, heun_term_scale, net_scale, poisoned, rel_err
 
 from edmfast import ops, philox, reference
 
@@ -251,7 +251,7 @@ def _check_step(shape, config, net_dtype, device, *, alias=False):
     ops.heun_step(x_hat, coef, out=out, out_net=net, guidance_scale=4.5, step=6, backend="triton", **a)
     assert rel_err(out, ref_out, scale) <= TOL[torch.float32]
     if net is not None:
-        assert rel_err(net, ref_net, abs(float(coef[4])) * scale.repeat(net_rows, 1)) <= TOL[net_dtype]
+        assert rel_err(net, ref_net, net_scale(scale, coef, net_rows)) <= TOL[net_dtype]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
