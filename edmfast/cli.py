@@ -21,6 +21,27 @@ import torch
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage text would bury the message)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _seeds_arg(text: str) -> list[int]:
     from .generate import parse_seeds
 
@@ -30,9 +51,9 @@ def _seeds_arg(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _sampler_parent() -> argparse.ArgumentParser:
+def _sampler_parent() -> _Parser:
     """Sampler options shared by ``sample`` and ``generate`` (EDM Algorithm 2's knobs)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     g = p.add_argument_group("sampler (EDM Algorithm 2; defaults are EDM's deterministic Heun sampler)")
     g.add_argument(
         "--steps",
@@ -130,7 +151,7 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edmfast",
         description="Fast, verified EDM-style diffusion sampling.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -157,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--zoom",
-        type=int,
+        type=_positive_int,
         default=2,
         help="enlarge the grid by this integer factor (nearest neighbour) [default: 2]",
     )
@@ -173,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.Generator, so results do not depend on --batch or on the number of processes.\n"
         "Multi-GPU / multi-node: torchrun --nproc_per_node G -m edmfast generate ... (rank r takes\n"
         "seeds[r::world]; NCCL on GPU, gloo on CPU). Files are written atomically; a rerun skips\n"
-        "seeds whose PNG exists, so an interrupted run resumes where it stopped. OUTDIR/manifest.json\n"
-        "records the model, image shape, sampler options and edmfast version; a rerun with different\n"
-        "ones is refused. Pixels: uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1] (as EDM).",
+        "seeds whose PNG exists and decodes, so an interrupted run resumes where it stopped; jobs with\n"
+        "disjoint seeds may write into one OUTDIR at the same time. OUTDIR/manifest.json records the\n"
+        "model, image shape, sampler options and edmfast version; a rerun with different ones is refused.\n"
+        "Pixels: uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1] (as EDM).",
     )
     g.add_argument(
         "--seeds",
@@ -183,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(range(50000)),
         help="seeds, e.g. 0-49999 or 1,5,7-9 [default: 0-49999]",
     )
-    g.add_argument("--batch", type=int, default=64, help="images per sampler call, per process [default: 64]")
+    g.add_argument(
+        "--batch", type=_positive_int, default=64, help="images per sampler call, per process [default: 64]"
+    )
     g.add_argument("--outdir", required=True, help="output folder (created if missing)")
     g.add_argument(
         "--model",
@@ -192,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="import MODULE and call FUNCTION() (no arguments); it must return (denoiser, image_shape) "
         "or a denoiser with an image_shape attribute, where image_shape = (C, H, W) and "
         "denoiser(x, sigma, **cond) -> x0 estimate in [-1, 1] pixel space (e.g. an "
-        "edmfast.EDMPrecond). THIS RUNS THAT MODULE'S CODE. The current folder is importable. "
+        "edmfast.EDMPrecond). THIS RUNS THAT MODULE'S CODE. The current folder is importable while "
+        "MODULE is imported (only for a --model of yours). "
         "[default: edmfast.data:default_model, the built-in shapes data set]",
     )
     g.add_argument(
@@ -245,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .generate import resolve_device
+
+    return resolve_device(name)
 
 
 def _sync(device: torch.device) -> None:
@@ -318,7 +345,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import ManifestMismatch, generate
+    from .generate import ManifestMismatch, OutputError, generate
 
     try:
         generate(
@@ -332,8 +359,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             class_idx=args.class_idx,
         )
-    except (ManifestMismatch, ValueError) as e:
-        print(f"edmfast generate: {e}", file=sys.stderr)
+    except (ManifestMismatch, OutputError) as e:
+        print(f"edmfast generate: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(
+            f"edmfast generate: error: the model gave NaN or inf ({_one_line(e)}); check --model and "
+            "its weights, or the sampler options (--sigma-max, --guidance); nothing was written for "
+            "the failing batch",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -411,8 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, BackendUnavailable) as e:
         # bad options (e.g. --alpha with --solver heun, --backend cuda without a GPU) come back from
         # edmfast's validation with the option named; a traceback would only bury that
-        print(f"edmfast {args.command}: error: {e}", file=sys.stderr)
+        print(f"edmfast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: every finished file is complete (atomic renames), so a rerun picks up from here
+        resume = "; rerun the same command to resume" if args.command == "generate" else ""
+        print(f"edmfast {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,26 +9,38 @@ Guarantees (SPEC §4, §6):
 * **Multi-process.** Under ``torchrun`` (WORLD_SIZE > 1) rank r takes ``seeds[r::world]`` and the
   ranks meet in torch.distributed barriers (gloo on CPU, NCCL on GPU); the files are the same as a
   single-process run's.
-* **Never a half-written file.** Every file is written to a temporary name in the output folder
-  and renamed over its final name with ``os.replace`` (atomic on POSIX), so a kill leaves either no
-  file or a complete one; stale temporaries of a killed run are removed at the next start.
-* **Resume.** Seeds whose PNG exists are skipped, so rerunning after a kill finishes the job
-  without losing or duplicating a seed.
+* **Never a half-written file.** Every file is written to a temporary name in the output folder,
+  ``fsync``-ed and renamed over its final name with ``os.replace`` (atomic on POSIX), then the folder
+  is ``fsync``-ed, so a kill or a crash leaves either no file or a complete one.
+* **Several jobs, one folder.** Temporaries are named ``.edmfast-tmp-<machine>-<pid>-<random>.part``;
+  a start-up removes only such regular files whose process is dead on this machine (or that are
+  older than a day), never another live job's temporary nor any other file. The manifest is created
+  atomically (hard link, else ``O_EXCL``), so jobs with disjoint seeds may share one folder.
+* **Resume.** Seeds whose PNG exists and decodes to the right size and mode are skipped; a missing,
+  empty or truncated PNG is generated again. Rerunning after a kill finishes the job without
+  losing or duplicating a seed.
 * **No silent mixing.** ``manifest.json`` records what determines the images (model, image
   shape, sampler options, edmfast version); a rerun into the same folder with anything different is
-  refused with the differing entries named. The backend and device are not recorded: they change
+  refused with the differing entries named. It is written once the first batch has been sampled,
+  so a run that fails before that leaves no manifest and does not block the corrected run; a folder
+  with images but no manifest is refused. The backend and device are not recorded: they change
   the floats by rounding only, so a run may be resumed on another machine.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import hashlib
 import importlib
 import json
 import math
 import os
 import re
+import secrets
+import socket
+import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,7 +57,23 @@ from .sampler import Sampler
 
 DEFAULT_MODEL = "edmfast.data:default_model"
 MANIFEST = "manifest.json"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".edmfast-tmp-"
+TMP_SUFFIX = ".part"
+# <prefix><machine: 12 hex>-<pid>-<random: 8 hex><suffix>; nothing else is ever deleted
+_TMP_NAME = re.compile(
+    re.escape(TMP_PREFIX) + r"([0-9a-f]{12})-([0-9]{1,10})-[0-9a-f]{8}" + re.escape(TMP_SUFFIX)
+)
+# A temporary lives for the milliseconds of one write (seconds for images.npz): one a day old is
+# surely dead, whichever machine made it (that is the only rule for another machine's files).
+STALE_AGE_S = 24 * 3600.0
+# torch.Generator seeds and the int64 seed tensors of the fused noise
+MAX_SEED = 2**63 - 1
+# One run's seed list is built in memory (~40 bytes a seed); larger jobs are split into several runs
+# sharing --outdir (disjoint seeds), which is supported.
+MAX_SEEDS = 10_000_000
+_IMAGE_NAME = re.compile(r"[0-9]{6,}\.png")
+_PNG_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # what Image.fromarray makes of C channels
+_MANIFEST_MAX_BYTES = 1 << 20
 
 # sampler options that change the images; backend, device, compile, cuda_graph change only rounding
 IMAGE_OPTIONS = (
@@ -66,61 +94,257 @@ IMAGE_OPTIONS = (
 
 
 class ManifestMismatch(RuntimeError):
-    """The output folder holds images made with different options."""
+    """The output folder holds images made with different options (or cannot tell which)."""
 
 
-# ----------------------------------------------------------------------------- seeds, files
+class OutputError(RuntimeError):
+    """The output folder cannot be created, read or written (not a folder, read-only, disk full)."""
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0-49999"``, ``"3"`` or ``"0-9,20,30-31"`` -> a list of distinct non-negative seeds, in order."""
-    seeds: list[int] = []
-    for part in str(text).split(","):
+# ----------------------------------------------------------------------------- seeds
+
+
+def parse_seeds(text: str, limit: int = MAX_SEEDS) -> list[int]:
+    """``"0-49999"``, ``"3"`` or ``"0-9,20,30-31"`` -> a list of distinct seeds in [0, 2**63), in order.
+
+    The count is checked before anything is expanded, so ``0-99999999999`` fails at once.
+    """
+    text = str(text)
+    if not text.strip():
+        raise ValueError("seeds are empty; give e.g. 0-49999 or 1,5,7-9")
+    ranges: list[tuple[int, int]] = []
+    for part in text.split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if m is None:
+            if re.fullmatch(r"-\d+(?:-\d+)?|\d+--\d+", part):
+                raise ValueError(f"seeds must be >= 0, got {part!r} in {text!r}")
             raise ValueError(f"seeds must look like '0-49999' or '1,5,7-9', got {text!r}")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi > MAX_SEED:
+            raise ValueError(f"seed {hi} in {text!r} does not fit in int64 (max {MAX_SEED})")
         if hi < lo:
-            raise ValueError(f"seed range {part!r} is empty (end before start)")
-        seeds.extend(range(lo, hi + 1))
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds {text!r} repeat a seed")
-    return seeds
+            raise ValueError(f"seed range {part!r} is empty (end before start); write it as {hi}-{lo}")
+        ranges.append((lo, hi))
+    count = sum(hi - lo + 1 for lo, hi in ranges)
+    if count > limit:
+        raise ValueError(
+            f"seeds {text!r} are {count} seeds, more than {limit} in one run; split them into several "
+            "runs (they may share --outdir)"
+        )
+    spans = sorted(ranges)
+    for (lo0, hi0), (lo1, _) in zip(spans, spans[1:], strict=False):
+        if lo1 <= hi0:
+            raise ValueError(f"seeds {text!r} repeat a seed ({lo1} is in {lo0}-{hi0} too)")
+    return [s for lo, hi in ranges for s in range(lo, hi + 1)]
+
+
+def _check_seeds(seeds: Sequence[Any]) -> list[int]:
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"seeds must be integers, got {s!r} ({type(s).__name__})")
+        s = int(s)
+        if not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seeds must be in [0, 2**63 - 1], got {s}")
+        out.append(s)
+    if not out:
+        raise ValueError("no seeds to generate")
+    if len(set(out)) != len(out):
+        raise ValueError("seeds repeat a seed")
+    return out
+
+
+# ----------------------------------------------------------------------------- files
 
 
 def image_path(outdir: Path, seed: int) -> Path:
     return outdir / f"{seed:06d}.png"
 
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via ``write(file_object)`` to a temporary file next to ``path``, then rename it over ``path``.
+@functools.cache
+def _machine_id() -> str:
+    """Who may judge a temporary's pid: same host, same boot and same pid namespace (containers)."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
-    Same folder, so the rename never crosses file systems and is atomic: readers and a resumed run
-    see the old state or the complete new file, never a partial one.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=path.suffix)
+
+def _pid_alive(pid: int) -> bool:
+    """False only when ``pid`` surely is no process here (in doubt: alive, so nothing is deleted)."""
+    if pid <= 0 or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):
+        return True  # EPERM: someone else's live process
+    return True
+
+
+def _open_temp(folder: Path) -> tuple[int, Path]:
+    """Create a new temporary file of this process in ``folder``: (fd, path). Mode 0666 less umask."""
+    prefix = f"{TMP_PREFIX}{_machine_id()}-{os.getpid()}-"
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(4)}{TMP_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        return fd, path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a crash then cannot undo a finished image)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # no directory handles on this platform
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise  # some file systems cannot fsync a folder; that only weakens durability
+    finally:
+        os.close(fd)
+
+
+def _write_temp(folder: Path, write: Callable[[Any], None]) -> Path:
+    """``write(file_object)`` into a new fsync-ed temporary of this process; removed on any error."""
+    fd, tmp = _open_temp(folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], *, sync_dir: bool = True) -> None:
+    """Write via ``write(file_object)`` to a temporary file next to ``path``, then rename it over ``path``.
+
+    Same folder, so the rename never crosses file systems and is atomic: readers and a resumed run
+    see the old state or the complete new file, never a partial one. The data is fsync-ed before
+    the rename (else a crash can leave the new name on an empty file); the folder after it, unless
+    ``sync_dir`` is False (the caller then syncs it once for many files).
+    """
+    tmp = _write_temp(path.parent, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
-def save_png(path: Path, image: np.ndarray) -> None:
-    """uint8 [H, W, C] (C = 1 or 3) -> PNG, atomically."""
+def save_png(path: Path, image: np.ndarray, *, sync_dir: bool = True) -> None:
+    """uint8 [H, W, C] (C = 1 to 4) -> PNG, atomically."""
     img = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    atomic_write(path, lambda f: img.save(f, format="PNG"), sync_dir=sync_dir)
 
 
-def remove_stale_temporaries(outdir: Path) -> int:
-    """Delete temporaries left by a killed run (only ever called before any writer starts)."""
-    stale = list(outdir.glob(TMP_PREFIX + "*"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+def png_problem(path: Path, image_shape: Sequence[int]) -> str | None:
+    """None if ``path`` is a complete PNG of ``image_shape`` (C, H, W); else what is wrong with it."""
+    c, h, w = (int(v) for v in image_shape)
+    try:
+        with Image.open(path) as img:
+            want = f"PNG {_PNG_MODES.get(c)} {w}x{h}"
+            got = f"{img.format} {img.mode} {img.size[0]}x{img.size[1]}"
+            if got != want:
+                return f"a {got} image, not {want}"
+            img.verify()  # every chunk's CRC, through IEND: a cut after the pixel data fails here
+        with Image.open(path) as img:
+            img.load()  # decodes every row: a truncated file fails here
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged files
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def remove_stale_temporaries(outdir: Path, max_age_s: float = STALE_AGE_S) -> int:
+    """Delete temporaries whose writer is dead; safe while other jobs write into ``outdir``.
+
+    Only regular files named like this program's temporaries: those of a dead process on this
+    machine (see `_machine_id`), or older than ``max_age_s`` whatever their origin. A live job's
+    temporary, a user's file, a folder or a link is left alone.
+    """
+    me, now, removed = _machine_id(), time.time(), 0
+    with os.scandir(outdir) as entries:
+        for entry in entries:
+            m = _TMP_NAME.fullmatch(entry.name)
+            if m is None:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            pid = int(m.group(2))
+            dead_here = m.group(1) == me and pid != os.getpid() and not _pid_alive(pid)
+            if dead_here or now - st.st_mtime > max_age_s:
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue  # another job removed it first
+                except OSError:
+                    continue  # not ours to fight over (permissions): it is only clutter
+                removed += 1
+    return removed
+
+
+def _first_image(outdir: Path) -> str | None:
+    with os.scandir(outdir) as entries:
+        for entry in entries:
+            if _IMAGE_NAME.fullmatch(entry.name):
+                return entry.name
+    return None
+
+
+def _output_error(out: Path, e: OSError, doing: str) -> OutputError:
+    """An OSError on the output folder as one line that names --outdir and what to do."""
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = "free some space, then rerun the same command to resume"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make it writable or pick another --outdir"
+    else:
+        hint = "fix that, then rerun the same command to resume"
+    name = f" {Path(e.filename).name}" if e.filename and Path(e.filename) != out else ""
+    return OutputError(f"--outdir {out}: cannot {doing}{name} ({why}); {hint}")
+
+
+@contextmanager
+def _on_output(out: Path, doing: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise _output_error(out, e, doing) from e
+
+
+def prepare_outdir(out: Path) -> None:
+    """Create ``out`` if needed and check that this process can write into it, before any sampling."""
+    if not str(out):
+        raise ValueError("--outdir is empty; give a folder path")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--outdir {out} exists and is not a folder; pick a folder path")
+    with _on_output(out, "create the folder"):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as e:  # a parent is a file
+            raise OutputError(f"--outdir {out}: cannot create it ({e.strerror}: {e.filename})") from e
+    with _on_output(out, "write into the folder"):
+        fd, probe = _open_temp(out)
+        os.close(fd)
+        probe.unlink()
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -164,33 +388,143 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} in the folder, {new!r} now"]
 
 
-def check_manifest(outdir: Path, manifest: dict[str, Any]) -> bool:
-    """True if ``outdir`` has this manifest, False if it has none; raise ManifestMismatch otherwise."""
+def _manifest_problem(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    for key, kind in (("edmfast_version", str), ("model", str), ("image_shape", list), ("sampler", dict)):
+        if not isinstance(data.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in data["image_shape"]):
+        return "'image_shape' is not a list of integers"
+    return None
+
+
+def read_manifest(outdir: Path) -> dict[str, Any] | None:
+    """The folder's manifest, None if it has none; ManifestMismatch if it is not a valid one."""
     path = outdir / MANIFEST
-    if not path.exists():
-        return False
+    advice = "move it away or pick a new --outdir"
+    for attempt in range(50):
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise ManifestMismatch(f"{path} is not a file; {advice}")
+            if st.st_size > _MANIFEST_MAX_BYTES:
+                raise ManifestMismatch(f"{path} is not an edmfast manifest ({st.st_size} bytes); {advice}")
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ManifestMismatch(f"{path} exists but cannot be read ({e.strerror}); {advice}") from e
+        # Where hard links are unsupported the manifest is created empty, then written: a moment of
+        # an empty file that another job may see. Wait for it rather than call it garbage.
+        if raw or time.time() - st.st_mtime > 5 or attempt == 49:
+            break
+        time.sleep(0.05)
     try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ManifestMismatch(
-            f"{path} exists but cannot be read ({e}); move it away or pick a new --outdir"
-        ) from e
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ManifestMismatch(f"{path} is not valid JSON ({e}); {advice}") from e
+    problem = _manifest_problem(data)
+    if problem:
+        raise ManifestMismatch(f"{path} is not an edmfast manifest ({problem}); {advice}")
+    return data
+
+
+def check_manifest(outdir: Path, manifest: dict[str, Any]) -> bool:
+    """True if ``outdir`` has this manifest, False if it has none and no images.
+
+    Raises ManifestMismatch for a different or invalid manifest, and for images without one (their
+    settings are unknown, e.g. the manifest was deleted).
+    """
+    old = read_manifest(outdir)
+    if old is None:
+        image = _first_image(outdir)
+        if image is not None:
+            raise ManifestMismatch(
+                f"{outdir} holds images ({image}, ...) but no {MANIFEST}, so their settings are unknown; "
+                "refusing to add to them: pick a new --outdir or move the images away"
+            )
+        return False
     differences = _diff(old, manifest)
     if differences:
+        empty = _first_image(outdir) is None
         raise ManifestMismatch(
-            f"{outdir} holds images generated with different settings; refusing to mix them:\n  "
-            + "\n  ".join(differences)
-            + "\nRerun with the folder's settings to resume, or pick a new --outdir."
+            f"{outdir} holds images generated with different settings; refusing to mix them: "
+            + "; ".join(differences)
+            + ". Rerun with the folder's settings to resume, or pick a new --outdir"
+            + (f" (it holds no images yet: deleting {MANIFEST} starts it afresh)" if empty else "")
         )
     return True
 
 
+def claim_manifest(outdir: Path, manifest: dict[str, Any]) -> bool:
+    """Create ``manifest.json`` if absent (True), else check the one there (False); atomic.
+
+    A complete, fsync-ed temporary is hard-linked to the name: the link fails if any job created
+    the name first, and a reader never sees a partial file. Where hard links are unsupported (some
+    network and FUSE file systems) the name is created with ``O_EXCL`` instead.
+    """
+    path = outdir / MANIFEST
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    tmp = _write_temp(outdir, lambda f: f.write(data))
+    try:
+        try:
+            os.link(tmp, path)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+                raise
+            created = _create_exclusive(path, data)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if created:
+        _fsync_dir(outdir)
+        return True
+    if not check_manifest(outdir, manifest):
+        raise ManifestMismatch(f"{path} vanished while this run was starting; rerun the same command")
+    return False
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
 def write_manifest(outdir: Path, manifest: dict[str, Any]) -> None:
+    """Write (or overwrite) ``manifest.json`` atomically; `generate` uses `claim_manifest`."""
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     atomic_write(outdir / MANIFEST, lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------- model
+
+
+def _import_factory(module_name: str, attr: str, user_module: bool) -> Any:
+    """``module.attr``; a user's module may live in the current folder, as with ``python -m``.
+
+    The folder goes on ``sys.path`` only for a user's --model and only during its import: anything
+    else (a planted ``fractions.py`` next to the outputs, say) must never shadow a real module.
+    """
+    added = None
+    if user_module:
+        cwd = os.getcwd()
+        if "" not in sys.path and cwd not in sys.path:
+            sys.path.insert(0, cwd)
+            added = cwd
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    finally:
+        if added is not None and added in sys.path:
+            sys.path.remove(added)
 
 
 def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
@@ -203,10 +537,8 @@ def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--model must be 'module:function', got {spec!r}")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`, a module in the current folder is importable
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = _import_factory(module_name, attr, spec != DEFAULT_MODEL)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot load --model {spec!r}: {e}") from e
     result = factory()
@@ -220,13 +552,41 @@ def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
         )
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image_shape must be (C, H, W), got {shape}")
+        raise ValueError(f"--model {spec!r}: image_shape must be (C, H, W), got {shape}")
+    if shape[0] not in _PNG_MODES:
+        raise ValueError(f"--model {spec!r}: a PNG holds 1 to 4 channels, image_shape has C = {shape[0]}")
     if not callable(denoiser):
         raise ValueError(f"--model {spec!r} returned a {type(denoiser).__name__}, which is not callable")
     return denoiser, shape
 
 
 # ----------------------------------------------------------------------------- distributed
+
+
+def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """``--device`` -> torch.device, with a clear ValueError for one that cannot run here."""
+    if name is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {name!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif device.type == "meta":
+        raise ValueError("--device 'meta' holds no data; use e.g. cpu or cuda")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:
+            raise ValueError(f"--device {name!r} is not usable here ({e}); use e.g. cpu or cuda") from None
+    return device
 
 
 class Dist:
@@ -236,11 +596,9 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and self.world > 1:
+        if device == "cuda" and self.world > 1:
             device = f"cuda:{local}"  # one GPU per process
-        self.device = torch.device(device)
+        self.device = resolve_device(device, local)
         self.initialized = False
         if self.world > 1:
             import torch.distributed as dist
@@ -327,10 +685,31 @@ def write_npz(outdir: Path, seeds: Sequence[int]) -> Path:
 
     The layout of the ADM / guided-diffusion evaluation suite's reference batches.
     """
-    arrays = [np.asarray(Image.open(image_path(outdir, s)).convert("RGB")) for s in seeds]
+    arrays = []
+    for s in seeds:
+        with Image.open(image_path(outdir, s)) as img:
+            arrays.append(np.asarray(img.convert("RGB")))
     path = outdir / "images.npz"
     atomic_write(path, lambda f: np.savez(f, arr_0=np.stack(arrays)))
     return path
+
+
+def existing_images(
+    outdir: Path, seeds: Sequence[int], image_shape: Sequence[int]
+) -> tuple[set[int], dict[int, str]]:
+    """(seeds whose PNG is complete, {seed: problem} for damaged ones) among ``seeds``."""
+    done: set[int] = set()
+    damaged: dict[int, str] = {}
+    for s in seeds:
+        path = image_path(outdir, s)
+        if not os.path.lexists(path):
+            continue
+        problem = png_problem(path, image_shape)
+        if problem is None:
+            done.add(s)
+        else:
+            damaged[s] = problem
+    return done, damaged
 
 
 def generate(
@@ -350,15 +729,15 @@ def generate(
 
     ``options`` are `edmfast.sample` keyword arguments (num_steps, solver, s_churn, ...). Returns
     counts and timings for this process. Raises ManifestMismatch when ``outdir`` was made with
-    different settings.
+    different settings, OutputError when it cannot be written.
     """
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
-    seeds = list(seeds)
-    if not seeds:
-        raise ValueError("no seeds to generate")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch must be an integer >= 1, got {batch!r}")
+    seeds = _check_seeds(list(seeds))
     options = dict(options or {})
     out = Path(outdir)
+    if not str(outdir):
+        raise ValueError("--outdir is empty; give a folder path")
     with _distributed(device) as dist:
         denoiser, image_shape = load_model(model)
         if isinstance(denoiser, torch.nn.Module):
@@ -371,22 +750,29 @@ def generate(
             )
         manifest = make_manifest(model, image_shape, options, class_idx)
         sampler = Sampler(denoiser, **options)
-        out.mkdir(parents=True, exist_ok=True)
-        # Every rank checks (and refuses) alike; only rank 0 writes, before anyone starts writing images.
-        exists = check_manifest(out, manifest)
-        if dist.rank == 0:
+        prepare_outdir(out)
+        # Every rank and every job checks (and refuses) alike; nothing is written before the
+        # barrier, so all ranks see the same folder. Any job may clean up: only dead writers' files.
+        has_manifest = check_manifest(out, manifest)
+        with _on_output(out, "clean up"):
             stale = remove_stale_temporaries(out)
-            if stale:
-                log(f"removed {stale} unfinished temporary file(s) of an interrupted run")
-            if not exists:
-                write_manifest(out, manifest)
+        if stale:
+            log(f"removed {stale} unfinished temporary file(s) of an interrupted run")
         dist.barrier()
 
         mine = seeds[dist.rank :: dist.world]
-        todo = [s for s in mine if not image_path(out, s).exists()]
+        with _on_output(out, "read"):
+            done, damaged = existing_images(out, mine, image_shape)
+        todo = [s for s in mine if s not in done]
+        if damaged:
+            first = min(damaged)
+            log(
+                f"rank {dist.rank}: {len(damaged)} damaged image(s) will be generated again, e.g. "
+                f"{image_path(out, first).name}: {damaged[first]}"
+            )
         if dist.rank == 0:
             log(
-                f"{len(seeds)} seeds, {dist.world} process(es), {len(mine) - len(todo)} of rank 0's "
+                f"{len(seeds)} seeds, {dist.world} process(es), {len(done)} of rank 0's "
                 f"{len(mine)} already on disk; writing to {out}"
             )
         bar = None
@@ -398,21 +784,31 @@ def generate(
         for batch_seeds in _batches(todo, batch):
             x = sample_seeds(sampler, image_shape, batch_seeds, dist.device, label_dim, class_idx)
             images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, C]
-            for seed, image in zip(batch_seeds, images, strict=True):
-                save_png(image_path(out, seed), image)
+            with _on_output(out, "write"):
+                if not has_manifest:
+                    # only now: a run that fails before its first batch leaves the folder as it was
+                    claim_manifest(out, manifest)
+                    has_manifest = True
+                for seed, image in zip(batch_seeds, images, strict=True):
+                    save_png(image_path(out, seed), image, sync_dir=False)
+                _fsync_dir(out)  # once per batch: the renames above survive a crash
             if bar is not None:
                 bar.update(len(batch_seeds))
         elapsed = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         dist.barrier()  # every rank's images are on disk
-        npz_path = write_npz(out, seeds) if npz and dist.rank == 0 else None
+        npz_path = None
+        if npz and dist.rank == 0:
+            with _on_output(out, "write images.npz from"):
+                npz_path = write_npz(out, seeds)
         dist.barrier()
         stats = {
             "rank": dist.rank,
             "world": dist.world,
             "generated": len(todo),
-            "skipped": len(mine) - len(todo),
+            "skipped": len(done),
+            "repaired": len(damaged),
             "seconds": elapsed,
             "npz": str(npz_path) if npz_path else None,
         }

@@ -26,6 +26,7 @@ from edmfast import cli
 from edmfast.data import ShapesDenoiser, to_uint8
 from edmfast.generate import (
     ManifestMismatch,
+    _machine_id,
     generate,
     image_path,
     load_model,
@@ -76,8 +77,21 @@ def test_parse_seeds():
     assert parse_seeds("0-3") == [0, 1, 2, 3]
     assert parse_seeds("7") == [7]
     assert parse_seeds("1,5,7-9") == [1, 5, 7, 8, 9]
-    for bad in ("", "a-b", "5-1", "-3", "1,1", "1-2-3"):
-        with pytest.raises(ValueError):
+    assert parse_seeds(f"{2**63 - 1}") == [2**63 - 1]
+    for bad, why in (
+        ("", "empty"),
+        (" ", "empty"),
+        ("a-b", "look like"),
+        ("5-1", "end before start"),
+        ("-3", ">= 0"),
+        ("1,1", "repeat"),
+        ("0-5,3-9", "repeat"),
+        ("1-2-3", "look like"),
+        (f"{2**63}", "int64"),
+        ("0-99999999999999999999", "int64"),
+        ("0-999999999999", "more than"),  # refused before expanding (this would be 8 TB of ints)
+    ):
+        with pytest.raises(ValueError, match=why):
             parse_seeds(bad)
 
 
@@ -145,12 +159,21 @@ def test_kill_and_resume(tmp_path):
     n_done = len(list(killed.glob("*.png")))
     assert 3 <= n_done < 40, f"the run was not interrupted mid-way ({n_done} images)"
     # A kill during a write leaves a temporary like this one (the final name never sees a partial file).
-    (killed / ".tmp-abc123.png").write_bytes(b"\x89PNG\r\n\x1a\n half")
+    dead_pid = _dead_pid()
+    stale = killed / f".edmfast-tmp-{_machine_id()}-{dead_pid}-0123abcd.part"
+    stale.write_bytes(b"\x89PNG\r\n\x1a\n half")
     assert subprocess.run(cmd, env=_env(), capture_output=True, timeout=300).returncode == 0
     assert _files(killed) == _files(whole)
     assert sorted(p.name for p in killed.iterdir()) == sorted(
         p.name for p in whole.iterdir()
     )  # no temporaries
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and was reaped), as a killed writer's would be."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def tiny_model():
