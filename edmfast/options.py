@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from .schedules import karras_sigmas
@@ -174,45 +175,14 @@ def resolve_sigmas(denoiser: Any, sigmas: Any, opts: SamplerOptions) -> torch.Te
     return s
 
 
-@dataclass(frozen=True)
-class Step:
-    """The float64 plan of one sampler step (EDM Algorithm 2)."""
+def __getattr__(name: str) -> Any:
+    # `Step` and `plan_steps` live in edmfast.plan (the one planning module); kept reachable here
+    # for importers of the old location (edmfast.reference imports them lazily from here)
+    if name in ("Step", "plan_steps"):
+        from . import plan
 
-    sigma: float  # sigma_i (may be inf for the first step of a zero-terminal-SNR schedule)
-    sigma_hat: float  # sigma_i (1 + gamma_i), rounded
-    sigma_next: float  # sigma_{i+1}
-    noise_std: float  # sqrt(sigma_hat^2 - sigma_i^2) * S_noise
-    churn: bool  # gamma_i > 0
-    correct: bool  # take the 2nd-order correction (sigma_{i+1} != 0 and solver != euler)
-    sigma_prime: float  # sigma_hat + alpha h, where the correction evaluates D
-
-
-def plan_steps(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> list[Step]:
-    """Per-step noise levels for the schedule: churn (gamma), rounding and the correction point."""
-    n = sigmas.numel() - 1
-    gamma_max = min(opts.s_churn / n, math.sqrt(2) - 1)
-    round_sigma = getattr(denoiser, "round_sigma", None)
-    alpha = opts.effective_alpha
-    steps = []
-    for i in range(n):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        if math.isinf(sigma):
-            if i:
-                raise ValueError("only sigmas[0] may be inf")
-            steps.append(Step(sigma, sigma, sigma_next, 0.0, False, False, sigma_next))
-            continue
-        gamma = gamma_max if opts.s_tmin <= sigma <= opts.s_tmax else 0.0
-        sigma_hat = sigma * (1 + gamma)
-        if round_sigma is not None and gamma > 0:
-            sigma_hat = float(
-                torch.as_tensor(round_sigma(torch.tensor([sigma_hat], dtype=torch.float64))).reshape(-1)[0]
-            )
-        std = math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) * opts.s_noise
-        correct = opts.second_order and sigma_next != 0
-        # Heun (alpha = 1) evaluates exactly at sigma_{i+1}, not at sigma_hat + h rounded in float64
-        sigma_prime = sigma_next if alpha == 1 else sigma_hat + alpha * (sigma_next - sigma_hat)
-        steps.append(Step(sigma, sigma_hat, sigma_next, std, gamma > 0, correct, sigma_prime))
-    return steps
+        return getattr(plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def merge_cond(cond: dict | None, uncond: dict | None, batch: int) -> dict:
@@ -230,11 +200,40 @@ def merge_cond(cond: dict | None, uncond: dict | None, batch: int) -> dict:
                     f"got {tuple(c.shape)} and {tuple(u.shape)}"
                 )
             merged[key] = torch.cat([c, u])
-        elif c is u or c == u:
+        elif c is u:
+            merged[key] = c
+        elif _holds_array(c) or _holds_array(u):
+            raise TypeError(
+                f"cond[{key!r}] / uncond[{key!r}] hold tensors or arrays inside a container or of another "
+                "type: with guidance only top-level tensors are batched (pass each tensor as its own key)"
+            )
+        elif _same(c, u):
             merged[key] = c
         else:
             raise ValueError(f"cond[{key!r}] and uncond[{key!r}] differ but are not tensors to batch")
     return merged
+
+
+def _holds_array(v: Any, depth: int = 0) -> bool:
+    """True for a tensor / array, or a container holding one (the engine cannot batch those)."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(v, dict):
+        return any(_holds_array(x, depth + 1) for x in v.values())
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return any(_holds_array(x, depth + 1) for x in v)
+    return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` as a plain bool; an equality that is not a bool counts as different."""
+    try:
+        eq = a == b
+    except Exception:
+        return False
+    return eq if isinstance(eq, bool) else False
 
 
 def check_cond(cond: dict | None, batch: int, device: torch.device, name: str = "cond") -> dict:
@@ -253,7 +252,9 @@ def check_cond(cond: dict | None, batch: int, device: torch.device, name: str = 
     return cond
 
 
-def check_noise(noise: Any) -> torch.Tensor:
+def check_noise(noise: Any, finite: bool = True) -> torch.Tensor:
+    """noise as given, after metadata checks; ``finite`` also checks the values (a host sync: the
+    engine passes False and detects non-finite noise in its first fused pass instead)."""
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if noise.dim() < 2 or noise.shape[0] < 1 or noise.numel() == 0:
@@ -262,7 +263,7 @@ def check_noise(noise: Any) -> torch.Tensor:
         )
     if noise.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"noise must be a floating tensor (fp16/bf16/fp32/fp64), got {noise.dtype}")
-    if not torch.isfinite(noise).all():
+    if finite and not torch.isfinite(noise).all():
         raise ValueError("noise must be finite (found NaN or inf)")
     return noise
 
@@ -277,7 +278,17 @@ def check_seeds(seeds: Any, batch: int, device: torch.device) -> torch.Tensor:
         t = seeds.to(torch.int64)
     else:
         try:
-            t = torch.as_tensor(list(seeds), dtype=torch.int64)
+            values = list(seeds)
+        except TypeError:
+            raise TypeError(
+                f"seeds must be a sequence of ints or an int64 tensor, got {type(seeds).__name__}"
+            ) from None
+        for v in values:
+            # a float or bool seed is a mistake, not a seed (2.7 would silently become 2)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"seeds must be integers, got {type(v).__name__} {v!r}")
+        try:
+            t = torch.as_tensor(values, dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"seeds must be a sequence of ints or an int64 tensor: {e}") from None
     if tuple(t.shape) != (batch,):

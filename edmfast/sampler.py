@@ -7,171 +7,176 @@ Per Heun step the loop runs two network evaluations and two fused passes (SPEC Â
   and its network input.
 
 Preconditioning (c_skip, c_out, c_in) and classifier-free guidance fold into the coefficients of
-those passes: every pass is ``out = p x_hat + q x' + r F + std eps; net = c out`` (see
-`edmfast.reference.heun_step`) with a row of float32 coefficients from a per-call table kept on
-the device. The loop makes no host sync, no ``.item()`` and no allocation of its own; all float64
-schedule arithmetic happens once, before the loop.
+those passes (`edmfast.plan`). A call reads: validate -> plan (cached) -> buffers (cached) ->
+run (eager loop or graph replay) -> check -> return. Inside the loop there is nothing but the
+network calls and the kernel launches (2 per Heun step, 4 with CFG-rescale): no host sync, no
+allocation, no other torch op; non-finite values are flagged per sample by the passes themselves
+and read once, after the loop.
 """
 
 from __future__ import annotations
 
-import math
-import time
+import functools
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import ops
+from .compile import CompiledNetwork
+from .graphs import GraphCache, capture
 from .options import (
     SamplerOptions,
-    Step,
+    _real,
     check_cond,
     check_generator,
     check_noise,
     check_seeds,
     merge_cond,
-    plan_steps,
-    resolve_sigmas,
     with_option_signature,
 )
-from .reference import COEF_SIZE, draw_exact_noise
+from .plan import F32_MAX, Plan, PlanCache, is_preconditioner
+from .reference import draw_exact_noise
 
-# A pass's coefficient row: [p, q, r, std, c, 0, 0, 0].
-
-
-@dataclass
-class _Eval:
-    """One network evaluation: at which sigma, with which coefficients."""
-
-    sigma: float
-    c_skip: float
-    c_out: float
-    c_in: float
-    c_noise: float
+INT32_MAX = 2**31 - 1
+# solver="2nd" stores x' in float32 and pass B rebuilds d from x' - x_hat, so float32 rounding is
+# amplified by ~1/(2 alpha^2): measured rel. error vs the float64 reference 2e-7 at alpha 0.5,
+# 1.2e-5 at 0.1, 3e-4 at 0.02, 2e-3 at 0.01, 0.2 at 0.001 (12-32 steps). Below 0.1 the fused
+# engine would exceed its 2e-5 budget, so it refuses; reference.sample accepts (0, 1].
+ALPHA_MIN = 0.1
 
 
-@dataclass
-class _Plan:
-    """Everything the loop needs, derived once per call in float64 on the host."""
-
-    steps: list[Step]
-    evals: list[tuple[_Eval, _Eval | None]]  # per step: (at sigma_hat, at sigma') evaluations
-    coef: torch.Tensor  # float32 [1 + 2N, COEF_SIZE]: row 0 = start, rows 1+2i / 2+2i = passes A / B
-    noise_steps: list[bool]  # which steps inject churn noise (std > 0)
-    structure: tuple  # what a captured graph depends on besides tensor values
+# ----------------------------------------------------------------------------- kernels
 
 
-def _coefficients(denoiser: Any, sigma: float) -> tuple[float, float, float, float]:
-    if hasattr(denoiser, "coefficients"):
-        s = torch.tensor([sigma], dtype=torch.float64)
-        return tuple(float(c) for c in denoiser.coefficients(s))  # type: ignore[return-value]
-    return 0.0, 1.0, 1.0, 0.0  # a plain denoiser: D = F(x), network input = x
+@dataclass(frozen=True)
+class _Kernels:
+    """The two fused ops of the loop for one backend, called on buffers validated at allocation."""
+
+    step: Callable[..., Any]
+    cfg: Callable[..., Any]
+    workspace: Callable[[torch.Tensor], torch.Tensor | None]
+    tensor_guidance: bool  # guidance values read from device memory (one graph serves any value)
 
 
-def make_plan(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> _Plan:
-    """Fold the schedule, the preconditioner and the solver into per-pass coefficient rows."""
-    steps = plan_steps(denoiser, sigmas, opts)
-    n = len(steps)
-    alpha = opts.effective_alpha
-    rows = torch.zeros(1 + 2 * n, COEF_SIZE, dtype=torch.float64)
-    evals: list[tuple[_Eval, _Eval | None]] = []
-    noise_steps = [opts.s_churn > 0 and st.noise_std > 0 for st in steps]
+@functools.cache
+def _kernels(backend: str) -> _Kernels:
+    raw_step = getattr(ops, "raw_heun_step", None)
+    if raw_step is not None:  # INTERFACE.md: unchecked entries, `bad` flags, static CFG workspace
+        return _Kernels(
+            raw_step(backend),
+            ops.raw_cfg_rescale_factors(backend),  # type: ignore[attr-defined]
+            lambda f: ops.cfg_workspace(f, backend),  # type: ignore[attr-defined]
+            True,
+        )
 
-    def churn_into(i: int) -> tuple[float, float]:
-        """(std, c) of the churn + network input that a pass ending step i-1 applies for step i."""
-        if i >= n:
-            return 0.0, 0.0
-        return (steps[i].noise_std if noise_steps[i] else 0.0), evals_c_in[i]
+    # Until the ops layer has its raw entries: the checked ops, and the `bad` flags from torch ops.
+    def step(*, out: torch.Tensor, bad: torch.Tensor | None = None, bad_step: int = 0, **kw: Any) -> None:
+        ops.heun_step(out=out, backend=backend, **kw)
+        if bad is not None:
+            ok = torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+            bad.copy_(torch.where(ok, bad, bad.clamp(max=bad_step)))
 
-    # c_in at each step's first evaluation, needed by the pass that precedes it
-    evals_c_in = []
-    first_evals = []
-    for st in steps:
-        if math.isinf(st.sigma):
-            if not hasattr(denoiser, "limit_coefficients"):
-                raise ValueError(
-                    "sigmas[0] is inf (zero terminal SNR): the denoiser needs limit_coefficients() "
-                    "(use edmfast.DiscreteVPDenoiser with v_prediction or sample prediction)"
-                )
-            e = _Eval(st.sigma, *denoiser.limit_coefficients())
-        else:
-            e = _Eval(st.sigma_hat, *_coefficients(denoiser, st.sigma_hat))
-        first_evals.append(e)
-        evals_c_in.append(e.c_in)
+    def cfg(f, w, phi, *, out, workspace=None):
+        ops.cfg_rescale_factors(f, w, phi, out=out, backend=backend)
 
-    # start: x_hat_0 = sigma_0 noise + std_0 eps (the state is the noise itself when sigma_0 = inf)
-    std0, c0 = churn_into(0)
-    rows[0, :5] = torch.tensor([1.0 if math.isinf(steps[0].sigma) else steps[0].sigma, 0, 0, std0, c0])
-    for i, st in enumerate(steps):
-        e = first_evals[i]
-        h = st.sigma_next - st.sigma_hat
-        if math.isinf(st.sigma):
-            # limit step x_1 = D(eps; inf) + sigma_1 eps = (c_skip + sigma_1) eps + c_out F
-            std, c = churn_into(i + 1)
-            rows[1 + 2 * i, :5] = torch.tensor([e.c_skip + st.sigma_next, 0, e.c_out, std, c])
-            evals.append((e, None))
-            continue
-        # d = (x_hat - D) / sigma_hat with D = c_skip x_hat + c_out F
-        d_x, d_f = (1 - e.c_skip) / st.sigma_hat, -e.c_out / st.sigma_hat
-        if not st.correct:
-            std, c = churn_into(i + 1)
-            rows[1 + 2 * i, :5] = torch.tensor([1 + h * d_x, 0, h * d_f, std, c])
-            evals.append((e, None))
-            continue
-        ep = _Eval(st.sigma_prime, *_coefficients(denoiser, st.sigma_prime))
-        # pass A: x' = x_hat + alpha h d, and the network input at sigma'
-        rows[1 + 2 * i, :5] = torch.tensor([1 + alpha * h * d_x, 0, alpha * h * d_f, 0, ep.c_in])
-        # pass B: x_{i+1} = x_hat + h ((1 - 1/(2a)) d + 1/(2a) d') with d = (x' - x_hat)/(a h),
-        # d' = ((1 - c_skip') x' - c_out' F') / sigma'  ->  P x_hat + Q x' + R F'
-        w1 = (1 - 1 / (2 * alpha)) / alpha
-        w2 = h / (2 * alpha * st.sigma_prime)
-        std, c = churn_into(i + 1)
-        rows[2 + 2 * i, :5] = torch.tensor([1 - w1, w1 + w2 * (1 - ep.c_skip), -w2 * ep.c_out, std, c])
-        evals.append((e, ep))
+    return _Kernels(step, cfg, lambda f: None, False)
 
-    structure = (
-        n,
-        tuple(noise_steps),
-        tuple(ep is not None for _, ep in evals),
-        math.isinf(steps[0].sigma),
-        opts.solver,
-        opts.noise_mode,
-    )
-    return _Plan(steps, evals, rows.to(torch.float32), noise_steps, structure)
+
+# ----------------------------------------------------------------------------- buffers
 
 
 @dataclass
 class _Buffers:
-    """Static device memory of one (shape, dtype, device, options) configuration."""
+    """Device memory of one configuration; validated once here, then used by raw kernel calls."""
 
     x_hat: torch.Tensor  # float32 state [B, ...]
     x_prime: torch.Tensor  # float32 correction point [B, ...]
     net: torch.Tensor  # network input [R B, ...] in the network dtype (R = 2 with CFG)
-    noise: torch.Tensor  # float32 copy of the latents [B, ...]
-    coef: torch.Tensor  # float32 [1 + 2N, 8]
-    sigma_in: torch.Tensor  # float32 [2N, R B]: the sigma (plain denoiser) or c_noise fed per evaluation
     k: torch.Tensor  # float32 [B] CFG-rescale factors
-    seeds: torch.Tensor  # int64 [B]
-    exact_eps: torch.Tensor  # float32 [N | 1 | 0, B, ...] exact churn draws (N: graphs, 1: eager, 0: none)
-    sums: torch.Tensor  # float32 [N, B] per-step sums of the state: non-finite -> the step it appeared
-    cond: dict = field(default_factory=dict)  # static copies of tensor keyword arguments
+    bad: torch.Tensor  # int32 [B]: 1 + the first step whose state went non-finite (0: the noise)
+    gs: torch.Tensor  # float32 [1] guidance scale
+    phi: torch.Tensor  # float32 [1] guidance rescale
+    workspace: torch.Tensor | None  # static CFG-rescale reduction workspace
+    exact_eps: torch.Tensor  # float32 [N | 1 | 0, B, ...] exact churn draws (N: graphs, 1: eager)
+    # graphs only: static copies of what changes between replays
+    noise: torch.Tensor | None = None
+    seeds: torch.Tensor | None = None
+    coef: torch.Tensor | None = None  # [1 + 2N, 8]
+    sigma: torch.Tensor | None = None  # [2N, R B]
+    cond: dict = field(default_factory=dict)
+    plan: Plan | None = None  # whose rows are in coef / sigma
+    values: tuple = ()  # (guidance_scale, guidance_rescale) in gs / phi
+
+
+def _alloc(
+    noise: torch.Tensor,
+    rows: int,
+    net_dtype: torch.dtype,
+    plan: Plan,
+    exact: bool,
+    graph: bool,
+    cfg_rescale: bool,
+    kernels: _Kernels,
+    cond: dict,
+) -> _Buffers:
+    dev, shape, n = noise.device, tuple(noise.shape), plan.n
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=dev)
+    # never inference tensors: a Sampler warmed up under torch.inference_mode() keeps working
+    # outside it (in-place writes to inference tensors are refused there), and vice versa
+    with torch.inference_mode(False):
+        net = torch.empty((rows, *shape[1:]), dtype=net_dtype, device=dev)
+        buf = _Buffers(
+            x_hat=torch.empty(shape, **f32),
+            x_prime=torch.empty(shape, **f32),
+            net=net,
+            k=torch.ones(shape[0], **f32),
+            bad=torch.empty(shape[0], dtype=torch.int32, device=dev),
+            gs=torch.ones(1, **f32),
+            phi=torch.zeros(1, **f32),
+            workspace=kernels.workspace(net) if cfg_rescale else None,
+            # eager loops draw exact noise step by step into one slot; graphs need all N up front
+            exact_eps=torch.zeros(((n if graph else 1) if exact else 0, *shape), **f32),
+        )
+        if graph:
+            buf.noise = torch.empty(shape, **f32)
+            buf.seeds = torch.zeros(shape[0], dtype=torch.int64, device=dev)
+            buf.coef = torch.empty_like(plan.coef, device=dev)
+            buf.sigma = torch.empty(2 * n, rows, **f32)
+            buf.cond = {k: torch.empty_like(v) for k, v in cond.items() if isinstance(v, torch.Tensor)}
+    return buf
+
+
+# ----------------------------------------------------------------------------- the sampler
 
 
 class Sampler:
     """A reusable sampler: ``Sampler(denoiser, **options)(noise, cond=..., seeds=...)``.
 
     Options are those of `sample`. Per call: the noise, ``sigmas`` (default: EDM's), ``cond`` /
-    ``uncond``, ``generator`` and ``seeds``. On CUDA with ``cuda_graph`` on, the whole loop (all
-    steps, both evaluations, CFG, noise) is captured once per configuration and replayed for new
-    noise, seeds, sigma values and tensor conditioning. A configuration is re-captured when any of
-    these change: noise shape/dtype/device, the network dtype, conditioning keys/shapes/dtypes,
+    ``uncond``, ``generator``, ``seeds``, and ``guidance_scale`` / ``guidance_rescale`` (override
+    the options; kept in device memory, so a captured graph serves any value). On CUDA with
+    ``cuda_graph`` on, the whole loop (all steps, both evaluations, CFG, noise) is captured once
+    per configuration and replayed for new noise, seeds, sigma values, guidance values and tensor
+    conditioning. A configuration is re-captured when any of these change: noise shape/dtype/
+    device, the network dtype, conditioning keys/shapes/dtypes, guidance on/off or rescale on/off,
     number of steps, which steps churn or take the correction (that depends on s_tmin/s_tmax and
     trailing zeros), zero-SNR start, solver or noise mode. At most ``max_graphs`` configurations
     are kept (least recently used dropped, its memory pool released); `release` frees them all.
     With ``cuda_graph="auto"`` a configuration's first call runs eagerly and the capture happens
-    when it repeats (so a one-off `sample` call never pays for a capture); ``True`` captures on
-    the first call; ``False`` never captures.
+    when it repeats; ``True`` captures on the first call; ``False`` never captures.
+
+    Threads: a Sampler may be called from several threads at once, and re-entrantly (from inside
+    its own denoiser). One call at a time uses the cached buffers / graphs; a call that finds them
+    busy runs eagerly on buffers of its own (correct, allocated per call).
+
+    Plans (the float64 schedule folded into coefficient rows) are cached per schedule values and
+    options: the denoiser's coefficients must not change while a Sampler uses it.
 
     ``stats`` records ``compile_s`` (first call through the compiled network), ``capture_s``,
     ``captures`` and ``replays``.
@@ -181,62 +186,55 @@ class Sampler:
     def __init__(self, denoiser: Any, sigmas: Any = None, *, max_graphs: int = 4, **options: Any):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
         self.opts = SamplerOptions.create(**options)
-        self.denoiser = denoiser
+        if self.opts.solver == "2nd" and self.opts.alpha < ALPHA_MIN:
+            raise ValueError(
+                f"alpha={self.opts.alpha} is below {ALPHA_MIN}: the fused float32 engine loses accuracy "
+                "like 1/alpha^2 there (use edmfast.reference.sample for such ablations)"
+            )
+        self._check_guidance(self.opts.guidance_scale, self.opts.guidance_rescale)
+        self._den: Callable[[], Any] = (
+            (lambda: denoiser) if not isinstance(denoiser, weakref.ref) else denoiser
+        )
+        self.precond = is_preconditioner(self.denoiser)
         self.sigmas = sigmas
         self.max_graphs = max_graphs
         self.stats: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0, "captures": 0, "replays": 0}
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Buffers]] = {}
+        self._plans = PlanCache()
+        self._graphs = GraphCache(max_graphs)
         self._eager: tuple[tuple, _Buffers] | None = None
-        self._seen: set[tuple] = set()  # configurations run at least once (cuda_graph="auto")
-        self._network = self._compiled_network() if self.opts.compile else None
-        self._compiled_warm = False
+        self._lock = threading.Lock()  # held by the call that uses the cached buffers / graphs
+        self._backends: dict[torch.device, str] = {}
+        self._network = CompiledNetwork(self.denoiser) if self.opts.compile else None
 
-    # ------------------------------------------------------------------ network
+    @property
+    def denoiser(self) -> Any:
+        den = self._den()
+        if den is None:
+            raise RuntimeError("the denoiser of this cached Sampler was garbage-collected")
+        return den
 
-    def _compiled_network(self):
-        """torch.compile of the raw network (of F inside a preconditioner), cached on the Sampler.
+    # ------------------------------------------------------------------ checks
 
-        The default mode is used: it composes with our own whole-loop graph capture (the
-        reduce-overhead mode would capture graphs of its own inside ours).
-        """
-        target = getattr(self.denoiser, "model", None) if hasattr(self.denoiser, "raw") else self.denoiser
-        if target is None:
-            raise ValueError("compile=True needs a preconditioner with a .model or a callable denoiser")
-        try:
-            return torch.compile(target, dynamic=False)
-        except Exception as e:  # surfaced, never silently ignored
-            raise RuntimeError(f"torch.compile of the denoiser failed: {e}") from e
+    @staticmethod
+    def _check_guidance(w: Any, phi: Any) -> tuple[float, float]:
+        w, phi = _real("guidance_scale", w), _real("guidance_rescale", phi)
+        if not abs(w) <= F32_MAX:  # the kernels compute in float32; 1e39 would be inf there
+            raise ValueError(f"guidance_scale must be finite in float32 (|w| <= 3.4e38), got {w}")
+        if not 0 <= phi <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {phi}")
+        return w, phi
 
-    def _call_network(self, x_in: torch.Tensor, sigma_in: torch.Tensor, cond: dict) -> torch.Tensor:
-        if self._network is not None and not self._compiled_warm:
-            t0 = time.perf_counter()
-            try:
-                out = self._raw(x_in, sigma_in, cond)
-            except Exception as e:
-                raise RuntimeError(f"the compiled denoiser failed on its first call: {e}") from e
-            if x_in.is_cuda:
-                torch.cuda.synchronize(x_in.device)
-            self.stats["compile_s"] = time.perf_counter() - t0
-            self._compiled_warm = True
-            return out
-        return self._raw(x_in, sigma_in, cond)
+    def _backend(self, device: torch.device) -> str:
+        backend = self._backends.get(device)
+        if backend is None:
+            backend = self._backends[device] = ops.resolve_backend(self.opts.backend, device)
+        return backend
 
-    def _raw(self, x_in: torch.Tensor, sigma_in: torch.Tensor, cond: dict) -> torch.Tensor:
-        den = self.denoiser
-        if hasattr(den, "raw"):
-            if self._network is not None:
-                from .precond import _model_output
-
-                return _model_output(self._network(x_in, sigma_in, **cond))
-            return den.raw(x_in, sigma_in, **cond)
-        fn = self._network if self._network is not None else den
-        return fn(x_in, sigma_in, **cond)
-
-    def _net_dtype(self, noise: torch.Tensor) -> torch.dtype:
-        dtype = (
-            getattr(self.denoiser, "dtype", torch.float32) if hasattr(self.denoiser, "raw") else torch.float32
-        )
+    def _net_dtype(self) -> torch.dtype:
+        dtype = getattr(self.denoiser, "dtype", torch.float32) if self.precond else torch.float32
         if dtype not in ops.IO_DTYPES:
             raise TypeError(f"the network dtype must be one of {ops.IO_DTYPES}, got {dtype}")
         return dtype
@@ -253,13 +251,22 @@ class Sampler:
         uncond: dict | None = None,
         generator: Any = None,
         seeds: Any = None,
+        guidance_scale: Any = None,
+        guidance_rescale: Any = None,
     ) -> torch.Tensor:
+        # ---- validate
         opts = self.opts
-        noise = check_noise(noise)
+        # On CUDA the finiteness of the noise is checked by the first pass (no host sync here)
+        noise = check_noise(noise, finite=not (isinstance(noise, torch.Tensor) and noise.is_cuda))
         batch, device = noise.shape[0], noise.device
-        backend = ops.resolve_backend(opts.backend, device)
+        backend = self._backend(device)
+        w, phi = self._check_guidance(
+            opts.guidance_scale if guidance_scale is None else guidance_scale,
+            opts.guidance_rescale if guidance_rescale is None else guidance_rescale,
+        )
         cond = check_cond(cond, batch, device, "cond")
-        use_cfg = opts.guidance_scale != 1.0
+        use_cfg = w != 1.0
+        rescale = use_cfg and phi > 0
         if use_cfg:
             if uncond is None:
                 raise ValueError(
@@ -268,265 +275,319 @@ class Sampler:
             kwargs = merge_cond(cond, check_cond(uncond, batch, device, "uncond"), batch)
         else:
             kwargs = cond
-        sigmas = self.sigmas if sigmas is None else sigmas
-        plan = make_plan(self.denoiser, resolve_sigmas(self.denoiser, sigmas, opts), opts)
-        if opts.noise_mode == "fused" and any(plan.noise_steps):
+        # ---- plan (cached)
+        plan = self._plans.get(self.denoiser, self.sigmas if sigmas is None else sigmas, opts)
+        fused_noise = opts.noise_mode == "fused" and any(plan.noise_steps)
+        if fused_noise:
             if seeds is None:
                 seeds = getattr(generator, "seeds", None)
                 seeds = None if seeds is None else seeds.to(device)  # ours to move: the generator's CPU copy
             if seeds is None:
                 raise ValueError("noise_mode='fused' with s_churn > 0 needs seeds (int64 [B])")
-        seeds_t = (
-            check_seeds(seeds, batch, device) if seeds is not None else torch.zeros(batch, dtype=torch.int64)
-        )
+        seeds_t = check_seeds(seeds, batch, device).contiguous() if seeds is not None else None
         check_generator(generator, batch)
-
-        net_dtype = self._net_dtype(noise)
-        if opts.cuda_graph is True and device.type != "cuda":
-            raise ValueError("cuda_graph=True needs CUDA tensors")
-        key = (
-            tuple(noise.shape),
-            noise.dtype,
-            device,
-            net_dtype,
-            backend,
-            plan.structure,
-            use_cfg,
-            tuple(
-                (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
-                for k, v in sorted(kwargs.items())
-            ),
-        )
-        if opts.cuda_graph == "auto":
-            # capture once a configuration repeats: a one-off call (e.g. sample()) runs eagerly
-            # instead of paying warm-up + capture + replay for a single use
-            use_graph = device.type == "cuda" and (key in self._graphs or key in self._seen)
-            if device.type == "cuda":
-                self._seen.add(key)
-        else:
-            use_graph = opts.cuda_graph is True
         # like the official script (and the reference), exact mode draws on every step once
         # S_churn > 0, even where no step churns, so the generator ends in the same state
         exact = opts.noise_mode == "exact" and opts.s_churn > 0
-
-        def fill(buf: _Buffers, draw_noise: bool = True) -> None:
-            buf.noise.copy_(noise)
-            buf.coef.copy_(plan.coef)
-            buf.sigma_in.copy_(self._sigma_table(plan, buf.sigma_in.shape[1]))
-            buf.seeds.copy_(seeds_t)
-            if exact and use_graph and draw_noise:
-                # a graph cannot call the generator: draw every step's noise before the replay, in
-                # the same order the loop would (the official script draws on every step)
-                for i, on in enumerate(plan.noise_steps):
-                    eps = draw_exact_noise(generator, tuple(noise.shape), device)
-                    if on:
-                        buf.exact_eps[i].copy_(eps)
-            for key, v in buf.cond.items():
-                v.copy_(kwargs[key])
-
+        net_dtype = self._net_dtype()
+        if opts.cuda_graph is True and device.type != "cuda":
+            raise ValueError("cuda_graph=True needs CUDA tensors")
         rows = 2 * batch if use_cfg else batch
-        draw = (lambda: draw_exact_noise(generator, tuple(noise.shape), device)) if exact else None
-        if not use_graph:
-            # eager buffers are kept for the next call of the same shape (the result is a copy)
-            eager_key = (tuple(noise.shape), device, net_dtype, rows, len(plan.steps), exact)
-            if self._eager is None or self._eager[0] != eager_key:
-                self._eager = (eager_key, self._alloc(noise, rows, net_dtype, plan, exact, {}, graph=False))
-            buf = self._eager[1]
-            fill(buf)
-            self._loop(buf, plan, backend, use_cfg, kwargs, draw=draw, progress=opts.progress)
-            out = buf.x_hat
-            sums = buf.sums
-        else:
-            entry = self._graphs.pop(key, None)
-            if entry is None:
-                entry = self._capture(noise, rows, net_dtype, plan, exact, kwargs, backend, use_cfg, fill)
-                while len(self._graphs) >= self.max_graphs:
-                    self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[key] = entry  # most recently used last
-            graph, buf = entry
-            fill(buf)
-            if opts.progress:  # the whole loop is one replay: one tick, closed when it has run
-                from tqdm import tqdm
+        call = _Call(plan, backend, _kernels(backend), use_cfg, rescale, w, phi, kwargs, exact, generator)
 
-                with tqdm(total=1, desc="edmfast (graph replay)") as bar:
-                    graph.replay()
-                    torch.cuda.current_stream(device).synchronize()
-                    bar.update()
+        # ---- buffers (cached) and run: eager loop or graph replay
+        with self._exclusive() as shared:
+            if shared and opts.cuda_graph is not False and device.type == "cuda":
+                key = (
+                    tuple(noise.shape),
+                    noise.dtype,
+                    device,
+                    net_dtype,
+                    backend,
+                    plan.structure,
+                    use_cfg,
+                    rescale,
+                    tuple(
+                        (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
+                        for k, v in sorted(kwargs.items())
+                    ),
+                )
+                if opts.cuda_graph is True or self._graphs.should_capture(key):
+                    buf = self._replay(key, call, noise, seeds_t, rows, net_dtype)
+                    return self._finish(buf, plan, noise)
+            buf_key = (tuple(noise.shape), device, net_dtype, rows, plan.n, exact, rescale)
+            if shared and self._eager is not None and self._eager[0] == buf_key:
+                buf = self._eager[1]
             else:
+                buf = _alloc(noise, rows, net_dtype, plan, exact, False, rescale, call.kernels, {})
+                if shared:
+                    self._eager = (buf_key, buf)
+            self._set_guidance(buf, call)
+            start = (
+                noise
+                if noise.dtype == torch.float32 and noise.is_contiguous()
+                else noise.float().contiguous()
+            )
+            self._loop(
+                call,
+                buf,
+                plan.rows(device),
+                plan.sigma_rows(device, rows),
+                start,
+                seeds_t,
+                kwargs,
+                opts.progress,
+            )
+            return self._finish(buf, plan, noise)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[bool]:
+        """True: this call owns the cached buffers and graphs; False: another call (another thread,
+        or this thread re-entering from its denoiser) holds them, so use private buffers."""
+        if self._lock.acquire(blocking=False):
+            try:
+                yield True
+            finally:
+                self._lock.release()
+        else:
+            yield False
+
+    def _set_guidance(self, buf: _Buffers, call: _Call) -> None:
+        if call.use_cfg and call.kernels.tensor_guidance and buf.values != (call.w, call.phi):
+            buf.gs.fill_(call.w)
+            buf.phi.fill_(call.phi)
+            buf.values = (call.w, call.phi)
+
+    def _finish(self, buf: _Buffers, plan: Plan, noise: torch.Tensor) -> torch.Tensor:
+        """The one host sync of a call: read the per-sample non-finite flags, then copy out."""
+        if self._network is not None:
+            self.stats["compile_s"] = self._network.compile_s
+        bad = buf.bad.tolist()
+        first = min(bad)
+        if first != INT32_MAX:
+            samples = [b for b, s in enumerate(bad) if s == first]
+            first -= 1  # the start pass flags 0, step i's passes flag i + 1 (never a negative step)
+            if first < 0:
+                raise ValueError(f"noise must be finite (found NaN or inf in samples {samples[:8]})")
+            raise FloatingPointError(
+                f"non-finite values appeared at step {first} (sigma={plan.steps[first].sigma:g}) in samples "
+                f"{samples[:8]}: the denoiser produced NaN or inf"
+            )
+        return buf.x_hat.to(noise.dtype, copy=True)
+
+    # ------------------------------------------------------------------ graphs
+
+    def _replay(self, key: tuple, call: _Call, noise, seeds_t, rows: int, net_dtype) -> _Buffers:
+        plan, device = call.plan, noise.device
+        entry = self._graphs.get(key)
+        if entry is None:
+            buf = _alloc(
+                noise, rows, net_dtype, plan, call.exact, True, call.rescale, call.kernels, call.kwargs
+            )
+            # No exact-noise draws before the capture: the fill right before the first replay
+            # draws, and drawing twice would advance the generator past the reference's stream.
+            self._fill(buf, call, noise, seeds_t, draw=False)
+            assert buf.coef is not None and buf.sigma is not None and buf.noise is not None
+            cond = {k: buf.cond.get(k, v) for k, v in call.kwargs.items()}
+            coef_rows, sig_rows, start = list(buf.coef.unbind(0)), list(buf.sigma.unbind(0)), buf.noise
+            graph, seconds = capture(
+                lambda: self._loop(call, buf, coef_rows, sig_rows, start, buf.seeds, cond, False, graph=True),
+                device,
+            )
+            self.stats["capture_s"] += seconds
+            self.stats["captures"] += 1
+            entry = (graph, buf)
+            self._graphs.put(key, entry)
+        graph, buf = entry
+        self._fill(buf, call, noise, seeds_t, draw=True)
+        if self.opts.progress:  # the whole loop is one replay: one tick, closed when it has run
+            from tqdm import tqdm
+
+            with tqdm(total=1, desc="edmfast (graph replay)") as bar:
                 graph.replay()
-            self.stats["replays"] += 1
-            out, sums = buf.x_hat, buf.sums
-        self._check_finite(sums, plan)
-        return out.to(noise.dtype, copy=True)
+                torch.cuda.current_stream(device).synchronize()
+                bar.update()
+        else:
+            graph.replay()
+        self.stats["replays"] += 1
+        return buf
 
-    # ------------------------------------------------------------------ internals
+    def _fill(self, buf: _Buffers, call: _Call, noise, seeds_t, draw: bool) -> None:
+        """Refill a graph's static inputs (device-to-device copies, no host sync)."""
+        plan, device = call.plan, noise.device
+        assert buf.noise is not None and buf.coef is not None and buf.sigma is not None
+        buf.noise.copy_(noise)
+        if buf.plan is not plan:  # the rows change only with the plan
+            buf.coef.copy_(plan.coef_on(device))
+            buf.sigma.copy_(plan.sigma_on(device, buf.sigma.shape[1]))
+            buf.plan = plan
+        if seeds_t is not None and buf.seeds is not None:
+            buf.seeds.copy_(seeds_t)
+        self._set_guidance(buf, call)
+        if call.exact and draw:
+            # a graph cannot call the generator: draw every step's noise before the replay, in
+            # the same order the loop would (the official script draws on every step)
+            for i, on in enumerate(plan.noise_steps):
+                eps = draw_exact_noise(call.generator, tuple(noise.shape), device)
+                if on:
+                    buf.exact_eps[i].copy_(eps)
+        for k, v in buf.cond.items():
+            v.copy_(call.kwargs[k])
 
-    def _sigma_table(self, plan: _Plan, rows: int) -> torch.Tensor:
-        """Per evaluation (2 per step): c_noise for a preconditioner, sigma for a plain denoiser."""
-        precond = hasattr(self.denoiser, "raw")
-        vals = torch.zeros(2 * len(plan.steps), dtype=torch.float64)
-        for i, (e, ep) in enumerate(plan.evals):
-            vals[2 * i] = e.c_noise if precond else e.sigma
-            if ep is not None:
-                vals[2 * i + 1] = ep.c_noise if precond else ep.sigma
-        return vals.to(torch.float32).reshape(-1, 1).expand(-1, rows)
-
-    def _alloc(self, noise, rows, net_dtype, plan, exact, kwargs, graph: bool) -> _Buffers:
-        dev, shape, n = noise.device, tuple(noise.shape), len(plan.steps)
-        f32 = dict(dtype=torch.float32, device=dev)
-        return _Buffers(
-            x_hat=torch.empty(shape, **f32),
-            x_prime=torch.empty(shape, **f32),
-            net=torch.empty((rows, *shape[1:]), dtype=net_dtype, device=dev),
-            noise=torch.empty(shape, **f32),
-            coef=torch.empty(1 + 2 * n, COEF_SIZE, **f32),
-            sigma_in=torch.empty(2 * n, rows, **f32),
-            k=torch.ones(shape[0], **f32),
-            seeds=torch.zeros(shape[0], dtype=torch.int64, device=dev),
-            # eager loops draw exact noise step by step into one slot; graphs need all N up front
-            exact_eps=torch.zeros(((n if graph else 1) if exact else 0, *shape), **f32),
-            sums=torch.zeros(n, shape[0], **f32),
-            cond={k: torch.empty_like(v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
-        )
+    # ------------------------------------------------------------------ the loop
 
     def _loop(
         self,
+        call: _Call,
         buf: _Buffers,
-        plan: _Plan,
-        backend: str,
-        use_cfg: bool,
+        coef: list[torch.Tensor],
+        sigma: list[torch.Tensor],
+        start: torch.Tensor,
+        seeds: torch.Tensor | None,
         cond: dict,
-        draw=None,
-        progress: bool = False,
+        progress: bool,
+        graph: bool = False,
     ) -> None:
         """The whole sampling loop on static buffers: capturable as one CUDA graph.
 
-        ``draw`` (eager exact-noise mode only) draws step i's churn noise when the loop reaches it.
+        ``coef`` / ``sigma``: per-pass rows and per-evaluation network sigma / c_noise tensors.
+        In eager exact-noise mode step i's churn noise is drawn when the loop reaches it.
         """
-        opts = self.opts
-        batch, n = buf.x_hat.shape[0], len(plan.steps)
-        w, phi = opts.guidance_scale, opts.guidance_rescale
+        plan, k = call.plan, call.kernels
+        n, step_fn, cfg_fn = plan.n, k.step, k.cfg
+        den = self.denoiser
+        network: Callable[..., Any] = (
+            self._network if self._network is not None else (den.raw if self.precond else den)
+        )
+        x_hat, x_prime, net, bad = buf.x_hat, buf.x_prime, buf.net, buf.bad
+        shape, dtype, device = net.shape, net.dtype, net.device
+        w: Any = buf.gs if k.tensor_guidance else call.w
+        phi: Any = buf.phi if k.tensor_guidance else call.phi
+        kk = buf.k if call.rescale else None
+        ws = buf.workspace
+        exact, noise_steps, correct = call.exact, plan.noise_steps, plan.correct
+        eps_slots = buf.exact_eps
+        generator = call.generator
 
-        def noise_args(i: int) -> dict[str, Any]:
+        def churn_args(i: int) -> dict[str, Any]:
+            """Noise operands for the pass that ends step i - 1 and churns step i."""
             if i >= n:
                 return {}
-            if draw is not None:
-                eps = draw()  # drawn on every step, like the official script, to keep the stream
-                if plan.noise_steps[i]:
-                    buf.exact_eps[0].copy_(eps)
-                    return {"noise": buf.exact_eps[0]}
+            if exact:
+                if graph:
+                    return {"noise": eps_slots[i]} if noise_steps[i] else {}
+                eps = draw_exact_noise(generator, tuple(x_hat.shape), device)  # drawn on every step
+                if noise_steps[i]:
+                    eps_slots[0].copy_(eps)
+                    return {"noise": eps_slots[0]}
                 return {}
-            if not plan.noise_steps[i]:
-                return {}
-            if buf.exact_eps.shape[0]:
-                return {"noise": buf.exact_eps[i]}
-            return {"seeds": buf.seeds, "step": i}
+            if noise_steps[i]:
+                return {"seeds": seeds, "step": i}
+            return {}
 
         def evaluate(j: int) -> torch.Tensor:
-            f = self._call_network(buf.net, buf.sigma_in[j], cond)
-            if f.shape != buf.net.shape:
-                raise ValueError(
-                    f"the denoiser returned shape {tuple(f.shape)}, expected {tuple(buf.net.shape)}"
+            f = network(net, sigma[j], **cond)
+            if not isinstance(f, torch.Tensor):
+                raise TypeError(
+                    f"the denoiser returned {type(f).__name__}, expected a torch.Tensor shaped like its input"
                 )
-            if f.device != buf.net.device:
-                raise ValueError(f"the denoiser returned a tensor on {f.device}, expected {buf.net.device}")
-            if not f.is_floating_point():
-                raise TypeError(f"the denoiser returned dtype {f.dtype}, expected a floating dtype")
-            if f.dtype != buf.net.dtype:
-                f = f.to(buf.net.dtype)
-            if use_cfg and phi > 0:
-                ops.cfg_rescale_factors(f, w, phi, out=buf.k, backend=backend)
+            if f.shape != shape:
+                raise ValueError(f"the denoiser returned shape {tuple(f.shape)}, expected {tuple(shape)}")
+            if f.device != device:
+                raise ValueError(f"the denoiser returned a tensor on {f.device}, expected {device}")
+            if f.dtype != dtype:
+                if not f.is_floating_point():
+                    raise TypeError(f"the denoiser returned dtype {f.dtype}, expected a floating dtype")
+                f = f.to(dtype)
+            if not f.is_contiguous():
+                f = f.contiguous()
+            if kk is not None:
+                cfg_fn(f, w, phi, out=kk, workspace=ws)
             return f
 
-        guide: dict[str, Any] = dict(k=buf.k if use_cfg and phi > 0 else None, guidance_scale=w)
-        ops.heun_step(
-            buf.noise, buf.coef[0], out=buf.x_hat, out_net=buf.net, backend=backend, **noise_args(0)
-        )
-        steps = range(len(plan.steps))
+        bad.fill_(INT32_MAX)
+        step_fn(start, coef[0], out=x_hat, out_net=net, bad=bad, bad_step=0, **churn_args(0))
+        steps: Any = range(n)
         if progress:
             from tqdm import tqdm
 
             steps = tqdm(steps, desc="edmfast")
         for i in steps:
-            next_net = buf.net if i + 1 < n else None  # the last pass feeds no network
+            next_net = net if i + 1 < n else None  # the last pass feeds no network
             f = evaluate(2 * i)
-            if plan.evals[i][1] is not None:
-                ops.heun_step(
-                    buf.x_hat,
-                    buf.coef[1 + 2 * i],
-                    f=f,
-                    out=buf.x_prime,
-                    out_net=buf.net,
-                    backend=backend,
-                    **guide,
-                )
+            if correct[i]:
+                step_fn(
+                    x_hat, coef[1 + 2 * i], f=f, k=kk, guidance_scale=w,
+                    out=x_prime, out_net=net, bad=bad, bad_step=i + 1,
+                )  # fmt: skip
                 f = evaluate(2 * i + 1)
-                ops.heun_step(
-                    buf.x_hat,
-                    buf.coef[2 + 2 * i],
-                    x_prime=buf.x_prime,
-                    f=f,
-                    out=buf.x_hat,
-                    out_net=next_net,
-                    backend=backend,
-                    **guide,
-                    **noise_args(i + 1),
-                )
+                step_fn(
+                    x_hat, coef[2 + 2 * i], x_prime=x_prime, f=f, k=kk, guidance_scale=w,
+                    out=x_hat, out_net=next_net, bad=bad, bad_step=i + 1, **churn_args(i + 1),
+                )  # fmt: skip
             else:
-                ops.heun_step(
-                    buf.x_hat,
-                    buf.coef[1 + 2 * i],
-                    f=f,
-                    out=buf.x_hat,
-                    out_net=next_net,
-                    backend=backend,
-                    **guide,
-                    **noise_args(i + 1),
-                )
-            # one read of the state per step; NaN/inf anywhere makes its sample's sum non-finite
-            torch.sum(buf.x_hat.reshape(batch, -1), dim=1, out=buf.sums[i])
-
-    def _capture(self, noise, rows, net_dtype, plan, exact, kwargs, backend, use_cfg, fill):
-        buf = self._alloc(noise, rows, net_dtype, plan, exact, kwargs, graph=True)
-        # No exact-noise draws here: the caller fills again (drawing) right before the first
-        # replay, and drawing twice would advance the generator past the reference's stream.
-        # Warm-up and capture run on the zeroed exact_eps; only the replay's values matter.
-        fill(buf, draw_noise=False)
-        # tensor keyword arguments are read from static copies that each replay refills
-        cond = {k: buf.cond.get(k, v) for k, v in kwargs.items()}
-        t0 = time.perf_counter()
-        # warm up on a side stream (lazy init, compilation, cuDNN autotuning) before capture
-        side = torch.cuda.Stream(device=noise.device)
-        side.wait_stream(torch.cuda.current_stream(noise.device))
-        with torch.cuda.stream(side):
-            self._loop(buf, plan, backend, use_cfg, cond)
-        torch.cuda.current_stream(noise.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._loop(buf, plan, backend, use_cfg, cond)
-        torch.cuda.synchronize(noise.device)
-        self.stats["capture_s"] += time.perf_counter() - t0
-        self.stats["captures"] += 1
-        return graph, buf
-
-    def _check_finite(self, sums: torch.Tensor, plan: _Plan) -> None:
-        """The one host sync of a call: name the first step whose state went non-finite."""
-        bad = ~torch.isfinite(sums).all(dim=1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            samples = (~torch.isfinite(sums[i])).nonzero().flatten().tolist()
-            raise FloatingPointError(
-                f"non-finite values appeared at step {i} (sigma={plan.steps[i].sigma:g}) in samples "
-                f"{samples[:8]}: the denoiser produced NaN or inf"
-            )
+                step_fn(
+                    x_hat, coef[1 + 2 * i], f=f, k=kk, guidance_scale=w,
+                    out=x_hat, out_net=next_net, bad=bad, bad_step=i + 1, **churn_args(i + 1),
+                )  # fmt: skip
 
     def release(self) -> None:
         """Drop every captured graph and its memory pool, and the eager buffers."""
-        self._graphs.clear()
-        self._eager = None
-        self._seen.clear()
+        with self._lock:
+            self._graphs.clear()
+            self._eager = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one call runs: the plan, the kernels and the per-call values."""
+
+    plan: Plan
+    backend: str
+    kernels: _Kernels
+    use_cfg: bool
+    rescale: bool
+    w: float
+    phi: float
+    kwargs: dict
+    exact: bool
+    generator: Any
+
+
+# ----------------------------------------------------------------------------- sample()
+
+# sample() keeps its Samplers (so repeated calls reuse plans and buffers, and on CUDA get the graph
+# path): a small LRU keyed by the denoiser's identity and the options, holding the denoiser weakly
+# (an entry dies with its denoiser, never keeping a model alive).
+_SAMPLE_CACHE_SIZE = 8
+_samplers: OrderedDict[tuple, Sampler] = OrderedDict()
+_samplers_lock = threading.Lock()
+
+
+def _cached_sampler(denoiser: Any, opts: SamplerOptions, options: dict) -> Sampler:
+    key = (id(denoiser), opts)
+    with _samplers_lock:
+        s = _samplers.get(key)
+        if s is not None and s._den() is denoiser:
+            _samplers.move_to_end(key)
+            return s
+    try:
+        ref = weakref.ref(denoiser, functools.partial(_drop, key))
+    except TypeError:  # not weak-referenceable (e.g. a builtin): no caching
+        return Sampler(denoiser, **options)
+    s = Sampler(ref, **options)
+    with _samplers_lock:
+        _samplers[key] = s
+        while len(_samplers) > _SAMPLE_CACHE_SIZE:
+            _samplers.popitem(last=False)
+    return s
+
+
+def _drop(key: tuple, _ref: Any = None) -> None:
+    with _samplers_lock:
+        _samplers.pop(key, None)
 
 
 @with_option_signature
@@ -550,9 +611,23 @@ def sample(
     guidance_scale 1, guidance_rescale 0, noise_mode "exact" | "fused", backend "auto",
     cuda_graph "auto", compile False, progress False. Returns a tensor like ``noise``.
 
-    Each call builds a fresh `Sampler`, so with ``cuda_graph="auto"`` it runs eagerly; keep a
-    `Sampler` to get the whole loop captured once and replayed.
+    Repeated calls with the same denoiser and options reuse one cached `Sampler` (its plans,
+    buffers and, on CUDA, captured graphs); with compile=True each call builds a fresh one.
     """
-    return Sampler(denoiser, sigmas, **options)(
-        noise, cond=cond, uncond=uncond, generator=generator, seeds=seeds
-    )
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
+    w = options.pop("guidance_scale", 1.0)
+    phi = options.pop("guidance_rescale", 0.0)
+    opts = SamplerOptions.create(**options)
+    SamplerOptions.create(guidance_scale=w, guidance_rescale=phi)  # the same errors as the options
+    if opts.compile:
+        s = Sampler(denoiser, **options)
+    else:
+        s = _cached_sampler(denoiser, opts, options)
+    return s(
+        noise, sigmas, cond=cond, uncond=uncond, generator=generator, seeds=seeds,
+        guidance_scale=w, guidance_rescale=phi,
+    )  # fmt: skip
+
+
+__all__ = ["ALPHA_MIN", "Sampler", "sample"]

@@ -1,0 +1,331 @@
+"""Planning: (denoiser, sigmas, options) -> steps, evaluations and the fused passes' coefficient rows.
+
+The only place where the schedule, the preconditioner and the solver are folded into numbers.
+Everything is float64 on the host, vectorized over the whole schedule (one ``coefficients()``
+call over every sigma the run evaluates, rows built with tensor ops), done once per distinct
+(schedule, options) and cached: a repeated call costs a dictionary lookup.
+
+Per Heun step the engine runs two passes (SPEC §3), each ``out = p x_hat + q x' + r F + std eps;
+net = c out`` with a float32 row ``[p, q, r, std, c, 0, 0, 0]``:
+
+* row 0: the start, ``x_hat_0 = sigma_0 noise + std_0 eps`` (the noise itself when sigma_0 = inf);
+* row 1 + 2i (pass A): the Euler point x' (or the step's result when step i takes no correction);
+* row 2 + 2i (pass B): ``x_{i+1}`` from x_hat, x' and F', already churned for step i + 1.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .options import SamplerOptions, resolve_sigmas
+from .reference import COEF_SIZE
+
+__all__ = ["Denoiser", "Plan", "PlanCache", "Preconditioner", "Step", "is_preconditioner", "make_plan"]
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """``D(x, sigma, **cond) -> x0 estimate`` shaped like x: the plain denoiser the engine accepts."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Preconditioner(Protocol):
+    """A denoiser ``D = c_skip x + c_out F(c_in x; c_noise)`` whose coefficients the engine fuses.
+
+    ``coefficients`` maps a float64 sigma tensor [K] to four float64 tensors [K] (elementwise, so
+    the whole schedule is one call); ``raw`` is F alone; ``dtype`` the network's input dtype.
+    """
+
+    dtype: torch.dtype
+
+    def coefficients(
+        self, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def raw(self, x_in: torch.Tensor, c_noise: torch.Tensor, **cond: Any) -> torch.Tensor: ...
+
+
+def is_preconditioner(denoiser: Any) -> bool:
+    """True when the engine folds ``denoiser``'s coefficients into its passes and calls ``raw``."""
+    return callable(getattr(denoiser, "coefficients", None)) and callable(getattr(denoiser, "raw", None))
+
+
+@dataclass(frozen=True)
+class Step:
+    """The float64 plan of one sampler step (EDM Algorithm 2)."""
+
+    sigma: float  # sigma_i (may be inf for the first step of a zero-terminal-SNR schedule)
+    sigma_hat: float  # sigma_i (1 + gamma_i), rounded
+    sigma_next: float  # sigma_{i+1}
+    noise_std: float  # sqrt(sigma_hat^2 - sigma_i^2) * S_noise
+    churn: bool  # gamma_i > 0
+    correct: bool  # take the 2nd-order correction (sigma_{i+1} != 0 and solver != euler)
+    sigma_prime: float  # sigma_hat + alpha h, where the correction evaluates D
+
+
+@dataclass
+class _Schedule:
+    """Per-step float64 vectors [N] (the vectorized form of a list of `Step`)."""
+
+    sigma: torch.Tensor
+    sigma_hat: torch.Tensor
+    sigma_next: torch.Tensor
+    noise_std: torch.Tensor
+    churn: torch.Tensor  # bool
+    correct: torch.Tensor  # bool
+    sigma_prime: torch.Tensor
+    inf_start: bool
+
+    def steps(self) -> list[Step]:
+        cols = (
+            self.sigma.tolist(),
+            self.sigma_hat.tolist(),
+            self.sigma_next.tolist(),
+            self.noise_std.tolist(),
+            self.churn.tolist(),
+            self.correct.tolist(),
+            self.sigma_prime.tolist(),
+        )
+        return [Step(*v) for v in zip(*cols, strict=True)]
+
+
+def _schedule(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> _Schedule:
+    """Churn (gamma), rounding and the correction point for every step at once."""
+    s = sigmas.to(torch.float64).reshape(-1)
+    n = s.numel() - 1
+    sig, nxt = s[:-1], s[1:]
+    if bool(torch.isinf(s[1:]).any()):
+        raise ValueError("only sigmas[0] may be inf")
+    inf_start = math.isinf(float(s[0]))
+    gamma_max = min(opts.s_churn / n, math.sqrt(2) - 1)
+    churn = (sig >= opts.s_tmin) & (sig <= opts.s_tmax) & (gamma_max > 0)
+    if inf_start:
+        churn[0] = False  # the limit step takes no churn
+    sigma_hat = torch.where(churn, sig * (1 + gamma_max), sig)
+    round_sigma = getattr(denoiser, "round_sigma", None)
+    if round_sigma is not None and bool(churn.any()):
+        rounded = torch.as_tensor(round_sigma(sigma_hat[churn])).to(torch.float64).reshape(-1)
+        sigma_hat = sigma_hat.clone()
+        sigma_hat[churn] = rounded
+    std = torch.where(churn, (sigma_hat**2 - sig**2).clamp(min=0).sqrt() * opts.s_noise, 0.0)
+    correct = (nxt != 0) & opts.second_order
+    alpha = opts.effective_alpha
+    # Heun (alpha = 1) evaluates exactly at sigma_{i+1}, not at sigma_hat + h rounded in float64
+    sigma_prime = nxt if alpha == 1 else sigma_hat + alpha * (nxt - sigma_hat)
+    if inf_start:
+        correct[0] = False
+        sigma_prime = sigma_prime.clone()
+        sigma_prime[0] = nxt[0]
+    return _Schedule(sig, sigma_hat, nxt, std, churn, correct, sigma_prime, inf_start)
+
+
+def plan_steps(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> list[Step]:
+    """Per-step noise levels for the schedule: churn (gamma), rounding and the correction point."""
+    return _schedule(denoiser, sigmas, opts).steps()
+
+
+def _coefficients(denoiser: Any, sigma: torch.Tensor) -> list[torch.Tensor]:
+    """(c_skip, c_out, c_in, c_noise) float64 [K] for a float64 sigma vector [K], in one call."""
+    if not is_preconditioner(denoiser):
+        one, zero = torch.ones_like(sigma), torch.zeros_like(sigma)
+        return [zero, one, one, sigma]  # a plain denoiser: D = F(x; sigma), network input = x
+    return [
+        torch.broadcast_to(torch.as_tensor(c, dtype=torch.float64), sigma.shape)
+        for c in denoiser.coefficients(sigma)
+    ]
+
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+@dataclass
+class Plan:
+    """Everything the loop needs for one (schedule, options): float64-derived, float32 rows."""
+
+    steps: list[Step]
+    coef: torch.Tensor  # float32 CPU [1 + 2N, COEF_SIZE]
+    sigma_in: torch.Tensor  # float32 CPU [2N]: per evaluation, c_noise (preconditioner) or sigma
+    noise_steps: tuple[bool, ...]  # which steps inject churn noise (std > 0)
+    correct: tuple[bool, ...]  # which steps take the correction (two evaluations)
+    structure: tuple  # what a captured graph depends on besides tensor values
+    _dev: dict = field(default_factory=dict, repr=False)  # per-device copies (see `rows`)
+
+    @property
+    def n(self) -> int:
+        return len(self.steps)
+
+    def rows(self, device: torch.device) -> list[torch.Tensor]:
+        """``coef`` on ``device``, as a list of row views [1 + 2N] (copied once per device)."""
+        key = ("coef", device)
+        got = self._dev.get(key)
+        if got is None:
+            with torch.inference_mode(False):  # usable inside and outside inference mode
+                t = self.coef.to(device) if device.type != "cpu" else self.coef
+            got = self._dev[key] = (t, list(t.unbind(0)))
+        return got[1]
+
+    def coef_on(self, device: torch.device) -> torch.Tensor:
+        self.rows(device)
+        return self._dev[("coef", device)][0]
+
+    def sigma_rows(self, device: torch.device, rows: int) -> list[torch.Tensor]:
+        """Per evaluation, the [rows] float32 sigma / c_noise tensor handed to the network."""
+        key = ("sigma", device, rows)
+        got = self._dev.get(key)
+        if got is None:
+            with torch.inference_mode(False):
+                t = self.sigma_in.reshape(-1, 1).expand(-1, rows).contiguous().to(device)
+            got = self._dev[key] = (t, list(t.unbind(0)))
+        return got[1]
+
+    def sigma_on(self, device: torch.device, rows: int) -> torch.Tensor:
+        self.sigma_rows(device, rows)
+        return self._dev[("sigma", device, rows)][0]
+
+
+def make_plan(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> Plan:
+    """Fold the schedule, the preconditioner and the solver into per-pass coefficient rows."""
+    sch = _schedule(denoiser, sigmas, opts)
+    n = sch.sigma.numel()
+    a = opts.effective_alpha
+    sh, nxt, sp = sch.sigma_hat, sch.sigma_next, sch.sigma_prime
+    finite = ~torch.isinf(sch.sigma)
+    # one coefficients() call: first evaluations at sigma_hat, corrections at sigma' (a valid
+    # sigma stands in where a step has no correction or is the limit step; those are not used)
+    sh_safe = torch.where(finite, sh, nxt[0] if n else 1.0)
+    sp_safe = torch.where(sch.correct, sp, sh_safe)
+    c = _coefficients(denoiser, torch.cat([sh_safe, sp_safe]))
+    skip1, out1, in1, noise1 = (t[:n].clone() for t in c)
+    skip2, out2, in2, noise2 = (t[n:] for t in c)
+    if sch.inf_start:
+        limit = getattr(denoiser, "limit_coefficients", None)
+        if limit is None or not is_preconditioner(denoiser):
+            raise ValueError(
+                "sigmas[0] is inf (zero terminal SNR): the denoiser needs limit_coefficients() "
+                "(use edmfast.DiscreteVPDenoiser with v_prediction or sample prediction)"
+            )
+        skip1[0], out1[0], in1[0], noise1[0] = limit()
+    noise_on = sch.churn & (sch.noise_std > 0) if opts.s_churn > 0 else torch.zeros(n, dtype=torch.bool)
+    std_on = torch.where(noise_on, sch.noise_std, 0.0)
+    # what a pass ending step i applies for step i + 1: its churn std and its network input scale
+    zero = torch.zeros(1, dtype=torch.float64)
+    std_next = torch.cat([std_on[1:], zero])
+    c_next = torch.cat([in1[1:], zero])
+
+    h = nxt - sh
+    d_x, d_f = (1 - skip1) / sh, -out1 / sh  # d = (x_hat - D) / sigma_hat, D = c_skip x_hat + c_out F
+    # pass B: x_{i+1} = x_hat + h ((1 - 1/(2a)) d + 1/(2a) d') with d = (x' - x_hat)/(a h),
+    # d' = ((1 - c_skip') x' - c_out' F') / sigma'  ->  P x_hat + Q x' + R F'
+    w1 = (1 - 1 / (2 * a)) / a
+    w2 = h / (2 * a * sp)
+    cor = sch.correct
+    rows = torch.zeros(1 + 2 * n, COEF_SIZE, dtype=torch.float64)
+    pass_a, pass_b = rows[1::2], rows[2::2]
+    pass_a[:, 0] = torch.where(cor, 1 + a * h * d_x, 1 + h * d_x)
+    pass_a[:, 2] = torch.where(cor, a * h * d_f, h * d_f)
+    pass_a[:, 3] = torch.where(cor, 0.0, std_next)
+    pass_a[:, 4] = torch.where(cor, in2, c_next)
+    pass_b[:, 0] = torch.where(cor, 1 - w1, 0.0)
+    pass_b[:, 1] = torch.where(cor, w1 + w2 * (1 - skip2), 0.0)
+    pass_b[:, 2] = torch.where(cor, -w2 * out2, 0.0)
+    pass_b[:, 3] = torch.where(cor, std_next, 0.0)
+    pass_b[:, 4] = torch.where(cor, c_next, 0.0)
+    if sch.inf_start:
+        # limit step x_1 = D(eps; inf) + sigma_1 eps = (c_skip + sigma_1) eps + c_out F
+        pass_a[0, :5] = torch.stack([skip1[0] + nxt[0], zero[0], out1[0], std_next[0], c_next[0]])
+    rows[0, 0] = 1.0 if sch.inf_start else sch.sigma[0]
+    rows[0, 3], rows[0, 4] = std_on[0], in1[0]
+
+    sigma_in = torch.zeros(2 * n, dtype=torch.float64)
+    sigma_in[0::2] = noise1
+    sigma_in[1::2] = torch.where(cor, noise2, 0.0)
+    coef32, sigma32 = rows.to(torch.float32), sigma_in.to(torch.float32)
+    _check_representable(rows, coef32, sigma_in, sigma32, sch, opts)
+
+    steps = sch.steps()
+    noise_steps = tuple(noise_on.tolist())
+    correct = tuple(cor.tolist())
+    structure = (n, noise_steps, correct, sch.inf_start, opts.solver, opts.noise_mode)
+    return Plan(steps, coef32, sigma32, noise_steps, correct, structure)
+
+
+def _check_representable(rows, coef32, sigma_in, sigma32, sch: _Schedule, opts: SamplerOptions) -> None:
+    """The float32 kernels must be able to represent the plan; otherwise name what overflows.
+
+    A coefficient that is inf in float32 (sigma 1e39, sigma 1e-310 for a plain denoiser, s_noise
+    1e308) would make the run non-finite and the denoiser would be blamed for it.
+    """
+    bad_rows = ~(torch.isfinite(rows).all(dim=1) & torch.isfinite(coef32).all(dim=1))
+    bad_evals = ~(torch.isfinite(sigma_in) & torch.isfinite(sigma32))
+    if not (bool(bad_rows.any()) or bool(bad_evals.any())):
+        return
+    if bool(bad_rows.any()):
+        r = int(bad_rows.nonzero()[0, 0])
+        step = max(r - 1, 0) // 2
+        col = int((~(torch.isfinite(rows[r]) & torch.isfinite(coef32[r]))).nonzero()[0, 0])
+    else:
+        step, col = int(bad_evals.nonzero()[0, 0]) // 2, -1
+    sigma = float(sch.sigma[step]) if step < sch.sigma.numel() else float("nan")
+    what = (
+        "the churn noise std overflows float32: lower s_noise / s_churn"
+        if col == 3 and opts.s_noise > 1
+        else "the noise levels are outside what the float32 kernels represent: check sigmas "
+        "(or sigma_min / sigma_max)"
+    )
+    raise ValueError(
+        f"the sampling plan is not representable in float32 at step {step} (sigma={sigma:g}): {what}"
+    )
+
+
+def _sigmas_key(sigmas: Any) -> Any:
+    """A hashable key for a user schedule's values, or None when it cannot be keyed cheaply."""
+    if sigmas is None:
+        return ("default",)
+    if isinstance(sigmas, torch.Tensor):
+        if sigmas.dim() != 1 or sigmas.numel() > 100_000 or not sigmas.is_floating_point():
+            return None
+        return ("t", tuple(sigmas.detach().to("cpu", torch.float64).tolist()))
+    if isinstance(sigmas, (list, tuple)) and all(
+        isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)) for v in sigmas
+    ):
+        return ("s", tuple(float(v) for v in sigmas))
+    return None
+
+
+class PlanCache:
+    """A small LRU of plans for one denoiser (the caller's, not held here), keyed by the schedule's
+    values and the options.
+
+    The denoiser's coefficients are assumed fixed while it is used for sampling (they are read
+    once per distinct schedule). Thread-safe.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, denoiser: Any, sigmas: Any, opts: SamplerOptions) -> Plan:
+        skey = _sigmas_key(sigmas)
+        key = None if skey is None else (skey, opts)
+        if key is not None:
+            with self._lock:
+                plan = self._plans.get(key)
+                if plan is not None:
+                    self._plans.move_to_end(key)
+                    return plan
+        plan = make_plan(denoiser, resolve_sigmas(denoiser, sigmas, opts), opts)
+        if key is not None:
+            with self._lock:
+                self._plans[key] = plan
+                while len(self._plans) > self.size:
+                    self._plans.popitem(last=False)
+        return plan
