@@ -23,7 +23,6 @@ state precision); the model sees and the result has x's dtype.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,16 @@ import torch
 from tqdm.auto import trange
 
 from . import ops
-from .reference import COEF_P, COEF_Q, COEF_R, COEF_SIZE, COEF_STD
+from .options import SamplerOptions
+from .plan import make_plan
+from .reference import COEF_C, COEF_P
+
+
+def _plain(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Stands for k-diffusion's model while planning: a plain denoiser (no preconditioner, no
+    round_sigma), which is how k-diffusion treats every model."""
+    return x
+
 
 __all__ = ["sample_euler", "sample_heun"]
 
@@ -46,9 +54,11 @@ def _as_f(denoised: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _Plan:
     """k-diffusion's per-step churn (gamma, sigma_hat, RNG order) and the fused passes' coefficients.
 
-    All float64 schedule arithmetic happens here, once: ``coef`` is a float32 [1 + 2N, 8] table on
-    the device (row 0: the first churn; rows 1 + 2i, 2 + 2i: step i's passes), so the loop does no
-    host-to-device copy per step.
+    The rows come from `edmfast.plan.make_plan` (the one place that folds a schedule into
+    coefficient rows) for a plain denoiser, whose gamma / sigma_hat / churn std / correction rules
+    are k-diffusion's; only the start differs (x is already scaled by sigmas[0]). ``coef`` is a
+    float32 [1 + 2N, 8] table on the device (row 0: the first churn; rows 1 + 2i, 2 + 2i: step
+    i's passes), so the loop does no host-to-device copy per step.
     """
 
     def __init__(
@@ -66,41 +76,22 @@ class _Plan:
         if not s_churn >= 0:
             raise ValueError(f"s_churn must be >= 0, got {s_churn}")
         self.sigmas = sigmas
+        opts = SamplerOptions.create(
+            solver="heun" if heun else "euler", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise
+        )
         # One host read of the schedule up front; the loop then needs no sync for its branches.
-        v = [float(s) for s in sigmas.detach().cpu().double()]
-        n = len(v) - 1
-        self.n = n
-        self.gammas = [min(s_churn / n, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0 for s in v[:-1]]
-        s_hat = [s * (1 + g) for s, g in zip(v[:-1], self.gammas, strict=True)]
-        # churn std of step i (0 after the last step): sqrt(sigma_hat^2 - sigma^2) S_noise
-        std = [
-            math.sqrt(sh**2 - s**2) * s_noise if g > 0 else 0.0
-            for s, sh, g in zip(v[:-1], s_hat, self.gammas, strict=True)
-        ]
-        std.append(0.0)
-        self.churns = [g > 0 for g in self.gammas]
-        self.correct = [heun and v[i + 1] != 0 for i in range(n)]
-
-        rows = torch.zeros(1 + 2 * n, COEF_SIZE, dtype=torch.float64)
-        rows[0, COEF_P], rows[0, COEF_STD] = 1.0, std[0]
-        for i in range(n):
-            h = v[i + 1] - s_hat[i]
-            # Euler point x' = x_hat + h (x_hat - D)/s_hat; as the step's result it carries step i+1's churn
-            a = rows[1 + 2 * i]
-            a[COEF_P], a[COEF_R], a[COEF_STD] = (
-                1 + h / s_hat[i],
-                -h / s_hat[i],
-                0.0 if self.correct[i] else std[i + 1],
-            )
-            if self.correct[i]:
-                # Heun: x_hat + h (d + d')/2 = x_hat/2 + (1/2 + h/(2 s')) x' - h/(2 s') D'
-                b, w = rows[2 + 2 * i], h / (2 * v[i + 1])
-                b[COEF_P], b[COEF_Q], b[COEF_R], b[COEF_STD] = 0.5, 0.5 + w, -w, std[i + 1]
-        self.coef = rows.to(device=device, dtype=torch.float32)
+        plan = make_plan(_plain, sigmas.detach().cpu().double(), opts)
+        self.n = plan.n
+        self.churns = [st.churn for st in plan.steps]
+        self.correct = list(plan.correct)
+        rows = plan.coef.clone()
+        rows[0, COEF_P], rows[0, COEF_C] = 1.0, 0.0  # x arrives already scaled by sigmas[0]
+        self.coef = rows.to(device)
+        self._gamma_max = min(s_churn / self.n, 2**0.5 - 1)
 
     def sigma_hat(self, i: int) -> torch.Tensor:
         """The tensor k-diffusion hands to the model and the callback (sigmas' dtype and device)."""
-        return self.sigmas[i] * (self.gammas[i] + 1)
+        return self.sigmas[i] * ((self._gamma_max if self.churns[i] else 0.0) + 1)
 
     def draw(self, i: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """Step i's churn noise, or None. Draws on every step as k-diffusion does, to keep the global RNG
