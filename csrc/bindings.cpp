@@ -17,6 +17,13 @@
 #endif
 
 namespace py = pybind11;
+using namespace pybind11::literals;
+
+// Keyword names of the fused-pass bindings (the leading arguments shared by both devices); the
+// trailing guidance / bad / bad_step have defaults so callers from before they existed still work.
+#define STEP_ARGS                                                                                               \
+  "x_hat"_a, "x_prime"_a, "f"_a, "k"_a, "noise"_a, "seeds"_a, "coef"_a, "out"_a, "out_net"_a, "batch"_a, "numel"_a, \
+      "f_rows"_a, "net_rows"_a, "dtype"_a, "guidance_scale"_a, "step"_a, "churn"_a
 using edmfast::CfgArgs;
 using edmfast::DType;
 using edmfast::StepArgs;
@@ -43,7 +50,8 @@ void raise_on_error(int status, const char* op) {
 
 StepArgs step_args(uintptr_t x_hat, uintptr_t x_prime, uintptr_t f, uintptr_t k, uintptr_t noise, uintptr_t seeds,
                    uintptr_t coef, uintptr_t out, uintptr_t out_net, int64_t batch, int64_t numel, int64_t f_rows,
-                   int64_t net_rows, int dtype, double guidance_scale, int64_t step, bool churn) {
+                   int64_t net_rows, int dtype, double guidance_scale, int64_t step, bool churn, uintptr_t guidance,
+                   uintptr_t bad, int64_t bad_step) {
   StepArgs a;
   a.x_hat = ptr<const float>(x_hat);
   a.x_prime = ptr<const float>(x_prime);
@@ -62,11 +70,14 @@ StepArgs step_args(uintptr_t x_hat, uintptr_t x_prime, uintptr_t f, uintptr_t k,
   a.guidance_scale = static_cast<float>(guidance_scale);
   a.step = static_cast<uint32_t>(static_cast<uint64_t>(step) & 0xFFFFFFFFu);  // philox.py: step & 0xFFFFFFFF
   a.churn = churn;
+  a.guidance = ptr<const float>(guidance);
+  a.bad = ptr<int32_t>(bad);
+  a.bad_step = static_cast<int32_t>(bad_step);  // the Python layer checks the int32 range
   return a;
 }
 
 CfgArgs cfg_args(uintptr_t cond, uintptr_t uncond, int64_t batch, int64_t numel, int dtype, double guidance_scale,
-                 double guidance_rescale) {
+                 double guidance_rescale, uintptr_t guidance_scale_ptr = 0, uintptr_t guidance_rescale_ptr = 0) {
   CfgArgs a;
   a.cond = ptr<const void>(cond);
   a.uncond = ptr<const void>(uncond);
@@ -75,6 +86,8 @@ CfgArgs cfg_args(uintptr_t cond, uintptr_t uncond, int64_t batch, int64_t numel,
   a.dtype = static_cast<DType>(dtype);
   a.guidance_scale = static_cast<float>(guidance_scale);
   a.guidance_rescale = static_cast<float>(guidance_rescale);
+  a.guidance_scale_ptr = ptr<const float>(guidance_scale_ptr);
+  a.guidance_rescale_ptr = ptr<const float>(guidance_rescale_ptr);
   return a;
 }
 
@@ -132,9 +145,10 @@ PYBIND11_MODULE(_C, m) {
       "heun_step_cpu",
       [](uintptr_t x_hat, uintptr_t x_prime, uintptr_t f, uintptr_t k, uintptr_t noise, uintptr_t seeds, uintptr_t coef,
          uintptr_t out, uintptr_t out_net, int64_t batch, int64_t numel, int64_t f_rows, int64_t net_rows, int dtype,
-         double guidance_scale, int64_t step, bool churn, int num_threads) {
+         double guidance_scale, int64_t step, bool churn, int num_threads, uintptr_t guidance, uintptr_t bad,
+         int64_t bad_step) {
         const StepArgs a = step_args(x_hat, x_prime, f, k, noise, seeds, coef, out, out_net, batch, numel, f_rows,
-                                     net_rows, dtype, guidance_scale, step, churn);
+                                     net_rows, dtype, guidance_scale, step, churn, guidance, bad, bad_step);
         int status;
         {
           py::gil_scoped_release release;
@@ -142,18 +156,19 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_on_error(status, "heun_step");
       },
-      step_doc);
+      step_doc, STEP_ARGS, "num_threads"_a, "guidance"_a = 0, "bad"_a = 0, "bad_step"_a = 0);
 #ifdef EDMFAST_WITH_CUDA
   m.def(
       "heun_step_cuda",
       [](uintptr_t x_hat, uintptr_t x_prime, uintptr_t f, uintptr_t k, uintptr_t noise, uintptr_t seeds, uintptr_t coef,
          uintptr_t out, uintptr_t out_net, int64_t batch, int64_t numel, int64_t f_rows, int64_t net_rows, int dtype,
-         double guidance_scale, int64_t step, bool churn, int device, uintptr_t stream) {
+         double guidance_scale, int64_t step, bool churn, int device, uintptr_t stream, uintptr_t guidance,
+         uintptr_t bad, int64_t bad_step) {
         const StepArgs a = step_args(x_hat, x_prime, f, k, noise, seeds, coef, out, out_net, batch, numel, f_rows,
-                                     net_rows, dtype, guidance_scale, step, churn);
+                                     net_rows, dtype, guidance_scale, step, churn, guidance, bad, bad_step);
         raise_on_error(edmfast::heun_step_cuda(a, device, ptr<void>(stream)), "heun_step");
       },
-      step_doc);
+      step_doc, STEP_ARGS, "device"_a, "stream"_a, "guidance"_a = 0, "bad"_a = 0, "bad_step"_a = 0);
 #endif
 
   // ---- CFG rescale: factors k [batch] (float32), and the fused cfg * k.
@@ -162,15 +177,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cfg_rescale_factors_cpu",
       [](uintptr_t cond, uintptr_t uncond, uintptr_t k_out, int64_t batch, int64_t numel, int dtype,
-         double guidance_scale, double guidance_rescale, int num_threads) {
-        const CfgArgs a = cfg_args(cond, uncond, batch, numel, dtype, guidance_scale, guidance_rescale);
+         double guidance_scale, double guidance_rescale, int num_threads, uintptr_t guidance_scale_ptr,
+         uintptr_t guidance_rescale_ptr) {
+        const CfgArgs a = cfg_args(cond, uncond, batch, numel, dtype, guidance_scale, guidance_rescale,
+                                   guidance_scale_ptr, guidance_rescale_ptr);
         int status;
         {
           py::gil_scoped_release release;
           status = edmfast::cfg_rescale_factors_cpu(a, ptr<float>(k_out), num_threads);
         }
         raise_on_error(status, "cfg_rescale_factors");
-      });
+      },
+      "cond"_a, "uncond"_a, "k_out"_a, "batch"_a, "numel"_a, "dtype"_a, "guidance_scale"_a, "guidance_rescale"_a,
+      "num_threads"_a, "guidance_scale_ptr"_a = 0, "guidance_rescale_ptr"_a = 0);
   m.def(
       "cfg_rescale_cpu",
       [](uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int64_t numel, int dtype,
@@ -186,12 +205,17 @@ PYBIND11_MODULE(_C, m) {
 #ifdef EDMFAST_WITH_CUDA
   m.def("cfg_rescale_factors_cuda", [](uintptr_t cond, uintptr_t uncond, uintptr_t k_out, int64_t batch,
                                        int64_t numel, int dtype, double guidance_scale, double guidance_rescale,
-                                       uintptr_t workspace, int64_t workspace_floats, int device, uintptr_t stream) {
-    const CfgArgs a = cfg_args(cond, uncond, batch, numel, dtype, guidance_scale, guidance_rescale);
+                                       uintptr_t workspace, int64_t workspace_floats, int device, uintptr_t stream,
+                                       uintptr_t guidance_scale_ptr, uintptr_t guidance_rescale_ptr) {
+    const CfgArgs a = cfg_args(cond, uncond, batch, numel, dtype, guidance_scale, guidance_rescale,
+                               guidance_scale_ptr, guidance_rescale_ptr);
     raise_on_error(edmfast::cfg_rescale_factors_cuda(a, ptr<float>(k_out), ptr<float>(workspace), workspace_floats,
                                                      device, ptr<void>(stream)),
                    "cfg_rescale_factors");
-  });
+  },
+  "cond"_a, "uncond"_a, "k_out"_a, "batch"_a, "numel"_a, "dtype"_a, "guidance_scale"_a, "guidance_rescale"_a,
+  "workspace"_a, "workspace_floats"_a, "device"_a, "stream"_a, "guidance_scale_ptr"_a = 0,
+  "guidance_rescale_ptr"_a = 0);
   m.def("cfg_rescale_cuda", [](uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int64_t numel,
                                int dtype, double guidance_scale, double guidance_rescale, uintptr_t workspace,
                                int64_t workspace_floats, int device, uintptr_t stream) {

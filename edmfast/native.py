@@ -1,15 +1,16 @@
 """Glue between torch tensors and the native kernels of ``edmfast._C`` (pybind11; CPU C++ and CUDA C++).
 
 The extension takes integer addresses and sizes, never torch objects, so one build serves every
-torch version. This module checks the tensors (dtype, device, contiguity, sizes) right before
-each launch, passes ``data_ptr()`` s, the current CUDA stream and the device index, and registers
-every op with `torch.library.custom_op` (``torch.ops.edmfast.<op>``) plus a fake implementation,
-so the ops trace under torch.compile and record into CUDA graphs: no host syncs, and the only
-allocation is the small reduction workspace of the CUDA CFG ops, taken from torch's caching
-allocator (graph-private memory during capture).
+torch version. This module passes ``data_ptr()`` s, the current CUDA stream and the device index,
+and registers every op with `torch.library.custom_op` (``torch.ops.edmfast.<op>``) plus a fake
+implementation, so the ops trace under torch.compile and record into CUDA graphs: no host syncs.
+The only allocation is the CFG reduction's workspace when the caller passes none
+(`edmfast.ops.cfg_workspace` makes a static one), from torch's caching allocator.
 
-Argument meaning and math: `edmfast.reference` (the contracts) and `edmfast.ops` (which
-validates shapes once, makes inputs contiguous and dispatches here for backends "cpu"/"cuda").
+Nothing here validates: these functions are the unchecked inner-loop entries
+(`edmfast.ops.raw_heun_step`). `edmfast.ops` checks every operand once at the public boundary,
+and the C++ launchers re-check sizes, flags and pointers (an error code, a few comparisons).
+Argument meaning and math: `edmfast.reference` (the contracts).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ except ImportError as e:  # the package is used from a source tree without a bui
     _IMPORT_ERROR = str(e)
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_IO_DTYPES = tuple(_DTYPE_CODE)
-_F32 = (torch.float32,)
 
 
 def why_unavailable(kind: str) -> str | None:
@@ -59,87 +58,7 @@ def _why_no_cuda() -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def _check(
-    name: str, t: Tensor | None, dtypes: tuple[torch.dtype, ...], device: torch.device, numel: int
-) -> None:
-    """Cheap metadata checks (no sync) so a bad call raises here instead of reading out of bounds."""
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {tuple(str(d) for d in dtypes)}, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    if t.numel() != numel:
-        raise ValueError(f"{name} must have {numel} elements, got shape {tuple(t.shape)}")
-
-
-def _check_device(t: Tensor) -> None:
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the native backend runs on cpu or cuda tensors, got {t.device}")
-
-
-def _check_step(x_hat, coef, out, x_prime, f, k, noise, seeds, out_net) -> tuple[int, int, int, int, int]:
-    """Validate a fused-pass call; returns (batch, numel, f_rows, net_rows, dtype code)."""
-    if not isinstance(x_hat, Tensor) or x_hat.dim() < 1 or x_hat.shape[0] < 1:
-        raise ValueError("x_hat must be a [B, ...] tensor with B >= 1")
-    _check_device(x_hat)
-    device = x_hat.device
-    batch = x_hat.shape[0]
-    numel = x_hat.numel() // batch
-    _check("x_hat", x_hat, _F32, device, batch * numel)
-    _check("out", out, _F32, device, batch * numel)
-    _check("x_prime", x_prime, _F32, device, batch * numel)
-    _check("noise", noise, _F32, device, batch * numel)
-    _check("seeds", seeds, (torch.int64,), device, batch)
-    if not isinstance(coef, Tensor) or coef.numel() < 5:
-        raise ValueError("coef must be a float32 tensor with >= 5 entries [p, q, r, std, c]")
-    _check("coef", coef, _F32, device, coef.numel())
-    if noise is not None and seeds is not None:
-        raise ValueError("give noise or seeds, not both")
-    f_rows = 0 if f is None else f.shape[0]
-    if f is not None:
-        if f_rows not in (batch, 2 * batch):
-            raise ValueError(f"f must have B={batch} or 2B rows, got shape {tuple(f.shape)}")
-        _check("f", f, _IO_DTYPES, device, f_rows * numel)
-    if k is not None and f_rows != 2 * batch:
-        raise ValueError("k (CFG rescale factors) needs f with 2B rows (cond then uncond)")
-    _check("k", k, _F32, device, batch)
-    net_rows = 0 if out_net is None else out_net.shape[0] // batch
-    if out_net is not None:
-        if out_net.shape[0] not in (batch, 2 * batch):
-            raise ValueError(f"out_net must have B={batch} or 2B rows, got shape {tuple(out_net.shape)}")
-        _check("out_net", out_net, _IO_DTYPES, device, out_net.shape[0] * numel)
-        if f is not None and f.dtype != out_net.dtype:
-            raise TypeError(f"f and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
-    io = out_net if out_net is not None else f
-    return batch, numel, f_rows, net_rows, _DTYPE_CODE[io.dtype] if io is not None else 0
-
-
-def _check_cfg(cond: Tensor, uncond: Tensor, guidance_rescale: float) -> tuple[int, int]:
-    if not isinstance(cond, Tensor) or cond.dim() < 1 or cond.shape[0] < 1:
-        raise ValueError("cond must be a [B, ...] tensor with B >= 1")
-    _check_device(cond)
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-    batch = cond.shape[0]
-    numel = cond.numel() // batch
-    _check("cond", cond, _IO_DTYPES, cond.device, batch * numel)
-    _check("uncond", uncond, (cond.dtype,), cond.device, batch * numel)
-    return batch, numel
-
-
-def _require(t: Tensor) -> None:
-    """Raise with the reason when the kernels for ``t``'s device cannot run (cached after the first call)."""
-    reason = why_unavailable(t.device.type)
-    if reason is not None:
-        raise RuntimeError(f"edmfast native backend unavailable: {reason}")
+# ----------------------------------------------------------------------------- helpers
 
 
 def _addr(t: Tensor | None) -> int:
@@ -151,6 +70,13 @@ def _stream(t: Tensor) -> tuple[int, int]:
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _scalar(value: float | Tensor) -> tuple[float, Tensor | None]:
+    """A guidance value as (host float, device tensor or None): the kernels read the tensor at run time."""
+    if isinstance(value, Tensor):
+        return 1.0, value
+    return float(value), None
+
+
 # ----------------------------------------------------------------------------- fused sampler pass
 
 # _EAGER_NOTE: the public functions launch directly unless torch.compile is tracing. The registered
@@ -159,22 +85,25 @@ def _stream(t: Tensor) -> tuple[int, int]:
 # 62 ms CPU sampling run (benchmarks/bench_sampler.py, 2026-11-23).
 
 
-def _launch_step(x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net, churn):
-    batch, numel, f_rows, net_rows, dtype = _check_step(
-        x_hat, coef, out, x_prime, f, k, noise, seeds, out_net
-    )
-    _require(x_hat)
+def _launch_step(
+    x_hat, coef, out, x_prime, f, k, w, w_tensor, noise, seeds, step, out_net, bad, bad_step, churn
+) -> None:  # fmt: skip
+    batch = x_hat.shape[0]
+    numel = x_hat.numel() // batch
+    io = out_net if out_net is not None else f
     args = (
         _addr(x_hat), _addr(x_prime), _addr(f), _addr(k), _addr(noise), _addr(seeds), _addr(coef), _addr(out),
-        _addr(out_net), batch, numel, f_rows, net_rows, dtype, float(guidance_scale), int(step), churn,
+        _addr(out_net), batch, numel, 0 if f is None else f.shape[0],
+        0 if out_net is None else out_net.shape[0] // batch, 0 if io is None else _DTYPE_CODE[io.dtype],
+        w, step, churn,
     )  # fmt: skip
-    if x_hat.device.type == "cuda":
-        _C.heun_step_cuda(*args, *_stream(x_hat))
+    if x_hat.is_cuda:
+        _C.heun_step_cuda(*args, *_stream(x_hat), _addr(w_tensor), _addr(bad), bad_step)
     else:
-        _C.heun_step_cpu(*args, torch.get_num_threads())
+        _C.heun_step_cpu(*args, torch.get_num_threads(), _addr(w_tensor), _addr(bad), bad_step)
 
 
-@torch.library.custom_op("edmfast::heun_step", mutates_args=("out", "out_net"))
+@torch.library.custom_op("edmfast::heun_step", mutates_args=("out", "out_net", "bad"))
 def _heun_step_op(
     x_hat: Tensor,
     coef: Tensor,
@@ -187,16 +116,22 @@ def _heun_step_op(
     seeds: Tensor | None,
     step: int,
     out_net: Tensor | None,
+    guidance: Tensor | None = None,
+    bad: Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
-    _launch_step(x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net, False)
+    _launch_step(
+        x_hat, coef, out, x_prime, f, k, guidance_scale, guidance, noise, seeds, step, out_net, bad, bad_step,
+        False,
+    )  # fmt: skip
 
 
 @_heun_step_op.register_fake
-def _(x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net) -> None:
-    _check_step(x_hat, coef, out, x_prime, f, k, noise, seeds, out_net)
+def _(*args, **kwargs) -> None:
+    pass  # writes its out= buffers only; operands were checked by edmfast.ops
 
 
-@torch.library.custom_op("edmfast::churn", mutates_args=("out", "out_net"))
+@torch.library.custom_op("edmfast::churn", mutates_args=("out", "out_net", "bad"))
 def _churn_op(
     x: Tensor,
     coef: Tensor,
@@ -205,13 +140,15 @@ def _churn_op(
     seeds: Tensor | None,
     step: int,
     out_net: Tensor | None,
+    bad: Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
-    _launch_step(x, coef, out, None, None, None, 1.0, noise, seeds, step, out_net, True)
+    _launch_step(x, coef, out, None, None, None, 1.0, None, noise, seeds, step, out_net, bad, bad_step, True)
 
 
 @_churn_op.register_fake
-def _(x, coef, out, noise, seeds, step, out_net) -> None:
-    _check_step(x, coef, out, None, None, None, noise, seeds, out_net)
+def _(*args, **kwargs) -> None:
+    pass
 
 
 def heun_step(
@@ -219,27 +156,51 @@ def heun_step(
     coef: Tensor,
     *,
     out: Tensor,
-    x_prime: Tensor | None,
-    f: Tensor | None,
-    k: Tensor | None,
-    guidance_scale: float,
-    noise: Tensor | None,
-    seeds: Tensor | None,
-    step: int,
-    out_net: Tensor | None,
+    x_prime: Tensor | None = None,
+    f: Tensor | None = None,
+    k: Tensor | None = None,
+    guidance_scale: float | Tensor = 1.0,
+    noise: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step: int = 0,
+    out_net: Tensor | None = None,
+    bad: Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
     """``out = p x_hat + q x_prime + r F + std eps``, ``out_net[j B + b] = c out[b]`` (`reference.heun_step`).
 
     x_hat, x_prime, noise, out: float32 [B, ...]; f: [B or 2B, ...] and out_net: [B or 2B, ...]
     of one dtype in (float32, float16, bfloat16); k: float32 [B]; seeds: int64 [B]; coef: float32
-    [>= 5] on the device (read by the kernel). All contiguous, on one device; out may alias x_hat.
+    [>= 5] on the device (read by the kernel); guidance_scale: a float or a float32 [1] device
+    tensor; bad: int32 [B], ``bad[b] = min(bad[b], bad_step)`` where row b of out is not finite.
+    All contiguous, on one device; out may alias x_hat. Unchecked (see the module docstring).
     """
+    if isinstance(guidance_scale, Tensor):
+        w, w_tensor = 1.0, guidance_scale
+    else:
+        w, w_tensor = float(guidance_scale), None
     if torch.compiler.is_compiling():
         torch.ops.edmfast.heun_step(
-            x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net
+            x_hat, coef, out, x_prime, f, k, w, noise, seeds, step, out_net, w_tensor, bad, bad_step
         )
-    else:  # see _EAGER_NOTE
-        _launch_step(x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net, False)
+        return
+    # The eager launch, written out inline: this is the inner loop's per-call cost (see _EAGER_NOTE).
+    batch = x_hat.shape[0]
+    io = out_net if out_net is not None else f
+    args = (
+        x_hat.data_ptr(), 0 if x_prime is None else x_prime.data_ptr(), 0 if f is None else f.data_ptr(),
+        0 if k is None else k.data_ptr(), 0 if noise is None else noise.data_ptr(),
+        0 if seeds is None else seeds.data_ptr(), coef.data_ptr(), out.data_ptr(),
+        0 if out_net is None else out_net.data_ptr(), batch, x_hat.numel() // batch,
+        0 if f is None else f.shape[0], 0 if out_net is None else out_net.shape[0] // batch,
+        0 if io is None else _DTYPE_CODE[io.dtype], w, step, False,
+    )  # fmt: skip
+    w_addr = 0 if w_tensor is None else w_tensor.data_ptr()
+    bad_addr = 0 if bad is None else bad.data_ptr()
+    if x_hat.is_cuda:
+        _C.heun_step_cuda(*args, *_stream(x_hat), w_addr, bad_addr, bad_step)
+    else:
+        _C.heun_step_cpu(*args, torch.get_num_threads(), w_addr, bad_addr, bad_step)
 
 
 def churn(
@@ -247,69 +208,81 @@ def churn(
     coef: Tensor,
     *,
     out: Tensor,
-    noise: Tensor | None,
-    seeds: Tensor | None,
-    step: int,
-    out_net: Tensor | None,
+    noise: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step: int = 0,
+    out_net: Tensor | None = None,
+    bad: Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
     """``out = x + std eps``, ``out_net[j B + b] = c out[b]``; std, c = coef[3:5] (`reference.churn`)."""
     if torch.compiler.is_compiling():
-        torch.ops.edmfast.churn(x, coef, out, noise, seeds, step, out_net)
+        torch.ops.edmfast.churn(x, coef, out, noise, seeds, step, out_net, bad, bad_step)
     else:  # see _EAGER_NOTE
-        _launch_step(x, coef, out, None, None, None, 1.0, noise, seeds, step, out_net, True)
+        _launch_step(
+            x, coef, out, None, None, None, 1.0, None, noise, seeds, step, out_net, bad, bad_step, True
+        )
 
 
 # ----------------------------------------------------------------------------- CFG rescale
 
 
-def _workspace(batch: int, numel: int, device: torch.device) -> Tensor:
-    # A few floats per 8192 elements; from the caching allocator, so it is capture-safe.
-    return torch.empty(_C.cfg_workspace_floats(batch, numel), dtype=torch.float32, device=device)
-
-
-def _launch_cfg_factors(f: Tensor, guidance_scale: float, guidance_rescale: float, out: Tensor) -> None:
-    if not isinstance(f, Tensor) or f.dim() < 1 or f.shape[0] < 2 or f.shape[0] % 2:
-        raise ValueError("f must be a [2B, ...] tensor (cond rows, then uncond rows)")
+def workspace(f: Tensor) -> Tensor:
+    """Zeroed float32 workspace of the CUDA reduction over f [2B, ...]: partial sums, k, and one
+    arrival counter per sample that must start at 0 (the finalizing block resets it). Allocate it
+    once and keep it for a static CUDA graph; the CPU kernels need none (an empty tensor)."""
     batch = f.shape[0] // 2
-    cond, uncond = f[:batch], f[batch:]
-    _, numel = _check_cfg(cond, uncond, guidance_rescale)
-    _check("out", out, _F32, f.device, batch)
-    _require(f)
-    args = (_addr(cond), _addr(uncond), _addr(out), batch, numel, _DTYPE_CODE[f.dtype])
-    if f.device.type == "cuda":
-        ws = _workspace(batch, numel, f.device)
+    numel = f.numel() // max(f.shape[0], 1)
+    size = _C.cfg_workspace_floats(batch, numel) if f.is_cuda else 0
+    return torch.zeros(size, dtype=torch.float32, device=f.device)
+
+
+def _launch_cfg_factors(f, w, w_tensor, phi, phi_tensor, out, ws) -> None:
+    batch = f.shape[0] // 2
+    numel = f.numel() // f.shape[0]
+    cond = f.data_ptr()
+    uncond = cond + batch * numel * f.element_size()
+    args = (cond, uncond, out.data_ptr(), batch, numel, _DTYPE_CODE[f.dtype], w, phi)
+    if f.is_cuda:
+        if ws is None:
+            ws = workspace(f)
         _C.cfg_rescale_factors_cuda(
-            *args, float(guidance_scale), float(guidance_rescale), _addr(ws), ws.numel(), *_stream(f)
+            *args, ws.data_ptr(), ws.numel(), *_stream(f), _addr(w_tensor), _addr(phi_tensor)
         )
     else:
-        _C.cfg_rescale_factors_cpu(
-            *args, float(guidance_scale), float(guidance_rescale), torch.get_num_threads()
-        )
+        _C.cfg_rescale_factors_cpu(*args, torch.get_num_threads(), _addr(w_tensor), _addr(phi_tensor))
 
 
-@torch.library.custom_op("edmfast::cfg_rescale_factors", mutates_args=("out",))
-def _cfg_rescale_factors_op(f: Tensor, guidance_scale: float, guidance_rescale: float, out: Tensor) -> None:
-    _launch_cfg_factors(f, guidance_scale, guidance_rescale, out)
+@torch.library.custom_op("edmfast::cfg_rescale_factors", mutates_args=("out", "workspace"))
+def _cfg_rescale_factors_op(
+    f: Tensor,
+    guidance_scale: float,
+    guidance_rescale: float,
+    out: Tensor,
+    guidance_scale_tensor: Tensor | None = None,
+    guidance_rescale_tensor: Tensor | None = None,
+    workspace: Tensor | None = None,
+) -> None:
+    _launch_cfg_factors(
+        f, guidance_scale, guidance_scale_tensor, guidance_rescale, guidance_rescale_tensor, out, workspace
+    )
 
 
 @_cfg_rescale_factors_op.register_fake
-def _(f, guidance_scale, guidance_rescale, out) -> None:
-    batch = f.shape[0] // 2
-    _check_cfg(f[:batch], f[batch:], guidance_rescale)
-    _check("out", out, _F32, f.device, batch)
+def _(*args, **kwargs) -> None:
+    pass
 
 
 def _launch_cfg(
     cond: Tensor, uncond: Tensor, guidance_scale: float, guidance_rescale: float, out: Tensor
 ) -> None:
-    batch, numel = _check_cfg(cond, uncond, guidance_rescale)
-    _check("out", out, (cond.dtype,), cond.device, batch * numel)
-    _require(cond)
-    args = (_addr(cond), _addr(uncond), _addr(out), batch, numel, _DTYPE_CODE[cond.dtype])
-    if cond.device.type == "cuda":
-        ws = _workspace(batch, numel, cond.device)
+    batch = cond.shape[0]
+    numel = cond.numel() // batch
+    args = (cond.data_ptr(), uncond.data_ptr(), out.data_ptr(), batch, numel, _DTYPE_CODE[cond.dtype])
+    if cond.is_cuda:
+        ws = torch.zeros(_C.cfg_workspace_floats(batch, numel), dtype=torch.float32, device=cond.device)
         _C.cfg_rescale_cuda(
-            *args, float(guidance_scale), float(guidance_rescale), _addr(ws), ws.numel(), *_stream(cond)
+            *args, float(guidance_scale), float(guidance_rescale), ws.data_ptr(), ws.numel(), *_stream(cond)
         )
     else:
         _C.cfg_rescale_cpu(*args, float(guidance_scale), float(guidance_rescale), torch.get_num_threads())
@@ -323,21 +296,31 @@ def _cfg_rescale_op(
 
 
 @_cfg_rescale_op.register_fake
-def _(cond, uncond, guidance_scale, guidance_rescale, out) -> None:
-    batch, numel = _check_cfg(cond, uncond, guidance_rescale)
-    _check("out", out, (cond.dtype,), cond.device, batch * numel)
+def _(*args, **kwargs) -> None:
+    pass
 
 
-def cfg_rescale_factors(f: Tensor, guidance_scale: float, guidance_rescale: float, *, out: Tensor) -> None:
+def cfg_rescale_factors(
+    f: Tensor,
+    guidance_scale: float | Tensor,
+    guidance_rescale: float | Tensor,
+    *,
+    out: Tensor,
+    workspace: Tensor | None = None,
+) -> None:
     """k[b] = phi std(cond_b)/std(cfg_b) + (1 - phi) into float32 ``out`` [B]; f: [2B, ...], cond rows first.
 
-    One reduction pass over f; unbiased stds; ratio 1 where std(cfg) = 0 or M < 2
-    (`edmfast.reference.cfg_rescale_factors`).
+    One reduction pass over f, one launch on every device (CUDA: the last block of each sample
+    finalizes it); unbiased stds; ratio 1 where std(cfg) = 0 or M < 2
+    (`edmfast.reference.cfg_rescale_factors`). The guidance values are floats or float32 [1]
+    tensors on f's device; ``workspace`` from `workspace` (allocated here when None). Unchecked.
     """
+    w, w_tensor = _scalar(guidance_scale)
+    phi, phi_tensor = _scalar(guidance_rescale)
     if torch.compiler.is_compiling():
-        torch.ops.edmfast.cfg_rescale_factors(f, guidance_scale, guidance_rescale, out)
+        torch.ops.edmfast.cfg_rescale_factors(f, w, phi, out, w_tensor, phi_tensor, workspace)
     else:  # see _EAGER_NOTE
-        _launch_cfg_factors(f, guidance_scale, guidance_rescale, out)
+        _launch_cfg_factors(f, w, w_tensor, phi, phi_tensor, out, workspace)
 
 
 def cfg_rescale(

@@ -5,12 +5,19 @@ kernels of ``edmfast._C``), ``"cuda"`` (CUDA C++ kernels of ``edmfast._C``) and 
 (Triton kernels; on CPU tensors under ``TRITON_INTERPRET=1``). The math of every op is defined
 in `edmfast.reference`; every backend writes into caller-provided ``out=`` buffers so the loop
 allocates nothing and can be captured in a CUDA graph.
+
+The public entries (`heun_step`, `churn`, `cfg_rescale_factors`, `cfg_rescale`) are the one
+validation layer: every operand, value and the backend are checked here, before any kernel runs.
+`raw_heun_step` / `raw_cfg_rescale_factors` hand out the same kernels unchecked, for a loop that
+validated its buffers once when it allocated them (a few microseconds per call instead of ~25).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -19,6 +26,8 @@ from .reference import COEF_C, COEF_P, COEF_Q, COEF_R, COEF_STD
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BAD_NONE = 2**31 - 1  # the value a `bad` entry holds until its sample turns non-finite
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class BackendUnavailable(RuntimeError):
@@ -72,6 +81,8 @@ def backend_status(backend: str, device: torch.device) -> str | None:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` to the fastest backend available on ``device``; check an explicit one."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string in {BACKENDS + ('auto',)}, got {type(backend).__name__}")
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for name in order:
@@ -82,10 +93,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
     return backend
-
-
-def _impl(backend: str) -> ModuleType:
-    return _native() if backend in ("cpu", "cuda") else _triton()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -121,6 +128,79 @@ def _check_out(name: str, t: torch.Tensor, rows: int, numel: int) -> None:
         raise ValueError(f"{name} must have {rows} rows of {numel} elements, got shape {tuple(t.shape)}")
 
 
+def _check_value(
+    name: str,
+    value: object,
+    device: torch.device,
+    like: str,
+    lo: float | None = None,
+    hi: float | None = None,
+) -> None:
+    """A guidance value: a finite host number (in [lo, hi]) or a float32 one-element tensor on ``device``.
+
+    A tensor is read by the kernel at run time (one captured graph serves any value), so its
+    value is not checked here: that would be a device-to-host sync.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.float32 or value.numel() != 1:
+            raise TypeError(
+                f"{name} as a tensor must be float32 with one element, got {value.dtype} {tuple(value.shape)}"
+            )
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but {like} is on {device}")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a float32 one-element tensor, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite and representable in float32, got {value!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _check_overlap(
+    outputs: list[tuple[str, torch.Tensor | None]],
+    inputs: list[tuple[str, torch.Tensor | None]],
+    may_alias: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """No output shares memory with an input or another output, except the exact aliases listed.
+
+    The kernels read an element and write its result at the same index in the same thread, so an
+    output that IS an input (same address, same size) is safe where allowed; a partial overlap
+    (shifted by an element or a row) reads values another thread already overwrote. Outputs are
+    contiguous, and so is every input that reaches a kernel (`.contiguous()` copies the others
+    before launch), so a byte range per tensor is exact; distinct allocations never overlap.
+    """
+    if torch.compiler.is_compiling():
+        return  # fake tensors have no addresses; the eager call checked the real ones
+    spans = [(name, t, _extent(t)) for name, t in inputs if t is not None and t.numel() and t.is_contiguous()]
+    for i, (name, t) in enumerate(outputs):
+        if t is None or not t.numel():
+            continue
+        lo, hi = _extent(t)
+        others = spans + [(n, o, _extent(o)) for n, o in outputs[:i] if o is not None and o.numel()]
+        for other_name, _, (o_lo, o_hi) in others:
+            if lo < o_hi and o_lo < hi:
+                exact = lo == o_lo and hi == o_hi
+                if exact and ((name, other_name) in may_alias or (other_name, name) in may_alias):
+                    continue
+                what = "is the same memory as" if exact else "partially overlaps"
+                allowed = " (only out may alias x_hat)" if exact else ""
+                raise ValueError(f"{name} {what} {other_name}{allowed}; pass a separate buffer")
+
+
 def check_step_args(
     x_hat: torch.Tensor,
     coef: torch.Tensor,
@@ -132,6 +212,10 @@ def check_step_args(
     seeds: torch.Tensor | None,
     out: torch.Tensor,
     out_net: torch.Tensor | None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    step: int = 0,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
     """Validate the operands of `heun_step` / `churn`; raise ValueError/TypeError naming the argument."""
     if not isinstance(x_hat, torch.Tensor):
@@ -147,14 +231,21 @@ def check_step_args(
     _check_tensor("noise", noise, device, f32)
     _check_tensor("out", out, device, f32)
     _check_tensor("k", k, device, f32)
-    _check_tensor("coef", coef, device, (torch.float32,))
+    _check_tensor("coef", coef, device, f32)
     _check_tensor("f", f, device, IO_DTYPES)
     _check_tensor("out_net", out_net, device, IO_DTYPES)
     _check_tensor("seeds", seeds, device, (torch.int64,))
-    if coef.numel() < 5 or not coef.is_contiguous():
+    _check_tensor("bad", bad, device, (torch.int32,))
+    # One row of the coefficient table: [p, q, r, std, c, padding...]. A 2-D [1, 8] slice or the
+    # whole [N, 8] table is refused rather than read as its first five numbers.
+    if coef.dim() != 1 or coef.numel() < 5 or not coef.is_contiguous():
         raise ValueError(
-            f"coef must be a contiguous float32 tensor with >= 5 entries, got {tuple(coef.shape)}"
+            f"coef must be one contiguous float32 row [p, q, r, std, c, ...] (1-D, >= 5 entries), "
+            f"got shape {tuple(coef.shape)}"
         )
+    _check_value("guidance_scale", guidance_scale, device, "x_hat")
+    _check_int("step", step, 0, 2**63 - 1)
+    _check_int("bad_step", bad_step, 0, BAD_NONE)
     for name, t in (("x_prime", x_prime), ("noise", noise)):
         if t is not None and (t.shape[0] != batch or t.numel() != batch * numel):
             raise ValueError(f"{name} must match x_hat's shape {tuple(x_hat.shape)}, got {tuple(t.shape)}")
@@ -163,25 +254,62 @@ def check_step_args(
     if seeds is not None and tuple(seeds.shape) != (batch,):
         raise ValueError(f"seeds must be int64 [B]=[{batch}], got shape {tuple(seeds.shape)}")
     if f is not None:
-        if f.shape[0] not in (batch, 2 * batch) or f.numel() != f.shape[0] * numel:
+        if f.dim() < 1 or f.shape[0] not in (batch, 2 * batch) or f.numel() != f.shape[0] * numel:
             raise ValueError(f"f must have B={batch} or 2B rows of {numel} elements, got {tuple(f.shape)}")
         if k is not None and f.shape[0] != 2 * batch:
             raise ValueError("k (CFG rescale factors) needs f with 2B rows (cond then uncond)")
     if k is not None and tuple(k.shape) != (batch,):
         raise ValueError(f"k must be float32 [B]=[{batch}], got shape {tuple(k.shape)}")
+    if bad is not None and (tuple(bad.shape) != (batch,) or not bad.is_contiguous()):
+        raise ValueError(f"bad must be a contiguous int32 [B]=[{batch}] tensor, got shape {tuple(bad.shape)}")
     _check_out("out", out, batch, numel)
     if out_net is not None:
-        if out_net.shape[0] not in (batch, 2 * batch):
+        if out_net.dim() < 1 or out_net.shape[0] not in (batch, 2 * batch):
             raise ValueError(f"out_net must have B={batch} or 2B rows, got shape {tuple(out_net.shape)}")
         _check_out("out_net", out_net, out_net.shape[0], numel)
         if f is not None and f.dtype != out_net.dtype:
             raise TypeError(f"f and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
+    w = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    _check_overlap(
+        [("out", out), ("out_net", out_net), ("bad", bad)],
+        [
+            ("x_hat", x_hat),
+            ("x_prime", x_prime),
+            ("f", f),
+            ("k", k),
+            ("noise", noise),
+            ("seeds", seeds),
+            ("coef", coef),
+            ("guidance_scale", w),
+        ],  # fmt: skip
+        may_alias=(("out", "x_hat"),),
+    )
+
+
+def _c(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 # ----------------------------------------------------------------------------- torch backend
 
 
-def _torch_heun_step(x_hat, coef, x_prime, f, k, guidance_scale, noise, seeds, step, out, out_net):
+def _torch_heun_step(
+    x_hat: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    x_prime: torch.Tensor | None = None,
+    f: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+) -> None:
+    """The torch backend of `heun_step` (eager ops, float32), with the same keyword signature."""
     batch = x_hat.shape[0]
     c = coef.to(torch.float32)
     x = c[COEF_P] * _flat(x_hat)
@@ -191,7 +319,8 @@ def _torch_heun_step(x_hat, coef, x_prime, f, k, guidance_scale, noise, seeds, s
         ff = _flat(f).float()
         if ff.shape[0] == 2 * batch:
             cond, uncond = ff[:batch], ff[batch:]
-            ff = uncond + guidance_scale * (cond - uncond)
+            w = guidance_scale.reshape(()) if isinstance(guidance_scale, torch.Tensor) else guidance_scale
+            ff = uncond + w * (cond - uncond)
             if k is not None:
                 ff = k.reshape(-1, 1) * ff
         x = x + c[COEF_R] * ff
@@ -208,60 +337,13 @@ def _torch_heun_step(x_hat, coef, x_prime, f, k, guidance_scale, noise, seeds, s
         rows = _flat(out_net)
         for j in range(out_net.shape[0] // batch):
             rows[j * batch : (j + 1) * batch].copy_(net)
+    if bad is not None:
+        # Device-side and sync-free: a per-row all() over what was just computed.
+        nonfinite = ~torch.isfinite(x).all(dim=1)
+        torch.where(nonfinite, bad.clamp(max=bad_step), bad, out=bad)
 
 
-# ----------------------------------------------------------------------------- public ops
-
-
-def heun_step(
-    x_hat: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    out: torch.Tensor,
-    x_prime: torch.Tensor | None = None,
-    f: torch.Tensor | None = None,
-    k: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    noise: torch.Tensor | None = None,
-    seeds: torch.Tensor | None = None,
-    step: int = 0,
-    out_net: torch.Tensor | None = None,
-    backend: str = "torch",
-) -> torch.Tensor:
-    """Fused sampler pass ``out = p x_hat + q x_prime + r F + std eps; out_net = c out``.
-
-    See `edmfast.reference.heun_step` for the full contract. ``out`` may alias ``x_hat``.
-    Returns ``out``.
-    """
-    check_step_args(
-        x_hat, coef, x_prime=x_prime, f=f, k=k, noise=noise, seeds=seeds, out=out, out_net=out_net
-    )
-    if x_hat.numel() == 0:
-        return out  # samples of zero elements: nothing to compute, no kernel to launch
-    x_prime = None if x_prime is None else x_prime.contiguous()
-    f = None if f is None else f.contiguous()
-    noise = None if noise is None else noise.contiguous()
-    k = None if k is None else k.contiguous()
-    if backend == "torch":
-        _torch_heun_step(x_hat, coef, x_prime, f, k, guidance_scale, noise, seeds, step, out, out_net)
-    else:
-        _impl(backend).heun_step(
-            x_hat.contiguous(),
-            coef,
-            out=out,
-            x_prime=x_prime,
-            f=f,
-            k=k,
-            guidance_scale=guidance_scale,
-            noise=noise,
-            seeds=seeds,
-            step=step,
-            out_net=out_net,
-        )
-    return out
-
-
-def churn(
+def _torch_churn(
     x: torch.Tensor,
     coef: torch.Tensor,
     *,
@@ -270,74 +352,39 @@ def churn(
     seeds: torch.Tensor | None = None,
     step: int = 0,
     out_net: torch.Tensor | None = None,
-    backend: str = "torch",
-) -> torch.Tensor:
-    """Fused churn ``out = x + std eps; out_net = c out`` (`edmfast.reference.churn`)."""
-    check_step_args(x, coef, x_prime=None, f=None, k=None, noise=noise, seeds=seeds, out=out, out_net=out_net)
-    if x.numel() == 0:
-        return out
-    noise = None if noise is None else noise.contiguous()
-    if backend == "torch":
-        one = torch.stack(
-            [
-                torch.ones_like(coef[0]),
-                torch.zeros_like(coef[0]),
-                torch.zeros_like(coef[0]),
-                coef[COEF_STD],
-                coef[COEF_C],
-            ]
-        )
-        _torch_heun_step(x, one, None, None, None, 1.0, noise, seeds, step, out, out_net)
-    else:
-        _impl(backend).churn(
-            x.contiguous(), coef, out=out, noise=noise, seeds=seeds, step=step, out_net=out_net
-        )
-    return out
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+) -> None:
+    zero = torch.zeros_like(coef[0])
+    one = torch.stack([torch.ones_like(coef[0]), zero, zero, coef[COEF_STD], coef[COEF_C]])
+    _torch_heun_step(
+        x, one, out=out, noise=noise, seeds=seeds, step=step, out_net=out_net, bad=bad, bad_step=bad_step
+    )
 
 
-def _check_guidance(guidance_scale: float, guidance_rescale: float) -> None:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a finite float, got {guidance_scale!r}")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
-    if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-
-
-def cfg_rescale_factors(
+def _torch_cfg_rescale_factors(
     f: torch.Tensor,
-    guidance_scale: float,
-    guidance_rescale: float,
+    guidance_scale: float | torch.Tensor,
+    guidance_rescale: float | torch.Tensor,
     *,
     out: torch.Tensor,
-    backend: str = "torch",
-) -> torch.Tensor:
-    """Per-sample CFG-rescale factors k [B] (float32) from the batched prediction f [2B, ...].
-
-    One reduction pass (five sums per sample). See `edmfast.reference.cfg_rescale_factors`.
-    """
-    _check_guidance(guidance_scale, guidance_rescale)
-    if not isinstance(f, torch.Tensor):
-        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
-    if f.dim() < 1 or f.shape[0] < 2 or f.shape[0] % 2:
-        raise ValueError(f"f must have 2B rows (cond then uncond), got shape {tuple(f.shape)}")
-    _check_tensor("f", f, f.device, IO_DTYPES)
-    _check_tensor("out", out, f.device, (torch.float32,), like="f")
-    _check_out("out", out, f.shape[0] // 2, 1)
-    if f.numel() == 0:
-        return out.fill_(1.0)  # no elements: the unbiased std is undefined, the ratio is 1
-    if backend == "torch":
-        out.copy_(_torch_cfg_factors(f.float(), guidance_scale, guidance_rescale))
-    else:
-        _impl(backend).cfg_rescale_factors(f.contiguous(), guidance_scale, guidance_rescale, out=out)
-    return out
+    workspace: torch.Tensor | None = None,
+) -> None:
+    """The torch backend of `cfg_rescale_factors` (no workspace needed)."""
+    out.copy_(_torch_cfg_factors(f.float(), guidance_scale, guidance_rescale))
 
 
-def _torch_cfg_factors(f: torch.Tensor, w: float, phi: float) -> torch.Tensor:
+def _torch_cfg_factors(
+    f: torch.Tensor, w: float | torch.Tensor, phi: float | torch.Tensor
+) -> torch.Tensor:  # fmt: skip
     batch = f.shape[0] // 2
     ff = _flat(f)
     if ff.shape[1] < 2:
         return torch.ones(batch, dtype=torch.float32, device=f.device)
+    if isinstance(w, torch.Tensor):
+        w = w.reshape(())
+    if isinstance(phi, torch.Tensor):
+        phi = phi.reshape(()).double()
     # Subtracting a per-sample pivot keeps the variance exact when |mean| >> std (variance is
     # shift-invariant; the cfg pivot is the cfg of the two pivots).
     cond = ff[:batch] - ff[:batch, :1]
@@ -351,6 +398,215 @@ def _torch_cfg_factors(f: torch.Tensor, w: float, phi: float) -> torch.Tensor:
     return (phi * ratio + (1.0 - phi)).float()
 
 
+# ----------------------------------------------------------------------------- unchecked entries
+
+
+def _require(backend: str) -> None:
+    """Raise BackendUnavailable when ``backend``'s kernels cannot run in this process at all."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("cpu", "cuda"):
+        reason = _native().why_unavailable(backend)
+    elif backend == "triton":
+        try:
+            import triton  # noqa: F401
+
+            reason = None
+        except ImportError as e:
+            reason = f"triton is not importable: {e}"
+    else:
+        reason = None
+    if reason is not None:
+        raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
+
+
+def raw_heun_step(backend: str) -> Callable[..., None]:
+    """`heun_step`'s kernel for ``backend``, unchecked: the same keyword signature minus ``backend``.
+
+    For a loop whose buffers were validated once: no argument checks, no ``.contiguous()``, one
+    native launch per call (~1-3 us of Python on the cpu backend, against ~25 us for `heun_step`).
+    Every operand must already be what `heun_step` accepts, contiguous; a wrong one is undefined
+    behaviour. Under torch.compile the call goes through the registered custom op.
+    """
+    _require(backend)
+    return _entry(backend, "heun_step")
+
+
+def raw_churn(backend: str) -> Callable[..., None]:
+    """`churn`'s kernel for ``backend``, unchecked (see `raw_heun_step`)."""
+    _require(backend)
+    return _entry(backend, "churn")
+
+
+def raw_cfg_rescale_factors(backend: str) -> Callable[..., None]:
+    """`cfg_rescale_factors`'s kernel for ``backend``, unchecked (see `raw_heun_step`).
+
+    Signature ``(f, guidance_scale, guidance_rescale, *, out, workspace=None)``; with the
+    workspace from `cfg_workspace` every backend is one launch and allocates nothing.
+    """
+    _require(backend)
+    return _entry(backend, "cfg_rescale_factors")
+
+
+def _impl(backend: str) -> ModuleType:
+    return _native() if backend in ("cpu", "cuda") else _triton()
+
+
+_TORCH_ENTRIES: dict[str, Callable[..., None]] = {
+    "heun_step": _torch_heun_step,
+    "churn": _torch_churn,
+    "cfg_rescale_factors": _torch_cfg_rescale_factors,
+}
+
+
+def _entry(backend: str, op: str) -> Callable[..., None]:
+    """The unchecked kernel entry of ``op`` on a resolved ``backend`` (same keyword signature)."""
+    return _TORCH_ENTRIES[op] if backend == "torch" else getattr(_impl(backend), op)
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def heun_step(
+    x_hat: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    x_prime: torch.Tensor | None = None,
+    f: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Fused sampler pass ``out = p x_hat + q x_prime + r F + std eps; out_net = c out``.
+
+    See `edmfast.reference.heun_step` for the full contract. ``out`` may alias ``x_hat``.
+    ``guidance_scale``: a float, or a float32 one-element tensor on x_hat's device read at run
+    time. ``bad``: optional int32 [B]; ``bad[b] = min(bad[b], bad_step)`` when row b of ``out``
+    holds inf or NaN (detected in the pass itself; start it at `BAD_NONE`). Returns ``out``.
+    """
+    check_step_args(
+        x_hat, coef, x_prime=x_prime, f=f, k=k, noise=noise, seeds=seeds, out=out, out_net=out_net,
+        guidance_scale=guidance_scale, step=step, bad=bad, bad_step=bad_step,
+    )  # fmt: skip
+    backend = resolve_backend(backend, x_hat.device)
+    if x_hat.numel() == 0:
+        return out  # samples of zero elements: nothing to compute, no kernel to launch
+    _entry(backend, "heun_step")(
+        x_hat.contiguous(), coef, out=out, x_prime=_c(x_prime), f=_c(f), k=_c(k),
+        guidance_scale=guidance_scale, noise=_c(noise), seeds=_c(seeds), step=int(step), out_net=out_net,
+        bad=bad, bad_step=int(bad_step),
+    )  # fmt: skip
+    return out
+
+
+def churn(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Fused churn ``out = x + std eps; out_net = c out`` (`edmfast.reference.churn`); ``bad`` as in
+    `heun_step`."""
+    check_step_args(
+        x, coef, x_prime=None, f=None, k=None, noise=noise, seeds=seeds, out=out, out_net=out_net,
+        step=step, bad=bad, bad_step=bad_step,
+    )  # fmt: skip
+    backend = resolve_backend(backend, x.device)
+    if x.numel() == 0:
+        return out
+    _entry(backend, "churn")(
+        x.contiguous(), coef, out=out, noise=_c(noise), seeds=_c(seeds), step=int(step), out_net=out_net,
+        bad=bad, bad_step=int(bad_step),
+    )  # fmt: skip
+    return out
+
+
+def _check_guidance(
+    guidance_scale: float | torch.Tensor,
+    guidance_rescale: float | torch.Tensor,
+    device: torch.device,
+    like: str,
+) -> None:
+    _check_value("guidance_scale", guidance_scale, device, like)
+    _check_value("guidance_rescale", guidance_rescale, device, like, 0.0, 1.0)
+
+
+def _check_f(f: torch.Tensor) -> None:
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
+    if f.dim() < 1 or f.shape[0] < 2 or f.shape[0] % 2:
+        raise ValueError(f"f must have 2B rows (cond then uncond), got shape {tuple(f.shape)}")
+    _check_tensor("f", f, f.device, IO_DTYPES)
+
+
+def cfg_workspace(f: torch.Tensor, backend: str) -> torch.Tensor:
+    """The static workspace `cfg_rescale_factors` needs to be one launch over f [2B, ...] (f's shape,
+    dtype-independent) on ``backend``: zero-filled float32, possibly empty (cpu, torch). Allocate it
+    once next to the other loop buffers; it belongs to this shape and backend."""
+    _check_f(f)
+    backend = resolve_backend(backend, f.device)
+    if backend in ("torch", "cpu"):
+        return torch.zeros(0, dtype=torch.float32, device=f.device)
+    return _impl(backend).workspace(f)
+
+
+def cfg_rescale_factors(
+    f: torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    guidance_rescale: float | torch.Tensor,
+    *,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None = None,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Per-sample CFG-rescale factors k [B] (float32) from the batched prediction f [2B, ...].
+
+    One reduction pass (four sums per sample). See `edmfast.reference.cfg_rescale_factors`. The
+    guidance values are floats or float32 one-element tensors on f's device (read at run time);
+    with ``workspace`` from `cfg_workspace` the op is one launch that allocates nothing.
+    """
+    _check_f(f)
+    _check_guidance(guidance_scale, guidance_rescale, f.device, "f")
+    _check_tensor("out", out, f.device, (torch.float32,), like="f")
+    _check_out("out", out, f.shape[0] // 2, 1)
+    backend = resolve_backend(backend, f.device)
+    if workspace is not None:
+        _check_tensor("workspace", workspace, f.device, (torch.float32,), like="f")
+        expected = cfg_workspace(f, backend).numel()  # sizes only (tiny): never on the raw path
+        if not workspace.is_contiguous() or workspace.numel() != expected:
+            raise ValueError(
+                f"workspace must be cfg_workspace(f, {backend!r}) ({expected} contiguous float32), "
+                f"got shape {tuple(workspace.shape)}"
+            )
+    tensors = [
+        (n, v) for n, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale))
+    ]
+    _check_overlap(
+        [("out", out), ("workspace", workspace)],
+        [("f", f)] + [(n, v if isinstance(v, torch.Tensor) else None) for n, v in tensors],
+    )
+    if f.numel() == 0:
+        return out.fill_(1.0)  # no elements: the unbiased std is undefined, the ratio is 1
+    _entry(backend, "cfg_rescale_factors")(
+        f.contiguous(), guidance_scale, guidance_rescale, out=out, workspace=workspace
+    )
+    return out
+
+
 def cfg_rescale(
     cond: torch.Tensor,
     uncond: torch.Tensor,
@@ -361,10 +617,12 @@ def cfg_rescale(
     backend: str = "torch",
 ) -> torch.Tensor:
     """Classifier-free guidance with rescale (Lin et al. Eq. 14-16), shaped and typed like ``cond``."""
-    _check_guidance(guidance_scale, guidance_rescale)
     for name, t in (("cond", cond), ("uncond", uncond)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(guidance_scale, torch.Tensor) or isinstance(guidance_rescale, torch.Tensor):
+        raise TypeError("cfg_rescale takes float guidance values (tensors: cfg_rescale_factors + heun_step)")
+    _check_guidance(guidance_scale, guidance_rescale, cond.device, "cond")
     if cond.shape != uncond.shape:
         raise ValueError(f"uncond shape {tuple(uncond.shape)} does not match cond shape {tuple(cond.shape)}")
     if cond.dim() < 1 or cond.shape[0] < 1:
@@ -375,6 +633,9 @@ def cfg_rescale(
         out = torch.empty_like(cond, memory_format=torch.contiguous_format)
     _check_tensor("out", out, cond.device, (cond.dtype,), like="cond")
     _check_out("out", out, cond.shape[0], cond.numel() // cond.shape[0])
+    # Elementwise after the reduction: out may be cond or uncond exactly, never a shifted view.
+    _check_overlap([("out", out)], [("cond", cond), ("uncond", uncond)], (("out", "cond"), ("out", "uncond")))
+    backend = resolve_backend(backend, cond.device)
     if backend == "torch":
         f = torch.cat([cond, uncond]).float()
         k = _torch_cfg_factors(f, guidance_scale, guidance_rescale)
@@ -382,8 +643,8 @@ def cfg_rescale(
             _flat(f[: cond.shape[0]]) - _flat(f[cond.shape[0] :])
         )
         _flat(out).copy_(k.reshape(-1, 1) * cfg)
-    else:
+    elif cond.numel():
         _impl(backend).cfg_rescale(
-            cond.contiguous(), uncond.contiguous(), guidance_scale, guidance_rescale, out=out
+            cond.contiguous(), uncond.contiguous(), float(guidance_scale), float(guidance_rescale), out=out
         )
     return out

@@ -87,10 +87,19 @@ void cfg_rescale_typed(const CfgArgs& a, T* out, int num_threads) {
   apply<T>(a, k.data(), out, num_threads);
 }
 
+// The run-time values of a call, read once (host memory on this backend).
+CfgArgs resolved(const CfgArgs& args) {
+  CfgArgs a = args;
+  if (a.guidance_scale_ptr) a.guidance_scale = *a.guidance_scale_ptr;
+  if (a.guidance_rescale_ptr) a.guidance_rescale = *a.guidance_rescale_ptr;
+  return a;
+}
+
 }  // namespace
 
-int cfg_rescale_factors_cpu(const CfgArgs& a, float* k_out, int num_threads) {
-  if (validate(a) != kOk || !k_out) return kBadArgument;
+int cfg_rescale_factors_cpu(const CfgArgs& args, float* k_out, int num_threads) {
+  if (validate(args) != kOk || !k_out) return kBadArgument;
+  const CfgArgs a = resolved(args);
   if (a.numel == 0) {
     std::fill(k_out, k_out + a.batch, 1.0f);
     return kOk;
@@ -109,8 +118,9 @@ int cfg_rescale_factors_cpu(const CfgArgs& a, float* k_out, int num_threads) {
   return kOk;
 }
 
-int cfg_rescale_cpu(const CfgArgs& a, void* out, int num_threads) {
-  if (validate(a) != kOk || !out) return kBadArgument;
+int cfg_rescale_cpu(const CfgArgs& args, void* out, int num_threads) {
+  if (validate(args) != kOk || !out) return kBadArgument;
+  const CfgArgs a = resolved(args);
   if (a.numel == 0) return kOk;
   switch (a.dtype) {
     case DType::kFloat32:

@@ -220,6 +220,15 @@ void fill_philox(float* eps, uint64_t seed, uint32_t step, int64_t begin, int64_
   impl(eps, seed, step, begin, n);
 }
 
+// bad[b] = min(bad[b], step), atomically: chunks of one sample may run on different threads.
+// Reached only when a row holds inf or NaN, so the compare-exchange loop costs nothing normally.
+void record_bad(int32_t* slot, int32_t step) {
+  int32_t current = __atomic_load_n(slot, __ATOMIC_RELAXED);
+  while (step < current &&
+         !__atomic_compare_exchange_n(slot, &current, step, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
 template <typename T>
 void step_chunk(const StepArgs& a, const StepCoef& s, int64_t b, int64_t begin, int64_t n) {
   alignas(64) float f_buf[kChunk];
@@ -257,8 +266,19 @@ void step_chunk(const StepArgs& a, const StepCoef& s, int64_t b, int64_t begin, 
   // out may alias x_hat: each element is read before it is written, at the same index.
   const float* x_hat = a.x_hat + row;
   float* out = a.out + row;
+  if (a.bad) {
+    uint32_t nonfinite = 0;
+#pragma omp simd reduction(| : nonfinite)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = fused_update(s, x_hat[i], x_prime[i], f[i], eps[i]);
+      out[i] = v;
+      nonfinite |= nonfinite_bit(v);
+    }
+    if (nonfinite) record_bad(a.bad + b, a.bad_step);
+  } else {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = fused_update(s, x_hat[i], x_prime[i], f[i], eps[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = fused_update(s, x_hat[i], x_prime[i], f[i], eps[i]);
+  }
 
   if (a.out_net) {
     T* net = static_cast<T*>(a.out_net);
@@ -271,7 +291,9 @@ void step_chunk(const StepArgs& a, const StepCoef& s, int64_t b, int64_t begin, 
 }
 
 template <typename T>
-void step_all(const StepArgs& a, int num_threads) {
+void step_all(const StepArgs& args, int num_threads) {
+  StepArgs a = args;
+  if (a.guidance) a.guidance_scale = *a.guidance;  // host memory on this backend: read it once
   const StepCoef s = load_coef(a.coef, a.x_prime != nullptr, a.f_rows != 0, a.noise || a.seeds, a.churn);
   for_each_chunk(a.batch, a.numel, kChunk, num_threads,
                  [&](int64_t, int64_t b, int64_t begin, int64_t n) { step_chunk<T>(a, s, b, begin, n); });

@@ -24,11 +24,14 @@ __global__ void __launch_bounds__(kThreads) heun_step_kernel(const StepArgs a) {
   T* out_net = static_cast<T*>(a.out_net);
   const int64_t groups = (a.numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // w from device memory when given: one captured graph serves any guidance scale.
+  const float w = a.guidance ? *a.guidance : a.guidance_scale;
 
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     const int64_t row = b * a.numel;
     const float k = a.k ? a.k[b] : 1.0f;
     const uint64_t seed = a.seeds ? static_cast<uint64_t>(a.seeds[b]) : 0;
+    uint32_t nonfinite = 0;  // any inf / NaN among this thread's results of sample b
     for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
       const int64_t e = 4 * g;
       const int64_t n = a.numel - e;  // >= 4 except in the last group of a sample
@@ -42,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) heun_step_kernel(const StepArgs a) {
         load4<T, kVec>(f + off, n, cond);
         load4<T, kVec>(f + a.batch * a.numel + off, n, uncond);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) pred[j] = guided_prediction(cond[j], uncond[j], a.guidance_scale, k);
+        for (int j = 0; j < 4; ++j) pred[j] = guided_prediction(cond[j], uncond[j], w, k);
       } else if (f) {
         load4<T, kVec>(f + off, n, pred);
       }
@@ -61,9 +64,16 @@ __global__ void __launch_bounds__(kThreads) heun_step_kernel(const StepArgs a) {
       for (int j = 0; j < 4; ++j) {
         x[j] = fused_update(s, x_hat[j], x_prime[j], pred[j], eps[j]);
         net[j] = precondition_input(s.c, x[j]);
+        if (j < n) nonfinite |= nonfinite_bit(x[j]);  // lanes past the row's end hold no result
       }
       store4<float, kVec>(a.out + off, n, x);  // may alias x_hat: same thread, same elements
       for (int64_t r = 0; r < a.net_rows; ++r) store4<T, kVec>(out_net + r * a.batch * a.numel + off, n, net);
+    }
+    if (a.bad) {
+      // Every thread of the block reaches this point for each b (the b loop is block-uniform), so
+      // the warp vote is legal; one atomicMin per warp that saw a non-finite value, none otherwise.
+      const unsigned any = __ballot_sync(0xFFFFFFFFu, nonfinite != 0);
+      if (any && threadIdx.x % 32 == 0) atomicMin(a.bad + b, a.bad_step);
     }
   }
 }

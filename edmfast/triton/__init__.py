@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["why_unavailable", "heun_step", "churn", "cfg_rescale_factors", "cfg_rescale"]
+__all__ = ["why_unavailable", "heun_step", "churn", "cfg_rescale_factors", "cfg_rescale", "workspace"]
 
 _KERNEL_MODULES = ("heun_step", "churn", "cfg_rescale")
 
@@ -110,22 +110,27 @@ def heun_step(
     coef: torch.Tensor,
     *,
     out: torch.Tensor,
-    x_prime: torch.Tensor | None,
-    f: torch.Tensor | None,
-    k: torch.Tensor | None,
-    guidance_scale: float,
-    noise: torch.Tensor | None,
-    seeds: torch.Tensor | None,
-    step: int,
-    out_net: torch.Tensor | None,
+    x_prime: torch.Tensor | None = None,
+    f: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
     """``out = p x_hat + q x_prime + r F + std eps``; ``out_net[j B + b] = c out[b]``.
 
-    See `edmfast.reference.heun_step` for the operands; ``out`` may alias ``x_hat``.
+    See `edmfast.reference.heun_step` for the operands; ``out`` may alias ``x_hat``. A tensor
+    ``guidance_scale`` (float32 [1]) is read at run time; ``bad[b] = min(bad[b], bad_step)`` where
+    row b of ``out`` is not finite. Unchecked: `edmfast.ops` validates.
     """
+    guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
     _ops().heun_step(
-        x_hat, coef, out=out, x_prime=x_prime, f=f, k=k, guidance_scale=float(guidance_scale),
-        noise=noise, seeds=seeds, step=int(step), out_net=out_net,
+        x_hat, coef, out, x_prime, f, k, 1.0 if guidance is not None else float(guidance_scale),
+        noise, seeds, int(step), out_net, guidance, bad, int(bad_step),
     )  # fmt: skip
 
 
@@ -134,20 +139,43 @@ def churn(
     coef: torch.Tensor,
     *,
     out: torch.Tensor,
-    noise: torch.Tensor | None,
-    seeds: torch.Tensor | None,
-    step: int,
-    out_net: torch.Tensor | None,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
-    """``out = x + std eps``; ``out_net = c out`` (`edmfast.reference.churn`)."""
-    _ops().churn(x, coef, out=out, noise=noise, seeds=seeds, step=int(step), out_net=out_net)
+    """``out = x + std eps``; ``out_net = c out`` (`edmfast.reference.churn`); ``bad`` as in `heun_step`."""
+    _ops().churn(x, coef, out, noise, seeds, int(step), out_net, bad, int(bad_step))
+
+
+def workspace(f: torch.Tensor) -> torch.Tensor:
+    """Zeroed workspace of the one-launch `cfg_rescale_factors` over f [2B, ...] (partials, counters)."""
+    _ops()
+    from .cfg_rescale import new_workspace
+
+    return new_workspace(f)
 
 
 def cfg_rescale_factors(
-    f: torch.Tensor, guidance_scale: float, guidance_rescale: float, *, out: torch.Tensor
+    f: torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    guidance_rescale: float | torch.Tensor,
+    *,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None = None,
 ) -> None:
-    """k[b] = phi std(cond_b) / std(cfg_b) + (1 - phi) into ``out`` (float32 [B]); f is [2B, ...]."""
-    _ops().cfg_rescale_factors(f, float(guidance_scale), float(guidance_rescale), out=out)
+    """k[b] = phi std(cond_b) / std(cfg_b) + (1 - phi) into ``out`` (float32 [B]); f is [2B, ...].
+
+    One launch; the guidance values are floats or float32 [1] tensors read at run time;
+    ``workspace`` from `workspace` (a fresh zeroed one is allocated when None).
+    """
+    w_t = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    phi_t = guidance_rescale if isinstance(guidance_rescale, torch.Tensor) else None
+    w = 1.0 if w_t is not None else float(guidance_scale)
+    phi = 1.0 if phi_t is not None else float(guidance_rescale)
+    _ops().cfg_rescale_factors(f, w, phi, out, w_t, phi_t, workspace)
 
 
 def cfg_rescale(

@@ -1,12 +1,15 @@
-"""Classifier-free guidance with rescale (Lin et al. 2023, Eq. 14-16) as two passes over the data.
+"""Classifier-free guidance with rescale (Lin et al. 2023, Eq. 14-16): the factors in one launch.
 
 ``cfg = uncond + w (cond - uncond)``, ``k[b] = phi std(cond_b) / std(cfg_b) + (1 - phi)``,
 ``out = k[b] cfg``; unbiased stds over each sample's M elements, ratio 1 when std(cfg) = 0 or
 M < 2 (`edmfast.reference.cfg_rescale_factors`).
 
-Pass 1 (reduction) splits every sample over up to 1024 programs, so batch 1 still fills the GPU;
-each program writes its partial sums to a small workspace and a one-program-per-sample finalize
-kernel adds them in a fixed order (deterministic, no atomics). Pass 2 is elementwise.
+The reduction splits every sample over up to 1024 programs, so batch 1 still fills the GPU. Each
+program writes its partial sums to a workspace and bumps its sample's arrival counter (an atomic
+with acquire-release semantics); the program that arrives last adds the sample's partials in a
+fixed order, in float64, writes k and resets the counter to 0, so the next launch (or CUDA graph
+replay) starts clean. One launch, deterministic (no float atomics). `cfg_rescale` then runs one
+elementwise pass.
 
 Per sample the kernel accumulates four sums, of c' and cfg' and of their squares, where
 c' = cond - cond[0] and u' = uncond - uncond[0] are pivot-shifted (variance is shift-invariant;
@@ -48,12 +51,17 @@ def reduction_config(numel: int, batch: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _cfg_partial_sums_kernel(
-    cond_ptr, uncond_ptr, ws_ptr, M, P, guidance_scale, TILES, BLOCK: tl.constexpr
+def _cfg_factors_kernel(
+    cond_ptr, uncond_ptr, ws_ptr, count_ptr, k_ptr, w_ptr, phi_ptr, M, P, guidance_scale, guidance_rescale,
+    TILES, W_FROM_PTR: tl.constexpr, PHI_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     base = b * M
+    if W_FROM_PTR:
+        w = tl.load(w_ptr)
+    else:
+        w = guidance_scale
     pivot_c = tl.load(cond_ptr + base).to(tl.float32)
     pivot_u = tl.load(uncond_ptr + base).to(tl.float32)
     s_c = tl.zeros([BLOCK], dtype=tl.float32)
@@ -67,7 +75,7 @@ def _cfg_partial_sums_kernel(
         mask = e < M
         c = tl.load(cond_ptr + base + e, mask=mask, other=0.0).to(tl.float32) - pivot_c
         u = tl.load(uncond_ptr + base + e, mask=mask, other=0.0).to(tl.float32) - pivot_u
-        g = u + guidance_scale * (c - u)
+        g = u + w * (c - u)
         # Masked lanes hold -pivot after the shift: zero them before they reach the sums.
         c = tl.where(mask, c, 0.0)
         g = tl.where(mask, g, 0.0)
@@ -75,32 +83,34 @@ def _cfg_partial_sums_kernel(
         s_cc += c * c
         s_g += g
         s_gg += g * g
-    out = ws_ptr + b * 4 * P + pid
-    tl.store(out, tl.sum(s_c, axis=0))
-    tl.store(out + P, tl.sum(s_cc, axis=0))
-    tl.store(out + 2 * P, tl.sum(s_g, axis=0))
-    tl.store(out + 3 * P, tl.sum(s_gg, axis=0))
-
-
-@triton.jit
-def _cfg_finalize_kernel(ws_ptr, k_ptr, M, P, guidance_rescale, P_BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, P_BLOCK)
-    mask = i < P
-    sums = ws_ptr + b * 4 * P + i
-    # float64 for the combination only (P values per sample): sum x^2 - (sum x)^2 / M cancels
-    # the squared mean, and the pivot only bounds it, so spend the spare precision here.
-    s_c = tl.sum(tl.load(sums, mask=mask, other=0.0).to(tl.float64), axis=0)
-    s_cc = tl.sum(tl.load(sums + P, mask=mask, other=0.0).to(tl.float64), axis=0)
-    s_g = tl.sum(tl.load(sums + 2 * P, mask=mask, other=0.0).to(tl.float64), axis=0)
-    s_gg = tl.sum(tl.load(sums + 3 * P, mask=mask, other=0.0).to(tl.float64), axis=0)
-    n = tl.cast(M, tl.float64)  # tl.cast also accepts M specialized to a constant
-    var_c = tl.maximum(s_cc - s_c * (s_c / n), 0.0)  # (N - 1) var; the 1/(N - 1) cancels in the ratio
-    var_g = tl.maximum(s_gg - s_g * (s_g / n), 0.0)
-    ok = (var_g > 0.0) & (n >= 2.0)  # the unbiased std needs two elements
-    ratio = tl.where(ok, tl.sqrt(var_c / tl.where(ok, var_g, 1.0)), 1.0)
-    k = guidance_rescale * ratio + (1.0 - guidance_rescale)
-    tl.store(k_ptr + b, k.to(tl.float32))
+    sums = ws_ptr + b * 4 * P
+    tl.store(sums + pid, tl.sum(s_c, axis=0))
+    tl.store(sums + P + pid, tl.sum(s_cc, axis=0))
+    tl.store(sums + 2 * P + pid, tl.sum(s_g, axis=0))
+    tl.store(sums + 3 * P + pid, tl.sum(s_gg, axis=0))
+    # Release the partials, count this program in; the last of the sample's P finalizes it.
+    arrived = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
+    if arrived == P - 1:
+        i = tl.arange(0, P_BLOCK)
+        m = i < P
+        # volatile: straight from L2, never a stale L1 line of another program's partials. float64
+        # for the combination only: sum x^2 - (sum x)^2 / M cancels the squared mean, and the
+        # pivot only bounds it, so spend the spare precision here.
+        t_c = tl.sum(tl.load(sums + i, mask=m, other=0.0, volatile=True).to(tl.float64), axis=0)
+        t_cc = tl.sum(tl.load(sums + P + i, mask=m, other=0.0, volatile=True).to(tl.float64), axis=0)
+        t_g = tl.sum(tl.load(sums + 2 * P + i, mask=m, other=0.0, volatile=True).to(tl.float64), axis=0)
+        t_gg = tl.sum(tl.load(sums + 3 * P + i, mask=m, other=0.0, volatile=True).to(tl.float64), axis=0)
+        n = tl.cast(M, tl.float64)  # tl.cast also accepts M specialized to a constant
+        var_c = tl.maximum(t_cc - t_c * (t_c / n), 0.0)  # (N - 1) var; the 1/(N - 1) cancels in the ratio
+        var_g = tl.maximum(t_gg - t_g * (t_g / n), 0.0)
+        ok = (var_g > 0.0) & (n >= 2.0)  # the unbiased std needs two elements
+        ratio = tl.where(ok, tl.sqrt(var_c / tl.where(ok, var_g, 1.0)), 1.0)
+        if PHI_FROM_PTR:
+            phi = tl.load(phi_ptr).to(tl.float64)
+        else:
+            phi = tl.cast(guidance_rescale, tl.float64)
+        tl.store(k_ptr + b, (phi * ratio + (1.0 - phi)).to(tl.float32))
+        tl.atomic_xchg(count_ptr + b, 0)  # ready for the next launch / graph replay
 
 
 @triton.jit
@@ -116,32 +126,51 @@ def _cfg_apply_kernel(cond_ptr, uncond_ptr, k_ptr, out_ptr, M, guidance_scale, B
     tl.store(out_ptr + row, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def workspace_floats(batch: int, numel: int) -> int:
+    """float32 words of the factors' workspace: 4 partial sums per program, then one counter per sample."""
+    _, _, programs, _ = reduction_config(numel, batch)
+    return batch * (N_SUMS * programs + 1)
+
+
+def new_workspace(f: torch.Tensor) -> torch.Tensor:
+    """The zeroed workspace of `cfg_rescale_factors` over f [2B, ...] (its counters must start at 0)."""
+    batch = f.shape[0] // 2
+    numel = f.numel() // max(f.shape[0], 1)
+    return torch.zeros(workspace_floats(batch, numel), dtype=torch.float32, device=f.device)
+
+
 def _launch_factors(
-    cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, guidance_rescale: float, k: torch.Tensor,
-    ws: torch.Tensor | None = None,
+    cond: torch.Tensor, uncond: torch.Tensor, w: float, w_t: torch.Tensor | None, phi: float,
+    phi_t: torch.Tensor | None, k: torch.Tensor, ws: torch.Tensor,
 ) -> None:  # fmt: skip
-    """k (float32 [B]) from contiguous cond / uncond rows; ``ws`` (or a fresh one) holds the partials."""
+    """k (float32 [B]) from contiguous cond / uncond rows, one launch; ``ws`` from `new_workspace`."""
     batch = cond.shape[0]
     numel = cond.numel() // batch
     if batch > MAX_BATCH:
         raise ValueError(f"the triton backend handles at most {MAX_BATCH} samples per call, got {batch}")
     block, tiles, programs, num_warps = reduction_config(numel, batch)
-    if ws is None:
-        ws = torch.empty(batch * N_SUMS * programs, dtype=torch.float32, device=cond.device)
-    wrap_triton(_cfg_partial_sums_kernel)[(programs, batch)](
-        cond, uncond, ws, numel, programs, float(guidance_scale), tiles, BLOCK=block, num_warps=num_warps
-    )
-    wrap_triton(_cfg_finalize_kernel)[(batch,)](
-        ws, k, numel, programs, float(guidance_rescale), P_BLOCK=triton.next_power_of_2(programs)
-    )
+    counts = ws[batch * N_SUMS * programs :].view(torch.int32)
+    wrap_triton(_cfg_factors_kernel)[(programs, batch)](
+        cond, uncond, ws, counts, k, k if w_t is None else w_t, k if phi_t is None else phi_t, numel,
+        programs, float(w), float(phi), tiles, W_FROM_PTR=w_t is not None, PHI_FROM_PTR=phi_t is not None,
+        BLOCK=block, P_BLOCK=triton.next_power_of_2(programs), num_warps=num_warps,
+    )  # fmt: skip
 
 
-@_triton_op("edmfast_triton::cfg_rescale_factors", mutates_args=("out",))
+@_triton_op("edmfast_triton::cfg_rescale_factors", mutates_args=("out", "workspace"))
 def cfg_rescale_factors(
-    f: torch.Tensor, guidance_scale: float, guidance_rescale: float, out: torch.Tensor
+    f: torch.Tensor,
+    guidance_scale: float,
+    guidance_rescale: float,
+    out: torch.Tensor,
+    guidance_scale_tensor: torch.Tensor | None = None,
+    guidance_rescale_tensor: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> None:
     batch = f.shape[0] // 2
-    _launch_factors(f[:batch], f[batch:], guidance_scale, guidance_rescale, out)
+    ws = new_workspace(f) if workspace is None else workspace
+    w_t, phi_t = guidance_scale_tensor, guidance_rescale_tensor
+    _launch_factors(f[:batch], f[batch:], guidance_scale, w_t, guidance_rescale, phi_t, out, ws)
 
 
 @_triton_op("edmfast_triton::cfg_rescale", mutates_args=("out",))
@@ -154,11 +183,10 @@ def cfg_rescale(
 ) -> None:
     batch = cond.shape[0]
     numel = cond.numel() // batch
-    _, _, programs, _ = reduction_config(numel, batch)
-    # One small allocation (torch's caching allocator, capture-safe): partials, then k.
-    ws = torch.empty(batch * (N_SUMS * programs + 1), dtype=torch.float32, device=cond.device)
-    k = ws[batch * N_SUMS * programs :]
-    _launch_factors(cond, uncond, guidance_scale, guidance_rescale, k, ws)
+    # Small allocations (torch's caching allocator, capture-safe): the zeroed workspace, then k.
+    ws = torch.zeros(workspace_floats(batch, numel) + batch, dtype=torch.float32, device=cond.device)
+    k = ws[-batch:]
+    _launch_factors(cond, uncond, guidance_scale, None, guidance_rescale, None, k, ws[:-batch])
     block, num_warps = block_config(numel, batch)
     wrap_triton(_cfg_apply_kernel)[(triton.cdiv(numel, block), batch)](
         cond, uncond, k, out, numel, float(guidance_scale), BLOCK=block, num_warps=num_warps

@@ -13,7 +13,7 @@ from . import _triton_op
 from .heun_step import launch
 
 
-@_triton_op("edmfast_triton::churn", mutates_args=("out", "out_net"))
+@_triton_op("edmfast_triton::churn", mutates_args=("out", "out_net", "bad"))
 def churn(
     x: torch.Tensor,
     coef: torch.Tensor,
@@ -22,5 +22,10 @@ def churn(
     seeds: torch.Tensor | None,
     step: int,
     out_net: torch.Tensor | None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
-    launch(x, coef, out, None, None, None, 1.0, noise, seeds, step, out_net, p_is_one=True)
+    launch(
+        x, coef, out, None, None, None, 1.0, noise, seeds, step, out_net, p_is_one=True, bad=bad,
+        bad_step=bad_step,
+    )  # fmt: skip

@@ -44,7 +44,7 @@ def block_config(numel: int, batch: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-@triton.jit(do_not_specialize=["step"])
+@triton.jit(do_not_specialize=["step", "bad_step"])
 def _heun_step_kernel(
     x_hat_ptr,
     x_prime_ptr,
@@ -55,10 +55,13 @@ def _heun_step_kernel(
     coef_ptr,
     out_ptr,
     out_net_ptr,
+    guidance_ptr,
+    bad_ptr,
     B,
     M,
     guidance_scale,
     step,
+    bad_step,
     P_IS_ONE: tl.constexpr,
     HAS_XPRIME: tl.constexpr,
     HAS_F: tl.constexpr,
@@ -66,6 +69,8 @@ def _heun_step_kernel(
     HAS_K: tl.constexpr,
     NOISE: tl.constexpr,
     NET_ROWS: tl.constexpr,
+    W_FROM_PTR: tl.constexpr,
+    HAS_BAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Grid (element blocks, samples): per-sample offsets need no division, and the Philox
@@ -90,7 +95,11 @@ def _heun_step_kernel(
             # f = [cond rows; uncond rows]: F = k[b] (uncond + w (cond - uncond)).
             cond = tl.load(f_ptr + row, mask=mask, other=0.0).to(tl.float32)
             uncond = tl.load(f_ptr + rows_stride + row, mask=mask, other=0.0).to(tl.float32)
-            pred = uncond + guidance_scale * (cond - uncond)
+            if W_FROM_PTR:
+                w = tl.load(guidance_ptr)  # read at run time: one captured graph serves any scale
+            else:
+                w = guidance_scale
+            pred = uncond + w * (cond - uncond)
             if HAS_K:
                 pred = tl.load(k_ptr + b) * pred
         else:
@@ -102,6 +111,11 @@ def _heun_step_kernel(
         eps = philox_normal_block(tl.load(seeds_ptr + b), step, start, BLOCK)
         acc += tl.load(coef_ptr + 3) * eps
     tl.store(out_ptr + row, acc, mask=mask)
+    if HAS_BAD:
+        # |x| < inf is false exactly for inf and NaN; masked lanes (which may hold coef * 0 = NaN
+        # when a coefficient is inf) do not count. No sum, so finite values can never overflow.
+        nonfinite = tl.max((mask & ~(tl.abs(acc) < float("inf"))).to(tl.int32), axis=0)
+        tl.atomic_min(bad_ptr + b, bad_step, mask=nonfinite > 0)
     if NET_ROWS > 0:
         net = (tl.load(coef_ptr + 4) * acc).to(out_net_ptr.dtype.element_ty)
         for j in tl.static_range(NET_ROWS):
@@ -121,6 +135,9 @@ def launch(
     step: int,
     out_net: torch.Tensor | None,
     p_is_one: bool,
+    guidance: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
     """Launch `_heun_step_kernel` on contiguous, validated operands (see `edmfast.ops`)."""
     batch = x_hat.shape[0]
@@ -141,10 +158,13 @@ def launch(
         coef,
         out,
         out if out_net is None else out_net,
+        x_hat if guidance is None else guidance,
+        x_hat if bad is None else bad,
         batch,
         numel,
         float(guidance_scale),
         int(step) & 0xFFFFFFFF,  # the counter word is the step's low 32 bits (edmfast.philox)
+        int(bad_step),
         P_IS_ONE=p_is_one,
         HAS_XPRIME=x_prime is not None,
         HAS_F=f is not None,
@@ -152,12 +172,14 @@ def launch(
         HAS_K=k is not None,
         NOISE=noise_mode,
         NET_ROWS=0 if out_net is None else out_net.shape[0] // batch,
+        W_FROM_PTR=guidance is not None,
+        HAS_BAD=bad is not None,
         BLOCK=block,
         num_warps=num_warps,
     )
 
 
-@_triton_op("edmfast_triton::heun_step", mutates_args=("out", "out_net"))
+@_triton_op("edmfast_triton::heun_step", mutates_args=("out", "out_net", "bad"))
 def heun_step(
     x_hat: torch.Tensor,
     coef: torch.Tensor,
@@ -170,5 +192,11 @@ def heun_step(
     seeds: torch.Tensor | None,
     step: int,
     out_net: torch.Tensor | None,
+    guidance: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
 ) -> None:
-    launch(x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net, p_is_one=False)
+    launch(
+        x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net, p_is_one=False,
+        guidance=guidance, bad=bad, bad_step=bad_step,
+    )  # fmt: skip

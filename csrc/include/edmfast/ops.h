@@ -28,8 +28,11 @@ struct StepArgs {
   int64_t net_rows = 0;  // 0 (no out_net), 1, or 2 (CFG: the input is written for both halves)
   DType dtype = DType::kFloat32;
   float guidance_scale = 1.0f;
+  const float* guidance = nullptr;  // [1] w read at run time (one graph serves any w), or nullptr
   uint32_t step = 0;
-  bool churn = false;  // p = 1, q = r = 0: edmfast/reference.py churn
+  bool churn = false;     // p = 1, q = r = 0: edmfast/reference.py churn
+  int32_t* bad = nullptr;  // [batch] or nullptr: bad[b] = min(bad[b], bad_step) if row b of out is non-finite
+  int32_t bad_step = 0;
 };
 
 // CFG rescale over cond [batch, numel] and uncond [batch, numel] (both of dtype).
@@ -41,6 +44,10 @@ struct CfgArgs {
   DType dtype = DType::kFloat32;
   float guidance_scale = 1.0f;
   float guidance_rescale = 0.0f;
+  // [1] device values read at run time instead of the two floats above (nullptr: use the floats).
+  // A value read at run time cannot be range-checked here; the Python layer checks host floats.
+  const float* guidance_scale_ptr = nullptr;
+  const float* guidance_rescale_ptr = nullptr;
 };
 
 // Checks shared by both backends (sizes, flags and required pointers), so a bad call from the
@@ -60,15 +67,18 @@ inline int validate(const StepArgs& a) {
 inline int validate(const CfgArgs& a) {
   const bool dtype_ok = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16;
   if (!dtype_ok || a.batch < 1 || a.numel < 0 || !a.cond || !a.uncond) return kBadArgument;
-  if (!(a.guidance_rescale >= 0.0f && a.guidance_rescale <= 1.0f)) return kBadArgument;
+  if (!a.guidance_rescale_ptr && !(a.guidance_rescale >= 0.0f && a.guidance_rescale <= 1.0f)) return kBadArgument;
   return kOk;
 }
 
 // The CUDA reduction splits every sample into chunks of kCfgChunk elements, one block each, so
-// batch 1 still fills the GPU; the workspace holds 4 fp32 partial sums per chunk, then k [batch].
+// batch 1 still fills the GPU. Workspace layout (4-byte words): 4 fp32 partial sums per chunk
+// [batch][chunks][4], then k [batch] (fp32, cfg_rescale only), then one uint32 arrival counter
+// per sample. The counters must be zero before the first launch (the caller zero-fills the
+// workspace once); the block that finalizes a sample resets its counter, so a CUDA graph replays.
 constexpr int64_t kCfgChunk = 8192;
 inline int64_t cfg_chunks(int64_t numel) { return numel > kCfgChunk ? (numel + kCfgChunk - 1) / kCfgChunk : 1; }
-inline int64_t cfg_workspace_floats(int64_t batch, int64_t numel) { return batch * (4 * cfg_chunks(numel) + 1); }
+inline int64_t cfg_workspace_floats(int64_t batch, int64_t numel) { return batch * (4 * cfg_chunks(numel) + 2); }
 
 // CPU (OpenMP when available; num_threads <= 0 means the OpenMP default).
 int heun_step_cpu(const StepArgs& a, int num_threads);

@@ -63,6 +63,12 @@ EDMFAST_HD float fused_update(const StepCoef& s, float x_hat, float x_prime, flo
   return churn_noise(affine_combine(s, x_hat, x_prime, f), s.std, eps);
 }
 
+// Non-finite test on a value the pass already holds: the exponent field is all ones exactly for
+// inf and NaN, and adding one exponent ulp to the masked field carries into bit 31 only then.
+// OR-ed over a row this is a branch-free, vectorizable reduction that cannot overflow (a float32
+// sum of the row could: 2e38 + 2e38 = inf from finite values, blaming an innocent state).
+EDMFAST_HD uint32_t nonfinite_bit(float x) { return ((float_as_bits(x) & 0x7F800000u) + 0x00800000u) & 0x80000000u; }
+
 // CFG-rescale factor from per-sample sums of pivot-shifted cond (c) and cfg (g) values:
 // k = phi std(cond)/std(cfg) + (1 - phi), unbiased stds; ratio 1 when std(cfg) = 0 or n < 2.
 // Acc is double on both sides (the reduction's final stage), so only the sums carry error.
