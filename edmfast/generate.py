@@ -104,7 +104,7 @@ class OutputError(RuntimeError):
 # ----------------------------------------------------------------------------- seeds
 
 
-def parse_seeds(text: str, limit: int = MAX_SEEDS) -> list[int]:
+def parse_seeds(text: str, limit: int | None = None) -> list[int]:
     """``"0-49999"``, ``"3"`` or ``"0-9,20,30-31"`` -> a list of distinct seeds in [0, 2**63), in order.
 
     The count is checked before anything is expanded, so ``0-99999999999`` fails at once.
@@ -127,6 +127,7 @@ def parse_seeds(text: str, limit: int = MAX_SEEDS) -> list[int]:
             raise ValueError(f"seed range {part!r} is empty (end before start); write it as {hi}-{lo}")
         ranges.append((lo, hi))
     count = sum(hi - lo + 1 for lo, hi in ranges)
+    limit = MAX_SEEDS if limit is None else limit
     if count > limit:
         raise ValueError(
             f"seeds {text!r} are {count} seeds, more than {limit} in one run; split them into several "
@@ -747,6 +748,11 @@ def generate(
             raise ValueError(
                 f"--class {class_idx} needs a class-conditional model with label_dim > {class_idx} "
                 f"(this model's label_dim is {label_dim})"
+            )
+        if label_dim == 0 and options.get("guidance_scale", 1.0) != 1.0:
+            raise ValueError(
+                "--guidance needs a class-conditional model (label_dim > 0): this model is "
+                "unconditional, drop --guidance"
             )
         manifest = make_manifest(model, image_shape, options, class_idx)
         sampler = Sampler(denoiser, **options)
