@@ -200,14 +200,12 @@ def merge_cond(cond: dict | None, uncond: dict | None, batch: int) -> dict:
                     f"got {tuple(c.shape)} and {tuple(u.shape)}"
                 )
             merged[key] = torch.cat([c, u])
-        elif c is u:
-            merged[key] = c
         elif _holds_array(c) or _holds_array(u):
             raise TypeError(
                 f"cond[{key!r}] / uncond[{key!r}] hold tensors or arrays inside a container or of another "
                 "type: with guidance only top-level tensors are batched (pass each tensor as its own key)"
             )
-        elif _same(c, u):
+        elif c is u or _same(c, u):
             merged[key] = c
         else:
             raise ValueError(f"cond[{key!r}] and uncond[{key!r}] differ but are not tensors to batch")
