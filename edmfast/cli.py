@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+SAMPLE_MAX_SEEDS = 4096  # a 64 x 64 grid
 
 
 class _Parser(argparse.ArgumentParser):
@@ -292,9 +293,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     options = _options(args)
+    seeds = args.seeds
+    if len(seeds) > SAMPLE_MAX_SEEDS:  # one batch and one grid: 10^6 seeds would be 12 GB of noise
+        raise ValueError(
+            f"--seeds: sample draws one grid of at most {SAMPLE_MAX_SEEDS} images, got {len(seeds)}; "
+            "use edmfast generate for more"
+        )
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file path such as {out / 'grid.png'}")
     denoiser = ShapesDenoiser().to(device)
     sampler = Sampler(denoiser, **options)
-    seeds = args.seeds
     # warm-up on the same batch (lazy init, caches, the CUDA graph capture): the timed call is a
     # steady-state one
     sample_seeds(sampler, denoiser.image_shape, seeds, device)
@@ -309,9 +318,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     img = Image.fromarray(grid)
     if args.zoom > 1:
         img = img.resize((img.width * args.zoom, img.height * args.zoom), Image.Resampling.NEAREST)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: img.save(f, format="PNG"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: img.save(f, format="PNG"))
+    except OSError as e:
+        why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        raise ValueError(f"--out {out}: cannot write it ({why}); pick another path") from e
 
     rms = nearest_rms(x.cpu(), denoiser.images)
     nearest = torch.cdist(

@@ -103,3 +103,28 @@ def test_sample_bad_device_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "--device 'tpu:0'" in lines[0], err
+
+
+@pytest.mark.parametrize("case", ["folder", "under-a-file", "too-many-seeds", "disk-full"])
+def test_sample_output_errors_are_one_line(case, tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    out, seeds = {
+        "folder": (tmp_path, "0"),
+        "under-a-file": (afile / "g.png", "0"),
+        "too-many-seeds": (tmp_path / "g.png", "0-999999"),  # refused before any noise is drawn
+        "disk-full": (tmp_path / "g.png", "0"),
+    }[case]
+    if case == "disk-full":
+
+        def full(*_, **__):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("PIL.Image.Image.save", full)
+    assert _main(["sample", "--out", str(out), "--seeds", seeds, "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert ("--seeds" if case == "too-many-seeds" else "--out") in lines[0], lines[0]
+    assert afile.read_text() == "keep me" and not (tmp_path / "g.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no temporary left
