@@ -1,9 +1,13 @@
 // CUDA CFG rescale (Lin et al. 2023, Eq. 14-16): k[b] = phi std(cond_b)/std(cfg_b) + (1 - phi).
 //
-// Stage 1 (one read of cond and uncond): grid (chunk, sample); every block reduces one chunk of
-// kCfgChunk elements of one sample to 4 fp32 partial sums, so batch 1 is spread over numel/8192
-// blocks. Stage 2: one block per sample adds its partials in double, in a fixed order, and
-// writes k (deterministic: no atomics). cfg_rescale then runs one elementwise pass out = k cfg.
+// The factors are one launch (one read of cond and uncond): grid (chunk, sample); every block
+// reduces one chunk of kCfgChunk elements of one sample to 4 fp32 partial sums, so batch 1 is
+// spread over numel/8192 blocks. The block then counts itself in on its sample's arrival counter
+// (threadfence, then atomicAdd: the partials are visible device-wide before the count); the block
+// that arrives last adds the sample's partials in double, in a fixed order, writes k and resets
+// the counter to 0, so the next launch and every CUDA graph replay start clean. Deterministic: no
+// float atomics, and the final order does not depend on which block finishes last.
+// cfg_rescale then runs one elementwise pass out = k cfg.
 //
 // The sums are over pivot-shifted values (cond - cond[b,0], cfg - cfg[b,0]): variance is shift
 // invariant and the shift removes the cancellation of sum(x^2) - sum(x)^2/n when |mean| >> std.
@@ -43,10 +47,13 @@ __device__ __forceinline__ void block_sum(Acc v[kN]) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cfg_partial_kernel(const CfgArgs a, float* partials, int64_t chunks) {
+__global__ void __launch_bounds__(kThreads)
+    cfg_factors_kernel(const CfgArgs a, float* partials, unsigned* counters, int64_t chunks, float* k_out) {
   const T* cond_all = static_cast<const T*>(a.cond);
   const T* uncond_all = static_cast<const T*>(a.uncond);
-  const float w = a.guidance_scale;
+  // Values from device memory when given: one captured graph serves any guidance.
+  const float w = a.guidance_scale_ptr ? *a.guidance_scale_ptr : a.guidance_scale;
+  __shared__ bool last;
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     const T* cond = cond_all + b * a.numel;
     const T* uncond = uncond_all + b * a.numel;
@@ -70,20 +77,25 @@ __global__ void __launch_bounds__(kThreads) cfg_partial_kernel(const CfgArgs a, 
     if (threadIdx.x == 0) {
       float* p = partials + (b * chunks + blockIdx.x) * 4;
       for (int j = 0; j < 4; ++j) p[j] = sums[j];
+      __threadfence();  // release: the partials reach L2 before this block is counted
+      last = atomicAdd(counters + b, 1u) == static_cast<unsigned>(chunks - 1);
     }
-  }
-}
-
-__global__ void __launch_bounds__(kThreads)
-    cfg_finish_kernel(const float* partials, int64_t chunks, int64_t batch, int64_t numel, float phi, float* k_out) {
-  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
-    double sums[4] = {0, 0, 0, 0};
-    for (int64_t j = threadIdx.x; j < chunks; j += kThreads) {
-      const float* p = partials + (b * chunks + j) * 4;
-      for (int q = 0; q < 4; ++q) sums[q] += p[q];
+    __syncthreads();
+    if (last) {  // block-uniform (shared), so block_sum's barriers are legal here
+      __threadfence();  // acquire: order the reads below after the other blocks' counts
+      double total[4] = {0, 0, 0, 0};
+      for (int64_t j = threadIdx.x; j < chunks; j += kThreads) {
+        const float* p = partials + (b * chunks + j) * 4;
+        for (int q = 0; q < 4; ++q) total[q] += __ldcg(p + q);  // L2, never a stale L1 line
+      }
+      block_sum<double, 4>(total);
+      if (threadIdx.x == 0) {
+        const float phi = a.guidance_rescale_ptr ? *a.guidance_rescale_ptr : a.guidance_rescale;
+        k_out[b] = rescale_factor<double>(total[0], total[1], total[2], total[3], a.numel, phi);
+        counters[b] = 0;  // ready for the next launch or graph replay
+      }
     }
-    block_sum<double, 4>(sums);
-    if (threadIdx.x == 0) k_out[b] = rescale_factor<double>(sums[0], sums[1], sums[2], sums[3], numel, phi);
+    __syncthreads();  // `last` is rewritten for the next sample of the grid-stride loop
   }
 }
 
@@ -93,6 +105,7 @@ __global__ void __launch_bounds__(kThreads) cfg_apply_kernel(const CfgArgs a, co
   const T* uncond = static_cast<const T*>(a.uncond);
   const int64_t groups = (a.numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const float w = a.guidance_scale_ptr ? *a.guidance_scale_ptr : a.guidance_scale;
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     const float kb = k[b];
     for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
@@ -103,23 +116,22 @@ __global__ void __launch_bounds__(kThreads) cfg_apply_kernel(const CfgArgs a, co
       load4<T, kVec>(cond + off, n, c);
       load4<T, kVec>(uncond + off, n, u);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) v[j] = guided_prediction(c[j], u[j], a.guidance_scale, kb);
+      for (int j = 0; j < 4; ++j) v[j] = guided_prediction(c[j], u[j], w, kb);
       store4<T, kVec>(out + off, n, v);
     }
   }
 }
 
+// Workspace layout (ops.h): partials [batch][chunks][4], k [batch], counters [batch] (uint32).
+inline unsigned* counters_of(float* workspace, const CfgArgs& a) {
+  return reinterpret_cast<unsigned*>(workspace + a.batch * (4 * cfg_chunks(a.numel) + 1));
+}
+
 template <typename T>
-int launch_factors(const CfgArgs& a, float* k_out, float* partials, int device, cudaStream_t stream) {
+int launch_factors(const CfgArgs& a, float* k_out, float* workspace, cudaStream_t stream) {
   const int64_t chunks = cfg_chunks(a.numel);
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(a.batch < 65535 ? a.batch : 65535), 1);
-  cfg_partial_kernel<T><<<grid, kThreads, 0, stream>>>(a, partials, chunks);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return static_cast<int>(err);
-  const int64_t max_blocks = static_cast<int64_t>(sm_count(device)) * kBlocksPerSm;
-  const unsigned finish_blocks = static_cast<unsigned>(a.batch < max_blocks ? a.batch : max_blocks);
-  cfg_finish_kernel<<<finish_blocks, kThreads, 0, stream>>>(partials, chunks, a.batch, a.numel,
-                                                            a.guidance_rescale, k_out);
+  cfg_factors_kernel<T><<<grid, kThreads, 0, stream>>>(a, workspace, counters_of(workspace, a), chunks, k_out);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -154,11 +166,11 @@ int cfg_rescale_factors_cuda(const CfgArgs& a, float* k_out, float* workspace, i
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
     case DType::kFloat32:
-      return launch_factors<float>(a, k_out, workspace, device, s);
+      return launch_factors<float>(a, k_out, workspace, s);
     case DType::kFloat16:
-      return launch_factors<half_t>(a, k_out, workspace, device, s);
+      return launch_factors<half_t>(a, k_out, workspace, s);
     case DType::kBFloat16:
-      return launch_factors<bfloat16_t>(a, k_out, workspace, device, s);
+      return launch_factors<bfloat16_t>(a, k_out, workspace, s);
   }
   return kBadArgument;
 }
@@ -170,20 +182,19 @@ int cfg_rescale_cuda(const CfgArgs& a, void* out, float* workspace, int64_t work
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  // Workspace layout: [batch][chunks][4] partial sums, then k [batch].
-  float* k = workspace + a.batch * 4 * cfg_chunks(a.numel);
+  float* k = workspace + a.batch * 4 * cfg_chunks(a.numel);  // the k slot of the workspace
   int err = kBadArgument;
   switch (a.dtype) {
     case DType::kFloat32:
-      err = launch_factors<float>(a, k, workspace, device, s);
+      err = launch_factors<float>(a, k, workspace, s);
       if (err == kOk) err = launch_apply(a, k, static_cast<float*>(out), device, s);
       break;
     case DType::kFloat16:
-      err = launch_factors<half_t>(a, k, workspace, device, s);
+      err = launch_factors<half_t>(a, k, workspace, s);
       if (err == kOk) err = launch_apply(a, k, static_cast<half_t*>(out), device, s);
       break;
     case DType::kBFloat16:
-      err = launch_factors<bfloat16_t>(a, k, workspace, device, s);
+      err = launch_factors<bfloat16_t>(a, k, workspace, s);
       if (err == kOk) err = launch_apply(a, k, static_cast<bfloat16_t*>(out), device, s);
       break;
   }

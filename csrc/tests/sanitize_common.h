@@ -114,15 +114,19 @@ struct StepCase {
   EpsMode eps = EpsMode::kNone;
   bool alias = false;  // out == x_hat
   int net_rows = 0;    // 0: no out_net, 1: [B], 2: [2B]
+  bool w_ptr = false;  // guidance scale read from device memory (StepArgs::guidance)
+  bool bad = false;    // a bad [B] buffer (StepArgs::bad): finite inputs must leave it untouched
 
   int64_t f_rows() const { return f == FMode::kNone ? 0 : (f == FMode::kB ? B : 2 * B); }
   std::string name() const {
     static const char* fn[] = {"none", "B", "2B", "2B+k"};
     static const char* en[] = {"none", "noise", "seeds"};
-    char buf[200];
-    std::snprintf(buf, sizeof(buf), "heun B=%lld M=%lld %s%s x_prime=%d f=%s eps=%s alias=%d net_rows=%d",
+    char buf[240];
+    std::snprintf(buf, sizeof(buf),
+                  "heun B=%lld M=%lld %s%s x_prime=%d f=%s eps=%s alias=%d net_rows=%d w_ptr=%d bad=%d",
                   static_cast<long long>(B), static_cast<long long>(M), dtype_name(dtype), churn ? " churn" : "",
-                  x_prime ? 1 : 0, fn[static_cast<int>(f)], en[static_cast<int>(eps)], alias ? 1 : 0, net_rows);
+                  x_prime ? 1 : 0, fn[static_cast<int>(f)], en[static_cast<int>(eps)], alias ? 1 : 0, net_rows,
+                  w_ptr ? 1 : 0, bad ? 1 : 0);
     return buf;
   }
 };
@@ -147,6 +151,9 @@ inline std::vector<StepCase> step_feature_cases(int64_t B, int64_t M, DType dtyp
               c.eps = static_cast<EpsMode>(e);
               c.alias = alias != 0;
               c.net_rows = net;
+              // Spread over the matrix instead of multiplying it: half the cases each.
+              c.w_ptr = (net + alias) % 2 == 1;
+              c.bad = (e + net) % 2 == 0;
               cases.push_back(c);
             }
       }
@@ -295,6 +302,32 @@ inline std::string check_step(const StepCase& c, const StepInputs& in, const flo
           return msg;
         }
       }
+    }
+  }
+  return "";
+}
+
+// ------------------------------------------------------------------ non-finite recording (StepArgs::bad)
+
+constexpr int32_t kBadNone = 0x7FFFFFFF;  // what the engine fills bad with before its loop
+constexpr int32_t kBadFirst = 7, kBadLater = 9;
+
+// Plants a non-finite value in every even sample of x [B, M] (NaN in every fourth, inf in the
+// others, at a different element each); odd samples stay finite.
+inline void plant_nonfinite(std::vector<float>& x, int64_t B, int64_t M) {
+  if (M == 0) return;
+  for (int64_t b = 0; b < B; b += 2) x[static_cast<size_t>(b * M + (b * 7 + 3) % M)] = b % 4 ? -INFINITY : NAN;
+}
+
+// After passes at kBadFirst then kBadLater over plant_nonfinite's x: even samples hold the
+// first (the min), odd ones were never touched. With `finite`, nothing may have been touched.
+inline std::string check_bad(const int32_t* bad, int64_t B, int64_t M, bool finite) {
+  char msg[120];
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t want = (!finite && M > 0 && b % 2 == 0) ? kBadFirst : kBadNone;
+    if (bad[b] != want) {
+      std::snprintf(msg, sizeof(msg), "bad[%lld] = %d, want %d", static_cast<long long>(b), bad[b], want);
+      return msg;
     }
   }
   return "";

@@ -64,7 +64,11 @@ void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
   const StepInputs in = make_step_inputs(B, M, dtype, static_cast<uint64_t>(B * 1000003 + M * 31 + int(dtype)));
   const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
   Buf x_hat(n * 4), x_prime(n * 4), noise(n * 4), f1(n * es), f2(2 * n * es), k(static_cast<size_t>(B) * 4),
-      seeds(static_cast<size_t>(B) * 8), coef(5 * 4), out(n * 4), aliased(n * 4), net1(n * es), net2(2 * n * es);
+      seeds(static_cast<size_t>(B) * 8), coef(5 * 4), out(n * 4), aliased(n * 4), net1(n * es), net2(2 * n * es),
+      w(4), bad(static_cast<size_t>(B) * 4);
+  const float nan_w = NAN;  // the host value a case reading w from memory must ignore
+  w.fill(&in.w);
+  const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
   x_hat.fill(in.x_hat.data());
   x_prime.fill(in.x_prime.data());
   noise.fill(in.noise.data());
@@ -97,31 +101,74 @@ void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
     a.coef = coef.as<float>();
     a.out = out_p;
     a.out_net = net_p;
+    if (c.w_ptr) {
+      a.guidance = w.as<float>();
+      a.guidance_scale = nan_w;
+    }
+    if (c.bad) {
+      bad.fill(bad_none.data());
+      a.bad = bad.as<int32_t>();
+      a.bad_step = kBadFirst;
+    }
     const int rc = edmfast::heun_step_cpu(a, threads);
     if (rc != kOk) {
       report.fail(c.name() + " threads=" + std::to_string(threads) + ": status " + std::to_string(rc));
       continue;
     }
-    const std::string err = check_step(c, in, out_p, net_p);
+    std::string err = check_step(c, in, out_p, net_p);
+    if (err.empty() && c.bad) err = check_bad(bad.as<int32_t>(), B, M, true);
     if (!err.empty()) report.fail(c.name() + " threads=" + std::to_string(threads) + ": " + err);
   }
+}
+
+// Non-finite rows are recorded in bad (the min step), finite rows never, on every thread split.
+void run_nonfinite(int64_t B, int64_t M, int threads) {
+  const size_t n = static_cast<size_t>(B * M);
+  std::vector<float> host(n, 0.5f);
+  plant_nonfinite(host, B, M);
+  Buf x(n * 4), coef(5 * 4), out(n * 4), net(n * 4), bad(static_cast<size_t>(B) * 4);
+  x.fill(host.data());
+  const float coef_host[5] = {0.9f, NAN, NAN, NAN, 0.25f};
+  coef.fill(coef_host);
+  const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
+  bad.fill(bad_none.data());
+  StepArgs a;
+  a.x_hat = x.as<float>();
+  a.coef = coef.as<float>();
+  a.out = out.as<float>();
+  a.out_net = net.as();
+  a.net_rows = 1;
+  a.batch = B;
+  a.numel = M;
+  a.bad = bad.as<int32_t>();
+  report.cases += 1;
+  int rc = kOk;
+  for (const int32_t step : {kBadFirst, kBadLater}) {
+    a.bad_step = step;
+    if (rc == kOk) rc = edmfast::heun_step_cpu(a, threads);
+  }
+  const std::string err = rc == kOk ? check_bad(bad.as<int32_t>(), B, M, false) : "status " + std::to_string(rc);
+  if (!err.empty())
+    report.fail("nonfinite B=" + std::to_string(B) + " M=" + std::to_string(M) + " threads=" +
+                std::to_string(threads) + ": " + err);
 }
 
 void run_cfg_size(int64_t B, int64_t M, DType dtype, int threads) {
   const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
   for (int constant = 0; constant < 2; ++constant) {
     const CfgInputs in = make_cfg_inputs(B, M, dtype, constant != 0, static_cast<uint64_t>(B * 7919 + M));
-    Buf cond(n * es), uncond(n * es), k(static_cast<size_t>(B) * 4), out(n * es);
+    Buf cond(n * es), uncond(n * es), k(static_cast<size_t>(B) * 4), out(n * es), w(4), phi_buf(4);
     cond.fill(in.cond.data());
     uncond.fill(in.uncond.data());
-    for (const float phi : kCfgPhis) {
+    for (const float phi : kCfgPhis)
+      for (int from_ptr = 0; from_ptr < 2; ++from_ptr) {
       CfgCase c;
       c.B = B;
       c.M = M;
       c.dtype = dtype;
       c.constant = constant != 0;
       c.phi = phi;
-      const std::string where = c.name() + " threads=" + std::to_string(threads);
+      const std::string where = c.name() + " threads=" + std::to_string(threads) + (from_ptr ? " from_ptr" : "");
       const std::vector<double> k_ref = cfg_reference_k(c, in);
       CfgArgs a;
       a.cond = cond.as();
@@ -131,6 +178,14 @@ void run_cfg_size(int64_t B, int64_t M, DType dtype, int threads) {
       a.dtype = dtype;
       a.guidance_scale = c.w;
       a.guidance_rescale = c.phi;
+      if (from_ptr) {  // the values from memory; the host floats are garbage that must be ignored
+        w.fill(&c.w);
+        phi_buf.fill(&c.phi);
+        a.guidance_scale_ptr = w.as<float>();
+        a.guidance_rescale_ptr = phi_buf.as<float>();
+        a.guidance_scale = NAN;
+        a.guidance_rescale = NAN;  // validate() range-checks the host value only without a pointer
+      }
 
       report.cases += 2;
       poison(DType::kFloat32, k.as(), B);
@@ -277,10 +332,12 @@ int main(int argc, char** argv) {
         for (const int64_t M : numels) {
           run_step_size(B, M, dtype, threads, 1);
           run_cfg_size(B, M, dtype, threads);
+          if (dtype == DType::kFloat32) run_nonfinite(B, M, threads);
         }
       for (const Extra& e : extras) {
         run_step_size(e.B, e.M, dtype, threads, e.stride);
         run_cfg_size(e.B, e.M, dtype, threads);
+        if (dtype == DType::kFloat32) run_nonfinite(e.B, e.M, threads);
       }
     }
   }

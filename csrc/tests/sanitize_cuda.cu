@@ -96,7 +96,11 @@ void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
   const size_t o4 = offset ? 4 : 0, oe = offset ? es : 0;
   DevBuf x_hat(n * 4, o4), x_prime(n * 4, o4), noise(n * 4, o4), f1(n * es, oe), f2(2 * n * es, oe),
       k(static_cast<size_t>(B) * 4, o4), seeds(static_cast<size_t>(B) * 8, offset ? 8 : 0), coef(5 * 4, o4),
-      out(n * 4, o4), aliased(n * 4, o4), net1(n * es, oe), net2(2 * n * es, oe);
+      out(n * 4, o4), aliased(n * 4, o4), net1(n * es, oe), net2(2 * n * es, oe), w(4, o4),
+      bad(static_cast<size_t>(B) * 4, o4);
+  w.upload(&in.w);
+  const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
+  std::vector<int32_t> host_bad(static_cast<size_t>(B));
   x_hat.upload(in.x_hat.data());
   x_prime.upload(in.x_prime.data());
   noise.upload(in.noise.data());
@@ -131,6 +135,15 @@ void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
     a.coef = coef.as<float>();
     a.out = out_buf.as<float>();
     a.out_net = net_buf ? net_buf->as() : nullptr;
+    if (c.w_ptr) {
+      a.guidance = w.as<float>();
+      a.guidance_scale = NAN;  // the host value a case reading w from memory must ignore
+    }
+    if (c.bad) {
+      bad.upload(bad_none.data());
+      a.bad = bad.as<int32_t>();
+      a.bad_step = kBadFirst;
+    }
     const int rc = edmfast::heun_step_cuda(a, g_device, g_stream);
     if (rc != kOk) {
       report.fail(where + ": status " + std::to_string(rc) + " (" + edmfast::cuda_error_string(rc) + ")");
@@ -139,10 +152,46 @@ void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
     }
     out_buf.download(host_out.data(), n * 4);
     if (net_buf) net_buf->download(host_net.data(), n * es * static_cast<size_t>(c.net_rows));
+    if (c.bad) bad.download(host_bad.data(), static_cast<size_t>(B) * 4);
     sync_or_die(where);
-    const std::string err = check_step(c, in, host_out.data(), host_net.data());
+    std::string err = check_step(c, in, host_out.data(), host_net.data());
+    if (err.empty() && c.bad) err = check_bad(host_bad.data(), B, M, true);
     if (!err.empty()) report.fail(where + ": " + err);
   }
+}
+
+// Non-finite rows are recorded in bad (atomicMin of the step), finite rows never.
+void run_nonfinite(int64_t B, int64_t M) {
+  const size_t n = static_cast<size_t>(B * M);
+  std::vector<float> host(n, 0.5f);
+  plant_nonfinite(host, B, M);
+  DevBuf x(n * 4), coef(5 * 4), out(n * 4), net(n * 4), bad(static_cast<size_t>(B) * 4);
+  x.upload(host.data());
+  const float coef_host[5] = {0.9f, NAN, NAN, NAN, 0.25f};
+  coef.upload(coef_host);
+  const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
+  std::vector<int32_t> host_bad(static_cast<size_t>(B));
+  bad.upload(bad_none.data());
+  StepArgs a;
+  a.x_hat = x.as<float>();
+  a.coef = coef.as<float>();
+  a.out = out.as<float>();
+  a.out_net = net.as();
+  a.net_rows = 1;
+  a.batch = B;
+  a.numel = M;
+  a.bad = bad.as<int32_t>();
+  const std::string where = "nonfinite B=" + std::to_string(B) + " M=" + std::to_string(M);
+  ++report.cases;
+  int rc = kOk;
+  for (const int32_t step : {kBadFirst, kBadLater}) {
+    a.bad_step = step;
+    if (rc == kOk) rc = edmfast::heun_step_cuda(a, g_device, g_stream);
+  }
+  bad.download(host_bad.data(), static_cast<size_t>(B) * 4);
+  sync_or_die(where);
+  const std::string err = rc == kOk ? check_bad(host_bad.data(), B, M, false) : "status " + std::to_string(rc);
+  if (!err.empty()) report.fail(where + ": " + err);
 }
 
 void run_cfg_size(int64_t B, int64_t M, DType dtype, bool offset, bool constant_too) {
@@ -154,17 +203,19 @@ void run_cfg_size(int64_t B, int64_t M, DType dtype, bool offset, bool constant_
   const int64_t ws_floats = edmfast::cfg_workspace_floats(B, M);
   for (int constant = 0; constant < (constant_too ? 2 : 1); ++constant) {
     const CfgInputs in = make_cfg_inputs(B, M, dtype, constant != 0, static_cast<uint64_t>(B * 7919 + M));
-    DevBuf cond(n * es, oe), uncond(n * es, oe), k(static_cast<size_t>(B) * 4, o4), out(n * es, oe);
+    DevBuf cond(n * es, oe), uncond(n * es, oe), k(static_cast<size_t>(B) * 4, o4), out(n * es, oe), w(4, o4),
+        phi_buf(4, o4);
     cond.upload(in.cond.data());
     uncond.upload(in.uncond.data());
-    for (const float phi : kCfgPhis) {
+    for (const float phi : kCfgPhis)
+      for (int from_ptr = 0; from_ptr < 2; ++from_ptr) {
       CfgCase c;
       c.B = B;
       c.M = M;
       c.dtype = dtype;
       c.constant = constant != 0;
       c.phi = phi;
-      const std::string where = c.name() + (offset ? " offset" : "");
+      const std::string where = c.name() + (offset ? " offset" : "") + (from_ptr ? " from_ptr" : "");
       const std::vector<double> k_ref = cfg_reference_k(c, in);
       CfgArgs a;
       a.cond = cond.as();
@@ -174,12 +225,25 @@ void run_cfg_size(int64_t B, int64_t M, DType dtype, bool offset, bool constant_
       a.dtype = dtype;
       a.guidance_scale = c.w;
       a.guidance_rescale = c.phi;
+      if (from_ptr) {  // the values from memory; the host floats are garbage that must be ignored
+        w.upload(&c.w);
+        phi_buf.upload(&c.phi);
+        a.guidance_scale_ptr = w.as<float>();
+        a.guidance_rescale_ptr = phi_buf.as<float>();
+        a.guidance_scale = NAN;
+        a.guidance_rescale = NAN;  // validate() range-checks the host value only without a pointer
+      }
 
-      // A fresh, uninitialized workspace of exactly the documented size per call, so initcheck
-      // sees any read of a partial sum that no block wrote.
+      // A fresh workspace of exactly the documented size per (case, phi), with only its arrival
+      // counters zeroed (the caller's one-time duty), so initcheck sees any read of a partial sum
+      // or k that no block wrote. factors then cfg_rescale run on it back to back: the second
+      // launch finalizes only if the first reset the counters.
       report.cases += 2;
+      DevBuf ws(static_cast<size_t>(ws_floats) * 4);
+      const int64_t counters = B * (4 * edmfast::cfg_chunks(M) + 1);
+      CUDA_CHECK(cudaMemsetAsync(ws.as<float>() + counters, 0, static_cast<size_t>(ws_floats - counters) * 4,
+                                 g_stream));
       {
-        DevBuf ws(static_cast<size_t>(ws_floats) * 4);
         k.upload(nan_k.data());
         const int rc = edmfast::cfg_rescale_factors_cuda(a, k.as<float>(), ws.as<float>(), ws_floats, g_device,
                                                          g_stream);
@@ -189,7 +253,6 @@ void run_cfg_size(int64_t B, int64_t M, DType dtype, bool offset, bool constant_
         if (!err.empty()) report.fail(where + " factors: " + err);
       }
       {
-        DevBuf ws(static_cast<size_t>(ws_floats) * 4);
         out.upload(nan_out.data());
         const int rc = edmfast::cfg_rescale_cuda(a, out.as(), ws.as<float>(), ws_floats, g_device, g_stream);
         out.download(host_out.data(), n * es);
@@ -287,9 +350,13 @@ int main(int argc, char** argv) {
           if (offset && !(M > 0 && M % 4 == 0)) continue;
           run_step_size(B, M, dtype, offset, stride);
           run_cfg_size(B, M, dtype, offset, true);
+          if (dtype == DType::kFloat32 && !offset) run_nonfinite(B, M);
         }
       }
-    for (const Extra& e : step_extras) run_step_size(e.B, e.M, dtype, false, e.stride);
+    for (const Extra& e : step_extras) {
+      run_step_size(e.B, e.M, dtype, false, e.stride);
+      if (dtype == DType::kFloat32) run_nonfinite(e.B, e.M);
+    }
     for (const Extra& e : cfg_extras) run_cfg_size(e.B, e.M, dtype, false, false);
   }
   CUDA_CHECK(cudaStreamDestroy(g_stream));
