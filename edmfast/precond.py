@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .schedules import iddpm_u, vp_sigma, vp_sigma_inv
+from .schedules import _check_eps_s, _check_iddpm, _check_int, _finite, _real, iddpm_u, vp_sigma, vp_sigma_inv
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -48,6 +48,44 @@ def _param_dtype(model: nn.Module | Any) -> torch.dtype:
     return torch.float32
 
 
+def _check_sigma_range(sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """A denoiser's supported range: 0 <= sigma_min < sigma_max <= inf (inf: unbounded)."""
+    lo, hi = _real(sigma_min, "sigma_min"), _real(sigma_max, "sigma_max")
+    if not (math.isfinite(lo) and lo >= 0):
+        raise ValueError(f"sigma_min must be finite and >= 0, got {lo}")
+    if not hi > lo:  # NaN fails here too
+        raise ValueError(f"sigma_max must be > sigma_min, got sigma_min={lo}, sigma_max={hi}")
+    return lo, hi
+
+
+def _check_alphas_cumprod(alphas_cumprod: Any) -> torch.Tensor:
+    """alphas_cumprod as float64 CPU [T], or a ValueError saying what is wrong with the table."""
+    try:
+        abar = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"alphas_cumprod must be a 1-D tensor or sequence of floats: {e}") from None
+    if abar.dim() != 1 or abar.numel() < 2:
+        raise ValueError(
+            f"alphas_cumprod must be a 1-D tensor with >= 2 entries, got shape {tuple(abar.shape)}"
+        )
+    if not bool(torch.isfinite(abar).all()) or not bool(((abar >= 0) & (abar <= 1)).all()):
+        raise ValueError("alphas_cumprod must be finite and in [0, 1]")
+    if bool((abar[:-1] == 0).any()):
+        raise ValueError(
+            "only the last alphas_cumprod may be 0 (zero terminal SNR); an earlier 0 is sigma = inf"
+        )
+    up = (abar[1:] > abar[:-1]).nonzero()
+    if up.numel():
+        i = int(up[0])
+        raise ValueError(
+            f"alphas_cumprod must be non-increasing (noise grows with the timestep), but entry {i + 1} "
+            f"({float(abar[i + 1])!r}) > entry {i} ({float(abar[i])!r}); a reversed table?"
+        )
+    if int(((abar > 0) & (abar < 1)).sum()) < 2:
+        raise ValueError("alphas_cumprod needs at least 2 entries strictly between 0 and 1")
+    return abar
+
+
 class Precond(nn.Module):
     """Base class: ``D(x, sigma, **cond) = c_skip x + c_out F(c_in x, c_noise, **cond)``.
 
@@ -60,13 +98,19 @@ class Precond(nn.Module):
 
     def __init__(self, model: nn.Module | Any, dtype: torch.dtype | None = None):
         super().__init__()
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self.model = model
         self.dtype = dtype if dtype is not None else _param_dtype(model)
 
     def coefficients(
         self, sigma: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(c_skip, c_out, c_in, c_noise) for a sigma tensor, in its dtype (float64 for the engine)."""
+        """(c_skip, c_out, c_in, c_noise) for a sigma tensor, in its dtype (float64 for the engine).
+
+        Elementwise and vectorized: the engine plans a whole schedule with one call on a float64
+        CPU vector, whose entries equal those of per-sigma calls bitwise; CPU math reads host copies
+        of lookup tables, never a device buffer."""
         raise NotImplementedError
 
     def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -101,7 +145,13 @@ class EDMPrecond(Precond):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(model, dtype)
-        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+        sigma_data = _real(sigma_data, "sigma_data")
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(
+                f"sigma_data must be finite and > 0 (the data's standard deviation), got {sigma_data}"
+            )
+        self.sigma_data = sigma_data
+        self.sigma_min, self.sigma_max = _check_sigma_range(sigma_min, sigma_max)
 
     def coefficients(self, sigma):
         sd = self.sigma_data
@@ -122,9 +172,25 @@ class VPPrecond(Precond):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(model, dtype)
-        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+        beta_d, beta_min = _finite(beta_d, "beta_d"), _finite(beta_min, "beta_min")
+        epsilon_t = _check_eps_s(epsilon_t, "epsilon_t")
+        if not beta_d > 0:
+            raise ValueError(f"beta_d must be > 0, got {beta_d}")
+        # sigma(t) must be real and increasing on [epsilon_t, 1]: its exponent
+        # beta_d t^2 / 2 + beta_min t > 0 at epsilon_t (and then growing, beta_d > 0)
+        if not 0.5 * beta_d * epsilon_t + beta_min > 0:
+            raise ValueError(
+                f"beta_min={beta_min} is too negative for beta_d={beta_d}, epsilon_t={epsilon_t}: "
+                "sigma(epsilon_t) is not a positive real number (need beta_min > -beta_d * epsilon_t / 2)"
+            )
+        self.beta_d, self.beta_min, self.M = beta_d, beta_min, _check_int(M, "M", 1)
         self.sigma_min = float(vp_sigma(epsilon_t, beta_d, beta_min))
         self.sigma_max = float(vp_sigma(1.0, beta_d, beta_min))
+        if not 0 < self.sigma_min < self.sigma_max < math.inf:
+            raise ValueError(
+                f"beta_d={beta_d}, beta_min={beta_min}, epsilon_t={epsilon_t} give the sigma range "
+                f"[{self.sigma_min}, {self.sigma_max}], not a finite positive interval"
+            )
 
     def coefficients(self, sigma):
         t = vp_sigma_inv(sigma, self.beta_d, self.beta_min).to(sigma.dtype)
@@ -138,7 +204,7 @@ class VEPrecond(Precond):
         self, model, sigma_min: float = 0.02, sigma_max: float = 100.0, dtype: torch.dtype | None = None
     ):
         super().__init__(model, dtype)
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.sigma_min, self.sigma_max = _check_sigma_range(sigma_min, sigma_max)
 
     def coefficients(self, sigma):
         return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
@@ -157,24 +223,38 @@ class iDDPMPrecond(Precond):  # noqa: N801 - the paper's name
         self, model, C1: float = 0.001, C2: float = 0.008, M: int = 1000, dtype: torch.dtype | None = None
     ):
         super().__init__(model, dtype)
+        M, C1, C2 = _check_iddpm(M, C1, C2)
+        if M < 2:
+            raise ValueError(f"M must be >= 2 (sigma_min is u_(M-1) and must lie below u_0), got {M}")
         self.M = M
         self._u_host = iddpm_u(M, C1, C2)
+        # ascending copy for searchsorted (u_M = 0 first); a contiguous host tensor, made once
+        self._u_asc_host = self._u_host.flip(0).contiguous()
         self.register_buffer("u", self._u_host.clone(), persistent=False)
-        self.sigma_min = float(self.u[M - 1])
-        self.sigma_max = float(self.u[0])
+        self.sigma_min = float(self._u_host[M - 1])
+        self.sigma_max = float(self._u_host[0])
+
+    def _nearest(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(j, u_j) with j = argmin_j |u_j - sigma| (the first, i.e. the larger u_j, on a tie).
+
+        Bisection and the two neighbours instead of all M + 1 distances: the rounded distance
+        |sigma - u| does not decrease away from sigma on either side, so the nearest neighbour on
+        each side attains that side's minimum and the two-way comparison is the dense argmin."""
+        s = sigma.to(torch.float64)
+        ua = self._u_asc_host if s.device.type == "cpu" else self.u.to(s.device).flip(0)
+        k = torch.searchsorted(ua, s.reshape(-1)).clamp_(1, self.M).reshape(s.shape)
+        k_lo = k - 1
+        u_hi, u_lo = ua[k], ua[k_lo]
+        # ties go to the larger level (smaller j), as argmin's first occurrence in descending u
+        take_hi = (s - u_hi).abs() <= (s - u_lo).abs()
+        return self.M - torch.where(take_hi, k, k_lo), torch.where(take_hi, u_hi, u_lo)
 
     def _index(self, sigma: torch.Tensor) -> torch.Tensor:
-        u = _on(self.u, self._u_host, sigma.device)
-        return (
-            (sigma.to(torch.float64).reshape(-1, 1) - u.reshape(1, -1))
-            .abs()
-            .argmin(dim=1)
-            .reshape(sigma.shape)
-        )
+        return self._nearest(sigma)[0]
 
     def round_sigma(self, sigma):
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        return _on(self.u, self._u_host, sigma.device)[self._index(sigma)].to(sigma.dtype)
+        return self._nearest(sigma)[1].to(sigma.dtype)
 
     def coefficients(self, sigma):
         c_noise = (self.M - 1 - self._index(sigma)).to(sigma.dtype)
@@ -193,6 +273,9 @@ class DiscreteVPDenoiser(Precond):
     epsilon (``c_skip=1, c_out=-s``), v_prediction (``c_skip=1/(s^2+1), c_out=-s/sqrt(s^2+1)``),
     sample (``D = F``). A schedule with abar_T = 0 (zero terminal SNR) has sigma_T = inf; sampling
     from there needs v_prediction or sample (see `limit_coefficients`).
+
+    ``alphas_cumprod`` [T] must be what diffusers produces: finite, non-increasing, in (0, 1], with
+    only the last entry allowed to be 0 (zero terminal SNR) and at least two entries in (0, 1).
     """
 
     sigmas: torch.Tensor
@@ -206,50 +289,71 @@ class DiscreteVPDenoiser(Precond):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(model, dtype)
-        if prediction_type not in PREDICTION_TYPES:
+        if not isinstance(prediction_type, str) or prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).reshape(-1)
-        if abar.numel() < 2 or not ((abar >= 0) & (abar <= 1)).all():
-            raise ValueError("alphas_cumprod must be a 1-D tensor of values in [0, 1]")
+        abar = _check_alphas_cumprod(alphas_cumprod)
         self.prediction_type = prediction_type
-        sigmas = ((1 - abar) / abar).sqrt()  # inf where abar = 0
-        finite = sigmas[torch.isfinite(sigmas)]
-        self._sigmas_host, self._log_sigmas_host = sigmas, finite.log()
+        sigmas = ((1 - abar) / abar).sqrt()  # inf where abar = 0 (last), 0 where abar = 1 (first)
+        # The interpolation table: the positive finite levels, timesteps first..last (a run of
+        # abar = 1 at the start is sigma = 0, which has no log; the model is never asked there)
+        inner = (sigmas > 0) & torch.isfinite(sigmas)
+        self._first = int(inner.nonzero()[0])
+        log_sigmas = sigmas[inner].log()
+        self._sigmas_host, self._log_sigmas_host = sigmas, log_sigmas
+        self._zero_terminal = bool(abar[-1] == 0)
         self.register_buffer("sigmas", sigmas.clone(), persistent=False)
-        self.register_buffer("log_sigmas", finite.log(), persistent=False)
-        self.sigma_min = float(finite.min())
-        self.sigma_max = float(sigmas.max())
+        self.register_buffer("log_sigmas", log_sigmas.clone(), persistent=False)
+        self.sigma_min = float(sigmas[self._first])
+        self.sigma_max = float(sigmas[-1])
 
     @property
     def num_train_timesteps(self) -> int:
-        return self.sigmas.numel()
+        return self._sigmas_host.numel()
 
     def sigmas_for(self, timesteps: torch.Tensor) -> torch.Tensor:
         """sigma_t (float64) for descending integer train timesteps, with 0 appended."""
-        t = torch.as_tensor(timesteps, dtype=torch.int64).reshape(-1).cpu()
+        if isinstance(timesteps, torch.Tensor):
+            if timesteps.is_floating_point() or timesteps.dtype == torch.bool:
+                raise TypeError(f"timesteps must be integers, got {timesteps.dtype}")
+            t = timesteps.reshape(-1).to("cpu", torch.int64)
+        else:
+            try:
+                t = torch.as_tensor(timesteps, dtype=torch.int64).reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"timesteps must be a sequence of ints or an int tensor: {e}") from None
         if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}]")
         return torch.cat([self._sigmas_host[t], torch.zeros(1, dtype=torch.float64)])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep for sigma: linear interpolation of the index in log sigma."""
+        """Fractional timestep for sigma: linear interpolation of the index in log sigma.
+
+        Below sigma_min it is the first timestep with a positive sigma; above the largest finite
+        level, the last; sigma = inf (zero terminal SNR) is the last timestep, T - 1."""
         log_sigmas = _on(self.log_sigmas, self._log_sigmas_host, sigma.device)
         n = log_sigmas.numel()
         ls = sigma.to(torch.float64).clamp(min=self.sigma_min).log()
-        hi = torch.searchsorted(log_sigmas, ls.reshape(-1)).clamp(1, n - 1).reshape(ls.shape)
+        hi = torch.searchsorted(log_sigmas, ls.reshape(-1)).clamp_(1, n - 1).reshape(ls.shape)
         lo = hi - 1
-        w = ((ls - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])).clamp(0, 1)
+        l_lo = log_sigmas[lo]
+        # equal neighbours (a flat stretch of abar) would divide 0 by 0 at their left end: w = 0 there
+        w = ((ls - l_lo) / (log_sigmas[hi] - l_lo).clamp_(min=1e-300)).clamp_(0, 1)
         t = lo.to(torch.float64) + w
-        # sigma = inf exists only at the last timestep of a zero-terminal-SNR schedule
-        return torch.where(torch.isinf(sigma), torch.full_like(t, self.num_train_timesteps - 1), t)
+        if self._first:
+            t += self._first
+        if self._zero_terminal:
+            # sigma = inf exists only at the last timestep of a zero-terminal-SNR schedule
+            t = torch.where(torch.isinf(sigma), torch.full_like(t, self.num_train_timesteps - 1), t)
+        return t
 
     def coefficients(self, sigma):
-        c_in = 1 / (sigma**2 + 1).sqrt()
+        s2p1 = sigma**2 + 1
+        c_in = 1 / s2p1.sqrt()
         t = self.sigma_to_t(sigma).to(sigma.dtype)
         if self.prediction_type == "epsilon":
             return torch.ones_like(sigma), -sigma, c_in, t
         if self.prediction_type == "v_prediction":
-            return 1 / (sigma**2 + 1), -sigma * c_in, c_in, t
+            return 1 / s2p1, -sigma * c_in, c_in, t
         return torch.zeros_like(sigma), torch.ones_like(sigma), c_in, t
 
     def limit_coefficients(self) -> tuple[float, float, float, float]:

@@ -190,7 +190,9 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
     """D(x; sigma) in float64 with CFG(+rescale) in one batched call; on F for preconditioners."""
     batch = x.shape[0]
     cfg = merged is not None
-    xb = torch.cat([x, x]) if cfg else x
+    # the denoiser gets its own copy: one that writes into its input (x.mul_(...), an in-place
+    # network stem) must not change the state the step goes on with, as it cannot in the engine
+    xb = torch.cat([x, x]) if cfg else x.clone()
     kwargs: dict = merged if merged is not None else cond
     rows = xb.shape[0]
     if hasattr(denoiser, "coefficients"):
@@ -424,6 +426,7 @@ def ablation_sample(
 
     def deriv(x, t):
         sg = sig(t)
+        # x / s(t) is a new tensor: a denoiser that writes into its input cannot change x
         D = denoiser((x / s_of(t)), torch.full((batch,), float(sg), dtype=torch.float64, device=x.device))
         return (sig_d(t) / sg + s_d(t) / s_of(t)) * x - sig_d(t) * s_of(t) / sg * D.to(torch.float64)
 

@@ -178,3 +178,49 @@ def test_preconditioner_path_equals_plain_denoiser():
     a = reference.sample(g, noise, num_steps=10)
     b = reference.sample(edmfast.EDMPrecond(EDMNetworkOf(g)), noise, num_steps=10)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # F is evaluated in float32
+
+
+class _Scribbler(torch.nn.Module):
+    """A denoiser that is right about D but writes into its input (an in-place network stem):
+    ``how`` = 'scale' halves x after use, 'inplace' computes D in x's own memory and returns it."""
+
+    def __init__(self, how: str, inner: torch.nn.Module):
+        super().__init__()
+        self.how, self.inner = how, inner
+
+    def forward(self, x, sigma, **cond):
+        d = self.inner(x, sigma, **cond)
+        if self.how == "scale":
+            x.mul_(0.5)
+            return d
+        return x.copy_(d)
+
+
+@pytest.mark.parametrize("how", ["scale", "inplace"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"num_steps": 6},
+        {"num_steps": 6, "solver": "2nd", "alpha": 0.5, "s_churn": 10.0},
+        {"num_steps": 5, "guidance_scale": 2.0},
+    ],
+)
+def test_denoiser_writing_into_its_input_does_not_change_the_oracle(how, kw):
+    g = GaussianDenoiser(0.2, 0.5)
+    noise = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    if "guidance_scale" in kw:
+        mu = torch.full((3, 2, 4, 4), 0.3, dtype=torch.float64)
+        kw = {**kw, "cond": {"mu": mu}, "uncond": {"mu": -mu}}
+    want = reference.sample(g, noise, generator=torch.Generator().manual_seed(5), **kw)
+    got = reference.sample(_Scribbler(how, g), noise, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("how", ["scale", "inplace"])
+def test_ablation_sampler_passes_the_denoiser_a_copy(how):
+    g = GaussianDenoiser(0.2, 0.5)
+    noise = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    kw = dict(num_steps=6, discretization="vp", schedule="vp", scaling="vp")
+    assert torch.equal(
+        reference.ablation_sample(_Scribbler(how, g), noise, **kw), reference.ablation_sample(g, noise, **kw)
+    )
