@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--md-dir", default=None, help="where the Markdown goes (default: --out)")
     args = p.parse_args(argv)
     rec = Recorder()
     t0 = time.perf_counter()
@@ -408,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": common.machine_info(),
         "versions": common.versions(),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "device": str(torch.device(args.device).type),
         "config": result["config"],
     }
     record["summary"] = summarize(result)
@@ -421,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         png = f"{stem}.png" if "plot" in rec.sections else None
     record["wall_s"] = round(time.perf_counter() - t0, 1)
     record["errors"], record["skipped"] = rec.errors, rec.skipped
-    common.write_results(out_dir, stem, record, markdown(record, png))
+    common.write_results(
+        out_dir, stem, record, markdown(record, png), Path(args.md_dir) if args.md_dir else None
+    )
     return 0
 
 

@@ -1,8 +1,13 @@
 """Bandwidth of the fused ops (heun_step pass B, churn, cfg_rescale) per backend, vs measured copy.
 
-For every backend available on the device, at several sizes, reports the median time, the
-effective bandwidth (the minimum traffic: every input read once, every output written once) and
-its fraction of the device-to-device copy bandwidth measured in the same run. Comparisons in the
+For every backend available on the device, at several sizes, reports the median time and two
+figures, kept apart on purpose:
+  * ``gbs`` / ``frac``: GB/s on the bytes the kernel actually moves, and its fraction of the
+    device-to-device copy bandwidth measured in the same run (how well the kernel streams);
+  * ``bound_frac``: the op's minimum-traffic bound (every input read once, every output written
+    once, at copy bandwidth) over the measured time (how close the op is to the best possible).
+They differ for cfg_rescale: its per-sample std needs a reduction pass over cond and uncond before
+the pass that writes, so it moves 5 units (2 + 3) against a minimum of 3. Comparisons in the
 same process on the same inputs:
   * GPU: the same step written as torch ops and compiled with torch.compile (fp32 math);
   * CPU: the same step in eager PyTorch, with the noise drawn by torch.randn.
@@ -12,13 +17,16 @@ excluded; they use triton.testing.do_bench (median). CPU timings are time.perf_c
     python benchmarks/bench_ops.py                  # full run on CUDA if present, else CPU
     python benchmarks/bench_ops.py --quick          # a few seconds (CI smoke run)
     python benchmarks/bench_ops.py --json benchmarks/results/bench_ops_cpu.json
+    python benchmarks/bench_ops.py --sizes 67108864,134217728,268435456 --no-baseline   # the GPU suite's
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import sys
@@ -155,18 +163,30 @@ def baseline_calls(device: torch.device, t: dict) -> tuple[str, dict[str, Callab
 
 
 def min_bytes(op: str, numel: int, dtype: torch.dtype) -> int:
+    """The op's minimum traffic: every input read once, every output written once."""
     io = torch.empty((), dtype=dtype).element_size()
     if op == "heun_step":  # read x_hat, x_prime, f; write out, out_net
         return numel * (4 + 4 + io + 4 + io)
     if op == "churn":  # read x; write out, out_net
         return numel * (4 + 4 + io)
-    return numel * 3 * io  # cfg_rescale: read cond, uncond; write out
+    if op == "cfg_rescale":  # read cond, uncond; write out
+        return numel * 3 * io
+    raise ValueError(f"op must be heun_step, churn or cfg_rescale, got {op!r}")
+
+
+def moved_bytes(op: str, numel: int, dtype: torch.dtype) -> int:
+    """Bytes edmfast's kernels move. heun_step and churn are one pass (the minimum; the Philox noise
+    is generated, never read). cfg_rescale is two: cfg_rescale_factors reads cond and uncond for the
+    per-sample sums, then the apply pass reads both again and writes out: 5 units, not 3."""
+    if op == "cfg_rescale":
+        return numel * 5 * torch.empty((), dtype=dtype).element_size()
+    return min_bytes(op, numel, dtype)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -184,7 +204,14 @@ def main() -> None:
     parser.add_argument(
         "--json", type=Path, default=None, help="write the results as JSON (and a .md beside it)"
     )
-    args = parser.parse_args()
+    parser.add_argument("--md", type=Path, default=None, help="the Markdown's path (default: beside --json)")
+    parser.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the comparison step (on the GPU its torch.compile costs more than the kernels' timing)",
+    )
+    args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)  # the native CPU ops follow torch's thread count
@@ -196,7 +223,7 @@ def main() -> None:
     elif args.quick:
         sizes = [1 << 20] if gpu else [1 << 16]
     else:
-        sizes = [1 << p for p in (20, 22, 24, 26, 28)] if gpu else [1 << p for p in (18, 20, 22)]
+        sizes = [1 << p for p in (20, 24, 26, 27, 28)] if gpu else [1 << p for p in (18, 20, 22)]
     reps = args.reps or (5 if args.quick else 50 if gpu else 15)
 
     def timer(fn: Callable[[], object]) -> float:
@@ -206,10 +233,14 @@ def main() -> None:
     rows: list[dict] = []
     meta = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=device.type,
         machine=torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        triton=_version("triton"),
         python=platform.python_version(),
+        suite_run=os.environ.get("EDMFAST_SUITE_RUN") or None,
         dtype=args.dtype,
         batch=args.batch,
         quick=args.quick,
@@ -223,11 +254,16 @@ def main() -> None:
         if not args.json:
             return
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=dict(meta, complete=final), rows=rows), indent=1) + "\n")
+        # renamed into place: a kill between two sizes leaves the previous complete file
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(dict(meta=dict(meta, complete=final), rows=rows), indent=1) + "\n")
+        os.replace(tmp, args.json)
+        md_path = args.md or args.json.with_suffix(".md")
         md = [f"# bench_ops ({meta['machine']}, {meta['date']})", "", f"`{json.dumps(meta)}`", "", "```"]
-        args.json.with_suffix(".md").write_text("\n".join(md + lines + ["```", ""]))
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text("\n".join(md + lines + ["```", ""]))
         if final:
-            print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+            print(f"wrote {args.json} and {md_path}")
 
     for numel in sizes:
         numel -= numel % args.batch
@@ -235,16 +271,43 @@ def main() -> None:
         src, dst = t["x_hat"].flatten(), t["out"].flatten()
         copy_s = timer(lambda: dst.copy_(src))  # noqa: B023
         copy_gbs = 8 * numel / copy_s / 1e9
-        rows.append(dict(op="copy", backend="torch", numel=numel, ms=copy_s * 1e3, gbs=copy_gbs, frac=1.0))
+        rows.append(
+            dict(
+                op="copy",
+                backend="torch",
+                numel=numel,
+                ms=copy_s * 1e3,
+                moved_bytes=8 * numel,
+                min_bytes=8 * numel,
+                gbs=copy_gbs,
+                frac=1.0,
+                bound_frac=1.0,
+            )
+        )
         results: dict[tuple[str, str], float] = {}
-        candidates = [(b, op_calls(b, t)) for b in backends] + [baseline_calls(device, t)]
+        candidates = [(b, op_calls(b, t)) for b in backends]
+        if args.baseline:
+            candidates.append(baseline_calls(device, t))
         for backend, calls in candidates:
             for op, fn in calls.items():
                 sec = timer(fn)
                 results[(backend, op)] = sec
-                gbs = min_bytes(op, numel, dtype) / sec / 1e9
+                least = min_bytes(op, numel, dtype)
+                # what a baseline moves is not known (eager torch makes temporaries): the minimum
+                moved = moved_bytes(op, numel, dtype) if backend in backends else least
+                gbs = moved / sec / 1e9
                 rows.append(
-                    dict(op=op, backend=backend, numel=numel, ms=sec * 1e3, gbs=gbs, frac=gbs / copy_gbs)
+                    dict(
+                        op=op,
+                        backend=backend,
+                        numel=numel,
+                        ms=sec * 1e3,
+                        moved_bytes=moved,
+                        min_bytes=least,
+                        gbs=gbs,
+                        frac=gbs / copy_gbs,
+                        bound_frac=least / (copy_gbs * 1e9) / sec,
+                    )
                 )
         base = "torch.compile" if gpu else "eager"
         for row in rows:
@@ -259,14 +322,26 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> list[str]:
-    header = f"{'op':<12}{'backend':<15}{'elements':>12}{'ms':>10}{'GB/s':>9}{'of copy':>9}{'speedup':>9}"
+    """GB/s and 'of copy' on the bytes moved; 'of bound': minimum-traffic time at copy GB/s / time."""
+    header = (
+        f"{'op':<12}{'backend':<15}{'elements':>12}{'ms':>10}{'GB/s':>9}{'of copy':>9}"
+        f"{'of bound':>10}{'speedup':>9}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         speedup = next((f"{v:.2f}x" for k, v in r.items() if k.startswith("speedup")), "")
         lines.append(
-            f"{r['op']:<12}{r['backend']:<15}{r['numel']:>12}{r['ms']:>10.3f}{r['gbs']:>9.1f}{r['frac']:>8.0%}{speedup:>9}"
+            f"{r['op']:<12}{r['backend']:<15}{r['numel']:>12}{r['ms']:>10.3f}{r['gbs']:>9.1f}"
+            f"{r['frac']:>8.0%}{r['bound_frac']:>10.0%}{speedup:>9}"
         )
     return lines
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import collect_results  # noqa: E402
 import common  # noqa: E402
 import peers  # noqa: E402
 import torch  # noqa: E402
@@ -236,6 +237,9 @@ def cpu_mode(args: argparse.Namespace, rec: Recorder) -> dict[str, Any]:
 
     methods["denoiser_only_nfe"] = denoiser_only
     times = interleaved(methods, device=device, repeats=repeats, warmup=0)
+    contention = None
+    if args.contention:
+        contention = rec.guard("contention", lambda: under_contention(methods, device, repeats))
 
     rows: dict[str, dict[str, Any]] = {}
     for name, t in times.items():
@@ -272,10 +276,68 @@ def cpu_mode(args: argparse.Namespace, rec: Recorder) -> dict[str, Any]:
         ),
         "goals": GOALS_CPU,
     }
+    if contention is not None:
+        busy = contention["rows"]
+
+        def med_busy(name: str) -> float | None:
+            return busy.get(name, {}).get("median_s")
+
+        summary["speedup_vs_official_loop_cpu_contention"] = ratio(
+            med_busy("official_edm_loop"), med_busy(ed_name)
+        )
+        summary["speedup_vs_k_diffusion_cpu_contention"] = ratio(
+            med_busy("k_diffusion_sample_heun"), med_busy(ed_name)
+        )
+        summary["images_per_s_cpu_contention"] = ratio(batch, med_busy(ed_name))
     summary["goals_met"] = {
         k: (None if summary[k] is None else summary[k] >= goal) for k, goal in GOALS_CPU.items()
     }
-    return {"summary": summary, "sections": {"cpu": {"config": config, "rows": rows, "breakdown": breakdown}}}
+    return {
+        "summary": summary,
+        "sections": {
+            "cpu": {"config": config, "rows": rows, "breakdown": breakdown, "contention": contention}
+        },
+    }
+
+
+# One busy neighbour: a single-threaded loop of small matmuls, as another tenant of a shared box
+# would be. It ends by itself after BUSY_MAX_S even if this process dies without killing it.
+BUSY_MAX_S = 600
+BUSY = (
+    "import time, torch\n"
+    "torch.set_num_threads(1)\n"
+    "a = torch.randn(256, 256)\n"
+    "print('ready', flush=True)\n"
+    f"end = time.monotonic() + {BUSY_MAX_S}\n"
+    "while time.monotonic() < end:\n"
+    "    a = torch.tanh(a @ a)\n"
+)
+CONTENTION_METHODS = (
+    "edmfast_cpu_fused",
+    "edmfast_torch_fused",
+    "k_diffusion_sample_heun",
+    "official_edm_loop",
+)
+
+
+def under_contention(
+    methods: dict[str, Callable[[], Any]], device: torch.device, repeats: int
+) -> dict[str, Any]:
+    """The same comparison (edmfast vs k-diffusion vs the official loop) while one busy process runs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    busy = subprocess.Popen([sys.executable, "-c", BUSY], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        if busy.stdout is None or busy.stdout.readline().strip() != "ready":  # spinning before any timing
+            raise RuntimeError(f"the busy process did not start (exit {busy.poll()})")
+        chosen = {k: methods[k] for k in CONTENTION_METHODS if k in methods}
+        times = interleaved(chosen, device=device, repeats=repeats, warmup=1)
+    finally:
+        busy.kill()
+        busy.wait()
+    return {
+        "busy_process": "1 thread: torch.tanh(a @ a), a 256x256 float32, in a loop",
+        "rows": {k: stats(t) for k, t in times.items()},
+    }
 
 
 def cpu_breakdown(den, noise, sigmas, seeds, num_steps: int, repeats: int) -> dict[str, Any]:
@@ -761,8 +823,11 @@ def run_section(args: argparse.Namespace) -> int:
     return 0
 
 
-def gpu_mode(args: argparse.Namespace, rec: Recorder) -> dict[str, Any]:
-    """Run the GPU sections in priority order, each in a subprocess under its own time limit."""
+def gpu_mode(
+    args: argparse.Namespace, rec: Recorder, save: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run the GPU sections in priority order, each in a subprocess under its own time limit;
+    ``save(result)`` after every section (a kill keeps every finished one)."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs CUDA (or --device cpu --tiny to exercise the code path)")
@@ -775,8 +840,19 @@ def gpu_mode(args: argparse.Namespace, rec: Recorder) -> dict[str, Any]:
         TRITON_CACHE_DIR=str(cache / "triton"),
         PYTHONUNBUFFERED="1",
     )
-    sections: dict[str, Any] = {}
+    sections: dict[str, Any] = dict(args.earlier_sections)
+    ops = load_ops_json(args.ops_json)
+
+    def result() -> dict[str, Any]:
+        return {
+            "summary": gpu_summary(sections, ops),
+            "summary_details": gpu_summary_details(sections, ops),
+            "sections": sections,
+        }
+
     for name in wanted:
+        if save is not None:
+            save(result())
         left = args.budget_s - (time.monotonic() - start)
         need, cap = SECTION_TIME[name]
         if args.tiny:
@@ -825,54 +901,23 @@ def gpu_mode(args: argparse.Namespace, rec: Recorder) -> dict[str, Any]:
             rec.skipped[name] = data["skipped"]
         elif rc != 0:
             rec.errors[name] = f"section exited with {rc} after {data['seconds']} s (partial results kept)"
-    ops = load_ops_json(args.ops_json)
-    return {
-        "summary": gpu_summary(sections, ops),
-        "summary_details": gpu_summary_details(sections, ops),
-        "sections": sections,
-    }
+    return result()
 
 
 def load_ops_json(path: str | None) -> dict[str, Any] | None:
-    """bench_ops.py's JSON (kernel roofline), newest in benchmarks/results/ when no path is given."""
-    if path:
-        candidates = [Path(path)]
-    else:
-        candidates = sorted(common.RESULTS_DIR.glob("*ops*.json"), key=lambda p: p.stat().st_mtime)
-    for p in reversed(candidates):
-        try:
-            data = json.loads(p.read_text())
-            data["_path"] = str(p)
-            return data
-        except (OSError, json.JSONDecodeError):
-            continue
-    return None
-
-
-SPEC_MIN_NUMEL = 64 * 2**20  # SPEC §5: the kernel goal holds at >= 64M elements
-
-
-def ops_summary(ops: dict[str, Any] | None) -> dict[str, Any]:
-    """copy bandwidth and per-op fraction of it from bench_ops.py's JSON (``rows`` of op, backend,
-    numel, gbs, frac): at the largest size measured (SPEC §5 asks >= 64M elements; ``numel`` and
-    ``below_spec_numel`` say which size that was), the best of edmfast's backends per op (the
-    issue's "best backend's fraction"); ``backend`` names the winner per op."""
-    out: dict[str, Any] = {"copy_bandwidth_GBps": None, "kernel_bandwidth_fraction": {}, "backend": {}}
-    rows = (ops or {}).get("rows") or []
-    if not rows:
-        return out
-    numel = max(r["numel"] for r in rows)
-    at = [r for r in rows if r["numel"] == numel]
-    copies = [r["gbs"] for r in at if r["op"] == "copy"]
-    out["copy_bandwidth_GBps"] = max(copies) if copies else None
-    out["numel"] = numel
-    out["below_spec_numel"] = numel < SPEC_MIN_NUMEL
-    for op in ("heun_step", "churn", "cfg_rescale"):
-        cands = [r for r in at if r["op"] == op and r["backend"] not in ("torch", "torch.compile", "eager")]
-        best = max(cands, key=lambda r: r["frac"], default=None)
-        out["kernel_bandwidth_fraction"][op] = best["frac"] if best else None
-        out["backend"][op] = best["backend"] if best else None
-    return out
+    """bench_ops.py's JSON from THIS run, given by path. Never a default from benchmarks/results/:
+    a committed file is another machine's (a CPU's 27.7 GB/s once passed for the GPU's copy
+    bandwidth); a file from another suite run (``meta.suite_run``) is not taken either."""
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if common.suite_run() is not None and (data.get("meta") or {}).get("suite_run") != common.suite_run():
+        return None
+    data["_path"] = str(path)
+    return data
 
 
 def gpu_summary(sections: dict[str, Any], ops: dict[str, Any] | None) -> dict[str, Any]:
@@ -888,57 +933,27 @@ def gpu_summary_details(sections: dict[str, Any], ops: dict[str, Any] | None) ->
 def _gpu_numbers(
     sections: dict[str, Any], ops: dict[str, Any] | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    cifar, cifar_c = sections.get("cifar", {}), sections.get("cifar_compiled", {})
-    sd, sd_c = sections.get("sd", {}), sections.get("sd_compiled", {})
-
-    def med(row: dict, name: str) -> float | None:
-        return (row.get(name) or {}).get("median_s") if isinstance(row, dict) else None
-
-    speedups = {}
-    for b in (1, 16, 64, 256):
-        official = med(cifar.get("rows", {}).get(f"b{b}", {}), "official")
-        engine = [
-            t
-            for t in (
-                med(cifar.get("rows", {}).get(f"b{b}", {}), "edmfast"),
-                med(cifar_c.get("rows", {}).get(f"b{b}", {}), "edmfast"),
-            )
-            if t
-        ]
-        speedups[f"b{b}"] = ratio(official, min(engine)) if engine else None
-    # the engine's best configuration at batch 1 against diffusers compiled in reduce-overhead mode
-    sd_row_c = sd_c.get("rows", {}).get("euler_b1", {})
-    sd_row = sd.get("rows", {}).get("euler_b1", {})
-    engine_sd = [t for t in (med(sd_row_c, "edmfast"), med(sd_row, "edmfast")) if t]
-    kernels = ops_summary(ops)
+    """One computation for here and for the GPU suite's summary (collect_results.py): only numbers
+    measured in this run; copy bandwidth from bench_ops.py when it ran, else the ``copy`` section."""
+    part, details = collect_results.sampler_numbers(sections)
+    kernels = collect_results.ops_numbers(ops)
     summary = {
-        "copy_bandwidth_GBps": kernels["copy_bandwidth_GBps"]
-        or sections.get("copy", {}).get("copy_bandwidth_GBps"),
-        "kernel_bandwidth_fraction": {
-            k: kernels["kernel_bandwidth_fraction"].get(k) for k in ("heun_step", "churn", "cfg_rescale")
-        },
-        "sampler_overhead_ratio": cifar_c.get("sampler_overhead_ratio")
-        or cifar.get("sampler_overhead_ratio"),
-        "speedup_vs_official_loop": {k: speedups[k] for k in ("b1", "b16", "b64")},
-        "speedup_vs_diffusers_compiled_cfg_b1": ratio(med(sd_row_c, "diffusers"), min(engine_sd))
-        if engine_sd
-        else None,
-        "first_compile_s": sections.get("compile_cold", {}).get("compile_s"),
-        "warm_compile_s": sections.get("compile_warm", {}).get("compile_s"),
+        "copy_bandwidth_GBps": kernels["copy_bandwidth_GBps"] or part["copy_bandwidth_GBps"],
+        "kernel_bandwidth_fraction": kernels["kernel_bandwidth_fraction"],
+        "sampler_overhead_ratio": part["sampler_overhead_ratio"],
+        "speedup_vs_official_loop": part["speedup_vs_official_loop"],
+        "speedup_vs_diffusers_compiled_cfg_b1": part["speedup_vs_diffusers_compiled_cfg_b1"],
+        "first_compile_s": part["first_compile_s"],
+        "warm_compile_s": part["warm_compile_s"],
     }
-    details = {
-        "speedup_vs_official_loop_b256": speedups["b256"],
-        "sampler_overhead_ratio_eager_network": cifar.get("sampler_overhead_ratio"),
-        "sampler_overhead_ratio_compiled_network": cifar_c.get("sampler_overhead_ratio"),
-        "speedup_vs_diffusers_eager_cfg_b1": ratio(med(sd_row, "diffusers"), min(engine_sd))
-        if engine_sd
-        else None,
-        "copy_bandwidth_GBps_this_run": sections.get("copy", {}).get("copy_bandwidth_GBps"),
-        "ops_json": (ops or {}).get("_path"),
-        "ops_numel": kernels.get("numel"),
-        "ops_backend": kernels.get("backend"),
-        "goals": GOALS_GPU,
-    }
+    details.update(
+        ops_json=(ops or {}).get("_path"),
+        ops_numel=kernels["kernel_numel"],
+        ops_backend=kernels["kernel_backend"],
+        kernel_bandwidth_GBps=kernels["kernel_bandwidth_GBps"],
+        kernel_min_traffic_fraction=kernels["kernel_min_traffic_fraction"],
+        goals=GOALS_GPU,
+    )
     return summary, details
 
 
@@ -1035,6 +1050,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI smoke test)")
     p.add_argument("--out", default=str(common.RESULTS_DIR), help="output folder")
+    p.add_argument("--md-dir", default=None, help="where the Markdown goes (default: --out)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="GPU mode: keep the other sections of <out>/<stem>.json when this suite run wrote it",
+    )
     p.add_argument("--stem", default=None, help="file name stem (default <date>-<machine>)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -1043,6 +1064,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", type=int, nargs="+", default=[64, 3, 64, 64])
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--denoiser", choices=("gaussian", "mixture"), default="gaussian")
+    p.add_argument(
+        "--contention",
+        action="store_true",
+        help="CPU mode: also time edmfast / k-diffusion / the official loop beside one busy process",
+    )
     p.add_argument(
         "--no-compile-peer",
         dest="compile_peer",
@@ -1104,23 +1130,46 @@ def main(argv: list[str] | None = None) -> int:
         mode = "gpu" if torch.cuda.is_available() else "cpu"
     rec = Recorder()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        result = cpu_mode(args, rec) if mode == "cpu" else gpu_mode(args, rec)
-    record = {
+    stem = args.stem or f"{common.today()}-{common.machine_tag()}" + ("-quick" if args.quick else "")
+    out_dir, md_dir = Path(args.out), Path(args.md_dir) if args.md_dir else None
+    args.earlier_sections = {}
+    if args.append:  # sections an earlier invocation of this suite run wrote here are kept
+        earlier = collect_results.load(out_dir / f"{stem}.json")
+        if isinstance(earlier, dict) and earlier.get("suite_run") == common.suite_run() and mode == "gpu":
+            args.earlier_sections = {
+                k: v for k, v in (earlier.get("sections") or {}).items() if k not in args.sections
+            }
+            rec.errors.update(earlier.get("errors") or {})
+            rec.skipped.update(earlier.get("skipped") or {})
+    base = {
         "benchmark": "bench_sampler",
         "mode": mode + ("-quick" if args.quick else "") + ("-tiny" if args.tiny else ""),
+        "device": torch.device(args.device).type if mode == "gpu" else "cpu",
         "date": common.today(),
         "machine": common.machine_info(),
         "versions": common.versions(),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "wall_s": round(time.perf_counter() - t0, 1),
-        **result,
-        "errors": rec.errors,
-        "skipped": rec.skipped,
+        "suite_run": common.suite_run(),
     }
-    stem = args.stem or f"{record['date']}-{common.machine_tag()}" + ("-quick" if args.quick else "")
+
+    def record_of(result: dict[str, Any], complete: bool) -> dict[str, Any]:
+        return {
+            **base,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "complete": complete,
+            **result,
+            "errors": rec.errors,
+            "skipped": rec.skipped,
+        }
+
+    def save(result: dict[str, Any]) -> None:  # the JSON after every section, Markdown at the end
+        common.write_results(out_dir, stem, record_of(result, False), None)
+
+    with torch.no_grad():
+        result = cpu_mode(args, rec) if mode == "cpu" else gpu_mode(args, rec, save)
+    record = record_of(result, True)
     md = cpu_markdown(record) if mode == "cpu" else gpu_markdown(record)
-    common.write_results(Path(args.out), stem, record, md)
+    common.write_results(out_dir, stem, record, md, md_dir)
     print(md)
     return 0
 

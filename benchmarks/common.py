@@ -124,19 +124,35 @@ def versions() -> dict[str, str | None]:
         out["edmfast"] = getattr(edmfast, "__version__", None)
     except Exception as e:  # noqa: BLE001 - record, never crash the record
         out["edmfast"] = f"import failed: {e}"
+    out["edmfast_git"], out["edmfast_git_source"] = git_commit()
+    return out
+
+
+def git_commit() -> tuple[str | None, str]:
+    """(commit, where it came from). The GPU machine gets the working tree without .git, so the
+    caller names the commit: ``EDMFAST_GIT_COMMIT``, else ``.suite/commit`` (written by
+    ``gpu_suite.sh --prepare``), else ``git rev-parse`` (``+dirty`` when the tree differs)."""
+    if os.environ.get("EDMFAST_GIT_COMMIT"):
+        return os.environ["EDMFAST_GIT_COMMIT"], "EDMFAST_GIT_COMMIT"
+    stamp = REPO / ".suite" / "commit"
+    if stamp.is_file() and stamp.read_text().strip():
+        return stamp.read_text().strip(), ".suite/commit"
     try:
         rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        out["edmfast_git"] = (
-            rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
-        out["edmfast_git"] = None
-    return out
+        return None, "unknown"
+    if rev.returncode != 0:
+        return None, "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""), "git"
 
 
 # ----------------------------------------------------------------------------- timing
@@ -279,12 +295,33 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
-def write_results(out_dir: Path, stem: str, record: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(_finite_or_none(record), indent=2, allow_nan=False) + "\n")
-    md_path.write_text(markdown)
-    print(f"[bench] wrote {json_path} and {md_path}", flush=True)
+def suite_run() -> str | None:
+    """The GPU suite run this process belongs to (``EDMFAST_SUITE_RUN``); its summary takes numbers
+    only from files that carry this id."""
+    return os.environ.get("EDMFAST_SUITE_RUN") or None
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Strict JSON, written to a temporary file and renamed over ``path`` (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_finite_or_none(record), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_results(
+    out_dir: Path, stem: str, record: dict[str, Any], markdown: str | None, md_dir: Path | None = None
+) -> tuple[Path, Path | None]:
+    """`<out_dir>/<stem>.json` (atomically) and `<md_dir or out_dir>/<stem>.md` (unless markdown is None)."""
+    record.setdefault("suite_run", suite_run())
+    json_path = out_dir / f"{stem}.json"
+    write_json(json_path, record)
+    md_path = None
+    if markdown is not None:
+        md_path = (md_dir or out_dir) / f"{stem}.md"
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(markdown)
+    print(f"[bench] wrote {json_path}" + (f" and {md_path}" if md_path else ""), flush=True)
     return json_path, md_path
 
 

@@ -10,12 +10,19 @@
 #                                          (full matrix), racecheck, initcheck and synccheck (reduced)
 #   csrc/tests/sanitize.sh cuda --build-only   compile the CUDA driver only (no GPU needed)
 #   csrc/tests/sanitize.sh all             both
+#   SANITIZE_CUDA_TOOLS="memcheck racecheck" csrc/tests/sanitize.sh cuda --quick
+#                                          the quick matrix (the GPU suite's; well under 60 s): the
+#                                          reduced size/dtype/feature set under memcheck and racecheck
 #
-# Options: --quick (the reduced set everywhere), --build-only.
+# Options: --quick (the reduced set everywhere), --build-only, --no-build (run the driver an earlier
+#   --build-only left in SANITIZE_BUILD_DIR).
 # Environment: CXX (g++), NVCC (auto: $CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc, PATH),
 #   CUDA_ARCH (90), COMPUTE_SANITIZER (auto: next to nvcc, then PATH), SANITIZE_CUDA_TOOLS (default
 #   "memcheck racecheck initcheck synccheck"), SANITIZE_BUILD_DIR (/tmp/edmfast-sanitize),
-#   SANITIZE_REQUIRE_VALGRIND=1 (fail instead of skipping when valgrind is missing).
+#   SANITIZE_REQUIRE_VALGRIND=1 (fail instead of skipping when valgrind is missing),
+#   SANITIZE_REPORT=FILE (CUDA: one JSON line per tool as soon as it finishes: tool, exit, seconds;
+#   or one line with the reason when a required tool is missing). Every tool runs even after one
+#   reports, so one run shows them all.
 # Exit status: 0 clean; non-zero on any sanitizer report, failed case or build error; 2 when a
 # required tool (compute-sanitizer, a GPU, valgrind if required) is missing.
 set -euo pipefail
@@ -23,14 +30,16 @@ cd "$(dirname "$0")/../.."
 
 mode=cpu
 build_only=0
+no_build=0
 quick=0
 for arg in "$@"; do
   case $arg in
     cpu | cuda | all) mode=$arg ;;
     --build-only) build_only=1 ;;
+    --no-build) no_build=1 ;;
     --quick) quick=1 ;;
     *)
-      echo "usage: $0 [cpu|cuda|all] [--build-only] [--quick]" >&2
+      echo "usage: $0 [cpu|cuda|all] [--build-only] [--no-build] [--quick]" >&2
       exit 2
       ;;
   esac
@@ -80,6 +89,17 @@ run_cpu() {
   fi
 }
 
+REPORT=${SANITIZE_REPORT:-}
+report() { # report JSON-OBJECT: one line in SANITIZE_REPORT, when set
+  [[ -n $REPORT ]] && echo "$1" >>"$REPORT"
+  return 0
+}
+missing() { # missing REASON: a required tool is absent; exit 2 (recorded as skipped by the GPU suite)
+  echo "$1" >&2
+  report "{\"tool\": null, \"exit\": 2, \"reason\": \"$1\"}"
+  exit 2
+}
+
 find_nvcc() {
   local c
   for c in "${NVCC:-}" "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" /usr/local/cuda/bin/nvcc "$(command -v nvcc || true)"; do
@@ -94,15 +114,16 @@ find_nvcc() {
 run_cuda() {
   local nvcc
   if ! nvcc=$(find_nvcc); then
-    echo "nvcc not found (set NVCC or CUDA_HOME)" >&2
-    exit 2
+    missing "nvcc not found (set NVCC or CUDA_HOME)"
   fi
   local cuda_home
   cuda_home=$(cd "$(dirname "$nvcc")/.." && pwd)
-  say "build CUDA driver with $nvcc (sm_${CUDA_ARCH:-90}, -lineinfo)"
-  # -O2 is for the host-side checks only; device code is optimized as in the real build.
-  "$nvcc" -std=c++17 -arch="sm_${CUDA_ARCH:-90}" -lineinfo -O2 -Icsrc/include \
-    csrc/tests/sanitize_cuda.cu csrc/cuda/*.cu -o "$BUILD/sanitize_cuda"
+  if ((!no_build)); then
+    say "build CUDA driver with $nvcc (sm_${CUDA_ARCH:-90}, -lineinfo)"
+    # -O2 is for the host-side checks only; device code is optimized as in the real build.
+    "$nvcc" -std=c++17 -arch="sm_${CUDA_ARCH:-90}" -lineinfo -O2 -Icsrc/include \
+      csrc/tests/sanitize_cuda.cu csrc/cuda/*.cu -o "$BUILD/sanitize_cuda"
+  fi
   ((build_only)) && return 0
 
   local cs=""
@@ -114,32 +135,36 @@ run_cuda() {
     fi
   done
   if [[ -z $cs ]]; then
-    echo "compute-sanitizer not found (looked in $cuda_home and on PATH; set COMPUTE_SANITIZER)" >&2
-    exit 2
+    missing "compute-sanitizer not found (looked in $cuda_home and on PATH; set COMPUTE_SANITIZER)"
   fi
   if ! nvidia-smi -L >/dev/null 2>&1; then
-    echo "no GPU visible (nvidia-smi -L failed): CUDA kernels not run" >&2
-    exit 2
+    missing "no GPU visible (nvidia-smi -L failed): CUDA kernels not run"
   fi
+  [[ -x $BUILD/sanitize_cuda ]] || missing "no CUDA driver at $BUILD/sanitize_cuda (--no-build: run --build-only first)"
   local bin="$BUILD/sanitize_cuda"
   local opts=(--error-exitcode 1 --print-limit 20)
-  local tool
+  local tool rc failed=0 t0
   for tool in ${SANITIZE_CUDA_TOOLS:-memcheck racecheck initcheck synccheck}; do
+    t0=$SECONDS
     case $tool in
       memcheck)  # the full matrix (--quick: reduced); leak-check: every cudaMalloc is freed
         say "compute-sanitizer memcheck ($([[ $quick == 1 ]] && echo reduced || echo full) matrix)"
-        "$cs" --tool memcheck "${opts[@]}" --leak-check full "$bin" "${quick_arg[@]}"
+        "$cs" --tool memcheck "${opts[@]}" --leak-check full "$bin" "${quick_arg[@]}" && rc=0 || rc=$?
         ;;
       racecheck | initcheck | synccheck)  # shared-memory races, reads of unwritten memory, barriers
         say "compute-sanitizer $tool (reduced matrix)"
-        "$cs" --tool "$tool" "${opts[@]}" "$bin" --quick
+        "$cs" --tool "$tool" "${opts[@]}" "$bin" --quick && rc=0 || rc=$?
         ;;
       *)
         echo "unknown tool in SANITIZE_CUDA_TOOLS: $tool" >&2
         exit 2
         ;;
     esac
+    say "compute-sanitizer $tool: exit $rc after $((SECONDS - t0)) s"
+    report "{\"tool\": \"$tool\", \"exit\": $rc, \"seconds\": $((SECONDS - t0)), \"quick\": $quick}"
+    ((rc == 0)) || failed=1
   done
+  ((failed == 0)) || exit 1
 }
 
 case $mode in

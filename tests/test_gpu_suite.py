@@ -1,0 +1,186 @@
+"""The GPU suite's record (benchmarks/gpu_suite.sh, benchmarks/collect_results.py) on the CPU.
+
+A device call can be cut off at any second; its summary must then still be valid JSON holding every
+finished section. And a number may enter a GPU summary only when this run measured it on the GPU:
+never a committed CPU result, never another run's file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import collect_results  # noqa: E402
+
+sys.path.remove(str(BENCH))
+
+
+def _ops(run: str | None, device: str, copy_gbs: float = 4000.0) -> dict:
+    rows = [dict(op="copy", backend="torch", numel=1 << 26, ms=1.0, gbs=copy_gbs, frac=1.0, bound_frac=1.0)]
+    for op in collect_results.KERNEL_OPS:
+        rows.append(dict(op=op, backend="cuda", numel=1 << 26, ms=1.0, gbs=3600.0, frac=0.9, bound_frac=0.8))
+    return {"meta": {"device": device, "suite_run": run}, "rows": rows}
+
+
+def _init(out: Path, kind: str, run: str, previous: Path | None = None) -> str:
+    argv = ["suite-init", "--out", str(out), "--kind", kind, "--budget", "420", "--run", run]
+    argv += ["--sections", "probe build tests ops sampler"]
+    if previous is not None:
+        argv += ["--previous", str(previous)]
+    assert collect_results.main(argv) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def _update(out: Path, *args: str) -> dict:
+    assert collect_results.main(["suite-update", "--out", str(out), *args]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_gpu_summary_takes_no_cpu_or_foreign_figure(tmp_path):
+    """The committed CPU roofline, a CPU file of this run and a GPU file of another run: all null."""
+    _init(tmp_path, "gpu", "run-1")
+    committed = BENCH / "results" / "bench_ops_cpu_1thread.json"
+    assert committed.is_file()  # the file that once passed for the GPU's copy bandwidth
+    for ops in (json.loads(committed.read_text()), _ops("run-1", "cpu"), _ops("run-0", "cuda")):
+        (tmp_path / "ops.json").write_text(json.dumps(ops))
+        state = _update(tmp_path, "--section", "ops", "--status", "ok")
+        assert state["summary"]["copy_bandwidth_GBps"] is None
+        assert set(state["summary"]["kernel_bandwidth_fraction"].values()) == {None}
+        assert state["summary_details"]["ignored_files"]
+    # this run's GPU file is taken (the check above can fail)
+    (tmp_path / "ops.json").write_text(json.dumps(_ops("run-1", "cuda")))
+    state = _update(tmp_path, "--section", "ops", "--status", "ok")
+    assert state["summary"]["copy_bandwidth_GBps"] == 4000.0
+    assert state["summary"]["kernel_bandwidth_fraction"] == {op: 0.9 for op in collect_results.KERNEL_OPS}
+    assert state["summary"]["kernel_min_traffic_fraction"]["cfg_rescale"] == 0.8
+
+
+def test_bench_sampler_gpu_mode_never_reads_results_dir(tmp_path, monkeypatch):
+    """GPU mode without --ops-json: null copy bandwidth and kernel fractions, whatever lies in
+    benchmarks/results/ (it once loaded the newest *ops*.json there and reported a CPU's 27.7 GB/s)."""
+    pytest.importorskip("diffusers")
+    monkeypatch.setenv("EDMFAST_SUITE_RUN", "run-x")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_sampler
+    finally:
+        sys.path.remove(str(BENCH))
+    assert list((BENCH / "results").glob("*ops*.json"))  # there is a CPU file to (wrongly) pick up
+    argv = ["--mode", "gpu", "--device", "cpu", "--tiny", "--in-process", "--sections", "copy"]
+    assert (
+        bench_sampler.main([*argv, "--out", str(tmp_path), "--stem", "s", "--md-dir", str(tmp_path / "md")])
+        == 0
+    )
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["summary"]["copy_bandwidth_GBps"] is None
+    assert set(record["summary"]["kernel_bandwidth_fraction"].values()) == {None}
+    assert record["suite_run"] == "run-x" and record["device"] == "cpu"
+    assert "copy" in record["skipped"] and not (tmp_path / "s.md").exists()
+
+
+def test_second_call_fills_gaps_and_never_overwrites_the_first(tmp_path):
+    call1, call2, results = tmp_path / "call1", tmp_path / "call2", tmp_path / "results"
+    _init(call1, "gpu", "run-1")
+    _update(call1, "--section", "probe", "--status", "ok")
+    (call1 / "ops.json").write_text(json.dumps(_ops("run-1", "cuda", copy_gbs=4000.0)))
+    _update(call1, "--section", "ops", "--status", "ok")
+    _update(call1, "--section", "sampler", "--status", "timeout")
+    # call 2 carries call 1's summary: ops is done there, the sampler is run again
+    (tmp_path / "prev").mkdir()
+    shutil.copy(call1 / "summary.json", tmp_path / "prev" / "summary.json")
+    state = _init(call2, "gpu", "run-2", previous=tmp_path / "prev")
+    assert state["call"] == 2
+    assert state["sections"]["ops"]["status"] == "done-in-call-1"
+    assert state["sections"]["sampler"]["status"] == "pending"  # timed out in call 1: runs again
+    (call2 / "ops.json").write_text(json.dumps(_ops("run-2", "cuda", copy_gbs=1.0)))  # must not win
+    sampler = {
+        "suite_run": "run-2",
+        "device": "cuda",
+        "machine": {"gpu": "NVIDIA H200"},
+        "sections": {"compile_cold": {"compile_s": 42.0}},
+    }
+    (call2 / "sampler.json").write_text(json.dumps(sampler))
+    state = _update(call2, "--section", "sampler", "--status", "ok")
+    assert state["summary"]["copy_bandwidth_GBps"] == 4000.0
+    assert state["summary"]["first_compile_s"] == 42.0
+    assert state["summary_source"]["by_key"]["copy_bandwidth_GBps"] == 1
+    assert state["summary_source"]["by_key"]["first_compile_s"] == 2
+    # collecting the two calls' files: the same rule, and the GPU named by the record, not a default
+    for d, gpu in ((call1, "NVIDIA H200"), (call2, "NVIDIA H200")):
+        _update(d, "--env-json", str(_env(tmp_path, gpu)))
+    assert collect_results.main([str(call1), str(call2), "--out", str(results), "--date", "2000-01-01"]) == 0
+    merged = json.loads((results / "2000-01-01-h200.json").read_text())
+    assert merged["summary"]["copy_bandwidth_GBps"] == 4000.0
+    assert merged["summary"]["first_compile_s"] == 42.0
+    assert merged["summary_source"]["copy_bandwidth_GBps"] == 1
+    assert [c["call"] for c in merged["calls"]] == [1, 2]
+    # call 2 collected alone later: merged into the existing file, call 1's numbers kept
+    assert collect_results.main([str(call2), "--out", str(results), "--date", "2000-01-01"]) == 0
+    again = json.loads((results / "2000-01-01-h200.json").read_text())
+    assert again["summary"]["copy_bandwidth_GBps"] == 4000.0
+
+
+def _env(tmp: Path, gpu: str) -> Path:
+    p = tmp / f"env-{gpu.replace(' ', '_')}.json"
+    p.write_text(json.dumps({"gpu": gpu, "driver": "580", "date": "2000-01-01"}))
+    return p
+
+
+def test_rehearsal_record_is_not_filed_as_gpu_results(tmp_path):
+    _init(tmp_path / "r", "rehearsal", "run-r")
+    with pytest.raises(SystemExit, match="refusing"):
+        collect_results.main([str(tmp_path / "r"), "--out", str(tmp_path / "results")])
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+
+
+@pytest.mark.slow
+def test_rehearsal_killed_midway_leaves_valid_partial_summary(tmp_path):
+    """Kill the whole suite (SIGKILL, its process group) while a section runs: the summary on disk is
+    valid JSON with the finished sections and their numbers, the running one marked running."""
+    env = dict(
+        os.environ, OUT=str(tmp_path), SUITE_SECTIONS="probe ops sampler accuracy", PYTHON=sys.executable
+    )
+    env.pop("TRITON_INTERPRET", None)  # the suite's benchmarks use the CPU backends
+    proc = subprocess.Popen(
+        ["bash", str(BENCH / "gpu_suite.sh"), "--rehearse"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    summary = tmp_path / "summary.json"
+    deadline = time.monotonic() + 120
+    state = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if summary.is_file():
+                state = json.loads(summary.read_text())  # every read sees a whole file
+                if state["sections"]["sampler"]["status"] == "running":
+                    time.sleep(1.0)  # well inside the section
+                    break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert state is not None and state["sections"]["sampler"]["status"] == "running", state
+    state = json.loads(summary.read_text())
+    assert state["kind"] == "rehearsal" and not state["complete"]
+    assert state["sections"]["probe"]["status"] == "ok" and state["env"]["python"]
+    assert state["sections"]["ops"]["status"] == "ok"
+    assert state["summary"]["copy_bandwidth_GBps"] > 0  # the finished ops section's number
+    assert state["sections"]["sampler"]["status"] == "running"
+    assert state["sections"]["accuracy"]["status"] == "pending"
+    assert set(state["summary"]) == set(collect_results.SUMMARY_KEYS)
