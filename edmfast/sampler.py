@@ -469,7 +469,7 @@ class Sampler:
         eps_slots = buf.exact_eps
         generator = call.generator
 
-        def churn_args(i: int) -> dict[str, Any]:
+        def draw_args(i: int) -> dict[str, Any]:
             """Noise operands for the pass that ends step i - 1 and churns step i."""
             if i >= n:
                 return {}
@@ -484,6 +484,11 @@ class Sampler:
             if noise_steps[i]:
                 return {"seeds": seeds, "step": i}
             return {}
+
+        # known before the loop unless exact noise is drawn step by step: look them up per pass
+        churn_args: Callable[[int], dict[str, Any]] = (
+            draw_args if exact else [draw_args(i) for i in range(n + 1)].__getitem__
+        )
 
         def evaluate(j: int) -> torch.Tensor:
             f = network(net, sigma[j], **cond)
