@@ -313,6 +313,10 @@ class PlanCache:
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
     def get(self, denoiser: Any, sigmas: Any, opts: SamplerOptions) -> Plan:
         skey = _sigmas_key(sigmas)
         key = None if skey is None else (skey, opts)

@@ -540,10 +540,12 @@ class Sampler:
                 )  # fmt: skip
 
     def release(self) -> None:
-        """Drop every captured graph and its memory pool, and the eager buffers."""
+        """Drop every captured graph and its memory pool, the eager buffers and the cached plans
+        (with their device copies)."""
         with self._lock:
             self._graphs.clear()
             self._eager = None
+            self._plans.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -132,3 +132,34 @@ def test_auto_captures_when_a_configuration_repeats():
     third = s(noise)
     assert s.stats["captures"] == 1 and s.stats["replays"] == 2
     assert torch.allclose(first, second, rtol=1e-5, atol=1e-6) and torch.equal(second, third)
+
+
+def test_one_graph_serves_any_guidance_value():
+    den = _den()
+    s = edmfast.Sampler(den, num_steps=6, guidance_scale=2.0, guidance_rescale=0.5, cuda_graph=True)
+    noise = torch.randn(2, 3, 8, 8, device=DEV)
+    mu = torch.linspace(-1, 1, noise[0].numel(), device=DEV).reshape(noise.shape[1:]).expand_as(noise)
+    kw = dict(cond={"mu": mu.contiguous()}, uncond={"mu": torch.zeros_like(noise)})
+    for w, phi in ((2.0, 0.5), (5.0, 0.9), (1.5, 0.1)):
+        got = s(noise, guidance_scale=w, guidance_rescale=phi, **kw)
+        ref = reference.sample(den, noise.double(), num_steps=6, guidance_scale=w, guidance_rescale=phi, **kw)
+        assert rel_err(got, ref) < 2e-5
+    assert s.stats["captures"] == 1 and s.stats["replays"] == 3
+
+
+def test_repeated_sample_calls_take_the_graph_path():
+    from edmfast import sampler
+
+    den = _den()
+    noise = torch.randn(2, 3, 8, 8, device=DEV)
+    outs = [edmfast.sample(den, noise, num_steps=5) for _ in range(3)]
+    (s,) = [v for v in sampler._samplers.values() if v.denoiser is den]
+    assert s.stats["captures"] == 1 and s.stats["replays"] == 2
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6) and torch.equal(outs[1], outs[2])
+
+
+def test_non_finite_noise_is_named_without_a_sync_before_the_loop():
+    noise = torch.randn(2, 3, 8, 8, device=DEV)
+    noise[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"noise must be finite.*\[1\]"):
+        edmfast.Sampler(_den(), num_steps=4, cuda_graph=False)(noise)
