@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import struct
 from collections.abc import Callable
 from types import ModuleType
 
@@ -374,6 +375,11 @@ def _torch_cfg_rescale_factors(
     out.copy_(_torch_cfg_factors(f.float(), guidance_scale, guidance_rescale))
 
 
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 (the precision every kernel takes a host scalar in)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _torch_cfg_factors(
     f: torch.Tensor, w: float | torch.Tensor, phi: float | torch.Tensor
 ) -> torch.Tensor:  # fmt: skip
@@ -383,8 +389,8 @@ def _torch_cfg_factors(
         return torch.ones(batch, dtype=torch.float32, device=f.device)
     if isinstance(w, torch.Tensor):
         w = w.reshape(())
-    if isinstance(phi, torch.Tensor):
-        phi = phi.reshape(()).double()
+    # phi as the float32 value the kernels take (a float or a tensor give the same k), then float64
+    phi = phi.reshape(()).double() if isinstance(phi, torch.Tensor) else _float32(phi)
     # Subtracting a per-sample pivot keeps the variance exact when |mean| >> std (variance is
     # shift-invariant; the cfg pivot is the cfg of the two pivots).
     cond = ff[:batch] - ff[:batch, :1]
