@@ -15,6 +15,15 @@ import torch
 from torch import nn
 
 
+def _check_s(s: float) -> float:
+    if isinstance(s, (bool, str, bytes)):
+        raise TypeError(f"s must be a real number, got {type(s).__name__}")
+    s = float(s)
+    if not (math.isfinite(s) and s >= 0):
+        raise ValueError(f"s (the data's standard deviation) must be finite and >= 0, got {s}")
+    return s
+
+
 def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64).reshape(-1)
     if sigma.numel() == 1:
@@ -30,7 +39,7 @@ class GaussianDenoiser(nn.Module):
     def __init__(self, mu: float | torch.Tensor = 0.0, s: float = 0.5):
         super().__init__()
         self.register_buffer("mu", torch.as_tensor(mu, dtype=torch.float64), persistent=False)
-        self.s = float(s)
+        self.s = _check_s(s)
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor | float, mu: torch.Tensor | None = None
@@ -66,11 +75,18 @@ class GaussianMixtureDenoiser(nn.Module):
     def __init__(self, means: torch.Tensor, s: float = 0.0, weights: torch.Tensor | None = None):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
+        if means.dim() < 1 or means.shape[0] < 1 or not bool(torch.isfinite(means).all()):
+            raise ValueError(
+                f"means must be a finite [K, ...] tensor with K >= 1, got shape {tuple(means.shape)}"
+            )
         k = means.shape[0]
         w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights)
+        w = w.to(torch.float64)
+        if w.shape != (k,) or not bool((torch.isfinite(w) & (w >= 0)).all()) or not w.sum() > 0:
+            raise ValueError(f"weights must be [K={k}] finite, >= 0 and not all 0, got {w.tolist()}")
         self.register_buffer("means", means, persistent=False)
-        self.register_buffer("log_weights", w.to(torch.float64).log(), persistent=False)
-        self.s = float(s)
+        self.register_buffer("log_weights", w.log(), persistent=False)
+        self.s = _check_s(s)
 
     def posterior(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """p_k(x) [B, K] for noisy x at noise level sigma."""
@@ -100,6 +116,8 @@ class EDMNetworkOf(nn.Module):
 
     def __init__(self, denoiser: nn.Module, sigma_data: float = 0.5):
         super().__init__()
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(f"sigma_data must be finite and > 0, got {sigma_data}")
         self.denoiser, self.sigma_data = denoiser, sigma_data
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, **cond: object) -> torch.Tensor:

@@ -73,17 +73,20 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 def _validated(sigmas: torch.Tensor, blame: str) -> torch.Tensor:
     """A generated schedule passes the checks a user-given one does (finite, > 0 before the final 0,
     strictly decreasing), else a ValueError that says which arguments to change."""
-    levels = sigmas[:-1]
-    if not bool(torch.isfinite(levels).all()) or not bool((levels > 0).all()):
-        bad = int((~(torch.isfinite(levels) & (levels > 0))).nonzero()[0])
+    s = sigmas.numpy()  # CPU float64; numpy's checks cost a fifth of torch's on a few hundred levels
+    levels = s[:-1]
+    ok = np.isfinite(levels) & (levels > 0)
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
         raise ValueError(
             f"{blame}: level {bad} is {float(levels[bad])!r}, not a positive finite float64 "
             "(the arguments are outside what float64 represents)"
         )
-    if not bool((sigmas[1:] < sigmas[:-1]).all()):
-        i = int((sigmas[1:] >= sigmas[:-1]).nonzero()[0])
+    down = s[1:] < s[:-1]
+    if not down.all():
+        i = int(np.flatnonzero(~down)[0])
         raise ValueError(
-            f"{blame}: levels {i} and {i + 1} ({float(sigmas[i])!r}, {float(sigmas[i + 1])!r}) are not "
+            f"{blame}: levels {i} and {i + 1} ({float(s[i])!r}, {float(s[i + 1])!r}) are not "
             "strictly decreasing in float64"
         )
     return sigmas
