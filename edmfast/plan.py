@@ -300,12 +300,24 @@ def _sigmas_key(sigmas: Any) -> Any:
     return None
 
 
+_SCALARS = (int, float, str, bool)
+
+
+def _settings(denoiser: Any) -> tuple:
+    """The denoiser's scalar attributes (sigma_data, sigma_min, M, prediction_type, ...): a plan
+    made before one of them was reassigned is not reused. Tensors changed in place are not seen."""
+    attrs = getattr(denoiser, "__dict__", None)
+    if not attrs:
+        return ()
+    return tuple((k, v) for k, v in attrs.items() if type(v) in _SCALARS)
+
+
 class PlanCache:
     """A small LRU of plans for one denoiser (the caller's, not held here), keyed by the schedule's
     values and the options.
 
-    The denoiser's coefficients are assumed fixed while it is used for sampling (they are read
-    once per distinct schedule). Thread-safe.
+    A denoiser's scalar settings are part of the key; its coefficient tables (tensors) are assumed
+    fixed while it is used for sampling. Thread-safe.
     """
 
     def __init__(self, size: int = 8):
@@ -319,7 +331,7 @@ class PlanCache:
 
     def get(self, denoiser: Any, sigmas: Any, opts: SamplerOptions) -> Plan:
         skey = _sigmas_key(sigmas)
-        key = None if skey is None else (skey, opts)
+        key = None if skey is None else (skey, opts, _settings(denoiser))
         if key is not None:
             with self._lock:
                 plan = self._plans.get(key)

@@ -600,6 +600,14 @@ def _drop(key: tuple, _ref: Any = None) -> None:
         _samplers.pop(key, None)
 
 
+def clear_sample_cache() -> None:
+    """Forget the Samplers `sample` keeps (their buffers and captured graphs are freed with them)."""
+    with _samplers_lock:
+        for s in _samplers.values():
+            s.release()
+        _samplers.clear()
+
+
 @with_option_signature
 def sample(
     denoiser: Any,
@@ -622,7 +630,8 @@ def sample(
     cuda_graph "auto", compile False, progress False. Returns a tensor like ``noise``.
 
     Repeated calls with the same denoiser and options reuse one cached `Sampler` (its plans,
-    buffers and, on CUDA, captured graphs); with compile=True each call builds a fresh one.
+    buffers and, on CUDA, captured graphs): at most 8, each dropped with its denoiser or by
+    `edmfast.sampler.clear_sample_cache`; with compile=True each call builds a fresh one.
     """
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
@@ -640,4 +649,4 @@ def sample(
     )  # fmt: skip
 
 
-__all__ = ["ALPHA_MIN", "Sampler", "sample"]
+__all__ = ["ALPHA_MIN", "Sampler", "clear_sample_cache", "sample"]

@@ -181,6 +181,10 @@ def test_sample_reuses_one_sampler_per_denoiser_and_options_and_forgets_dead_den
     del den, s
     gc.collect()
     assert len(sampler._samplers) == 0  # held weakly: a model is never kept alive by the cache
+    den = _precond()
+    edmfast.sample(den, noise, num_steps=5, backend="cpu")
+    sampler.clear_sample_cache()
+    assert len(sampler._samplers) == 0
 
 
 # ----------------------------------------------------------------------------- clear errors

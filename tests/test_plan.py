@@ -151,3 +151,13 @@ def test_unrepresentable_plans_are_named_before_the_network_runs(kw, text):
     with pytest.raises(ValueError, match=text):
         edmfast.sample(den, torch.randn(2, 3, 4, 4), seeds=[1, 2], backend="torch", **kw)
     assert not calls
+
+
+def test_a_changed_denoiser_setting_is_not_served_a_stale_plan():
+    den = edmfast.EDMPrecond(EDMNetworkOf(GaussianDenoiser(0.0, 0.5)))
+    noise = torch.randn(2, 3, 4, 4)
+    edmfast.sample(den, noise, num_steps=4, backend="cpu")
+    den.sigma_data = 0.7
+    got = edmfast.sample(den, noise, num_steps=4, backend="cpu")
+    fresh = edmfast.EDMPrecond(EDMNetworkOf(GaussianDenoiser(0.0, 0.5)), sigma_data=0.7)
+    assert torch.equal(got, edmfast.Sampler(fresh, num_steps=4, backend="cpu")(noise))
