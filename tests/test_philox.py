@@ -59,6 +59,43 @@ def test_cpp_header_words_match_python_definition():
         assert got == tuple(int(r[i]) for r in ref)
 
 
+# Error budget of a float32 normal z = r cos(theta) (or r sin), r = sqrt(-2 ln u), theta = 2 pi u,
+# against the float64 definition, in units of 2**-23 r (|z| <= r, so this scale bounds every term):
+#   ln u: <= 3 ulp relative (libdevice / libm logf 1 ulp, the log1p form of the upper half a
+#         few), halved by the sqrt: 1.5;     the products r * c and -2 * ln u: 1;
+#   cos / sin: <= 2 ulp of a result <= 1 (CUDA libdevice's documented maximum): 2;
+#   theta: rounded once to float32, |theta| <= pi (the kernels reduce it first), and d(cos) =
+#         sin dtheta, so <= pi * 2**-23 absolute: 3.2.
+# Sum ~7.7: 8 ulp of r. A flat 1e-6 was below this for r > 1.05 (the tail of 2M GPU normals hit
+# it with triton 3.6's libdevice) and far looser than needed near r = 0.
+NORMAL_ULPS = 8
+
+
+def normal_tolerance(seeds, step: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference normals, per-element tolerance), float64 [len(seeds), numel] on the CPU.
+
+    The tolerance is NORMAL_ULPS float32 ulp of the element's Box-Muller radius, taken from the
+    reference pair (n0, n1) or (n2, n3) that shares it (the stream is computed up to a whole
+    group so a partial last group still has both members of its pair).
+    """
+    padded = -(-numel // 4) * 4
+    ref = philox_normal(torch.as_tensor(seeds, dtype=torch.int64).cpu(), step, padded)
+    pairs = ref.reshape(ref.shape[0], -1, 2)
+    radius = pairs.norm(dim=-1, keepdim=True).expand_as(pairs).reshape(ref.shape)
+    tol = NORMAL_ULPS * 2.0**-23 * radius + 1e-12  # + a hair for r = 0 (u = 1 never happens)
+    return ref[:, :numel], tol[:, :numel]
+
+
+def assert_normals_close(got: torch.Tensor, seeds, step: int) -> None:
+    """``got`` [B, ...] (float32, any device) is the stream of (seeds, step) within the budget."""
+    flat = got.detach().double().cpu().reshape(got.shape[0], -1)
+    ref, tol = normal_tolerance(seeds, step, flat.shape[1])
+    err = (flat - ref).abs()
+    worst = int((err / tol).flatten().argmax())
+    off, budget = err.flatten()[worst].item(), tol.flatten()[worst].item()
+    assert bool((err <= tol).all()), f"normal {worst} off by {off:.3g}, budget {budget:.3g}"
+
+
 def fused_stream(
     backend, device, seeds: list[int], step: int, numel: int, via: str = "heun_step"
 ) -> torch.Tensor:
@@ -81,13 +118,11 @@ SEEDS = [0, 1, 2**32 + 7, -5, 2**63 - 1]
 
 @pytest.mark.parametrize("via", ["heun_step", "churn"])
 def test_stream_matches_definition(backend_device, via):
-    """Every backend's float32 normals are within 1e-6 of the float64 definition (edmfast.philox)."""
+    """Every backend's float32 normals are within NORMAL_ULPS of the float64 definition (edmfast.philox)."""
     backend, device = backend_device
     numel = 4 * 2048 + 3  # a partial last group
     got = fused_stream(backend, device, SEEDS, 123456789, numel, via)
-    ref = philox_normal(torch.tensor(SEEDS), 123456789, numel)
-    err = (got.double() - ref).abs().max().item()
-    assert err <= 1e-6, f"max |eps - reference| = {err:.3g}"
+    assert_normals_close(got, SEEDS, 123456789)
 
 
 def test_stream_statistics(backend_device):
@@ -139,5 +174,6 @@ def test_cpu_and_cuda_streams_agree():
     numel = 4 * 4096 + 2
     cpu = fused_stream("cpu", torch.device("cpu"), SEEDS, 77, numel)
     cuda = fused_stream("cuda", torch.device("cuda"), SEEDS, 77, numel)
-    # Same words, float32 libm on both sides: equal up to an ulp of the last operation.
-    torch.testing.assert_close(cuda, cpu, rtol=0, atol=1e-6)
+    # Same words, each side within the float32 budget of the definition.
+    _, tol = normal_tolerance(SEEDS, 77, numel)
+    assert bool(((cuda - cpu).double().abs() <= 2 * tol).all())

@@ -16,6 +16,7 @@ import zlib
 import pytest
 import torch
 from conftest import HAS_CUDA, TOL, heun_term_scale, net_scale, poisoned, rel_err
+from test_philox import assert_normals_close, normal_tolerance
 
 from edmfast import ops, philox, reference
 
@@ -146,8 +147,7 @@ def test_philox_normals_match_definition(device, step):
     n = 2**14 if device.type == "cpu" else 2**20
     seeds = [3, 2**40 + 12345]
     _, normals = _probe(seeds, step, 0, n, device)
-    ref = philox.philox_normal(torch.tensor(seeds), step, n)
-    torch.testing.assert_close(normals.double(), ref, rtol=0.0, atol=1e-6)
+    assert_normals_close(normals, seeds, step)  # a few float32 ulp of each radius (test_philox.py)
     assert abs(float(normals.double().mean())) < 0.05 and abs(float(normals.double().std()) - 1) < 0.05
 
 
@@ -168,8 +168,7 @@ def test_fused_noise_equals_reference_stream(device, shape):
     seeds = torch.tensor([11, 2**35 + 3], device=device)
     step = 2**31 + 7
     eps, _ = _churn(x, _coef(std=1.0, c=0.0, device=device), seeds=seeds, step=step)
-    ref = reference.fused_noise(shape, None, seeds, step).reshape(shape)
-    torch.testing.assert_close(eps.double().cpu(), ref.cpu(), rtol=0.0, atol=1e-6)
+    assert_normals_close(eps, seeds, step)
 
 
 def test_step_uses_low_32_bits(device):
@@ -193,8 +192,9 @@ def test_fused_noise_matches_native_cpu_stream():
     ours, _ = _churn(x, coef, seeds=seeds, step=12)
     native = torch.empty(shape)
     ops.churn(x, coef, out=native, seeds=seeds, step=12, backend="cpu")
-    # Both are float32 evaluations of the same float64 definition, each within 1e-6 of it.
-    torch.testing.assert_close(ours, native, rtol=0.0, atol=2e-6)
+    # Both are float32 evaluations of the same float64 definition, each within its budget.
+    ref, tol = normal_tolerance(seeds, 12, ours[0].numel())
+    assert bool(((ours - native).double().reshape(3, -1).abs() <= 2 * tol).all())
 
 
 def test_fused_noise_batch_invariant(device):
