@@ -244,7 +244,7 @@ class iDDPMPrecond(Precond):  # noqa: N801 - the paper's name
         ua = self._u_asc_host if s.device.type == "cpu" else self.u.to(s.device).flip(0)
         k = torch.searchsorted(ua, s.reshape(-1)).clamp_(1, self.M).reshape(s.shape)
         k_lo = k - 1
-        u_hi, u_lo = ua[k], ua[k_lo]
+        u_hi, u_lo = ua.take(k), ua.take(k_lo)
         # ties go to the larger level (smaller j), as argmin's first occurrence in descending u
         take_hi = (s - u_hi).abs() <= (s - u_lo).abs()
         return self.M - torch.where(take_hi, k, k_lo), torch.where(take_hi, u_hi, u_lo)
@@ -333,14 +333,16 @@ class DiscreteVPDenoiser(Precond):
         log_sigmas = _on(self.log_sigmas, self._log_sigmas_host, sigma.device)
         n = log_sigmas.numel()
         ls = sigma.to(torch.float64).clamp(min=self.sigma_min).log()
-        hi = torch.searchsorted(log_sigmas, ls.reshape(-1)).clamp_(1, n - 1).reshape(ls.shape)
+        flat = ls.reshape(-1)
+        hi = torch.searchsorted(log_sigmas, flat).clamp_(1, n - 1)
         lo = hi - 1
-        l_lo = log_sigmas[lo]
+        l_lo = log_sigmas.take(lo)
         # equal neighbours (a flat stretch of abar) would divide 0 by 0 at their left end: w = 0 there
-        w = ((ls - l_lo) / (log_sigmas[hi] - l_lo).clamp_(min=1e-300)).clamp_(0, 1)
-        t = lo.to(torch.float64) + w
+        w = (flat - l_lo).div_(log_sigmas.take(hi).sub_(l_lo).clamp_(min=1e-300)).clamp_(0, 1)
+        t = w.add_(lo)  # lo + w (int64 promoted exactly), in w's memory
         if self._first:
             t += self._first
+        t = t.reshape(ls.shape)
         if self._zero_terminal:
             # sigma = inf exists only at the last timestep of a zero-terminal-SNR schedule
             t = torch.where(torch.isinf(sigma), torch.full_like(t, self.num_train_timesteps - 1), t)

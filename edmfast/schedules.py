@@ -135,7 +135,7 @@ def karras_sigmas(
     return _validated(
         s,
         f"karras_sigmas(num_steps={num_steps}, sigma_min={lo!r}, sigma_max={hi!r}, rho={rho!r}): rho is too "
-        "small for this many steps (use a larger rho or fewer steps)",
+        "small for this many steps or the range too narrow (use a larger rho, fewer steps or a wider range)",
     )
 
 
