@@ -56,36 +56,21 @@ ALPHA_MIN = 0.1
 
 @dataclass(frozen=True)
 class _Kernels:
-    """The two fused ops of the loop for one backend, called on buffers validated at allocation."""
+    """The two fused ops of the loop for one backend, called on buffers validated at allocation
+    (`ops.raw_heun_step` / `ops.raw_cfg_rescale_factors`: one launch each, no checks)."""
 
     step: Callable[..., Any]
     cfg: Callable[..., Any]
-    workspace: Callable[[torch.Tensor], torch.Tensor | None]
-    tensor_guidance: bool  # guidance values read from device memory (one graph serves any value)
+    workspace: Callable[[torch.Tensor], torch.Tensor]
 
 
 @functools.cache
 def _kernels(backend: str) -> _Kernels:
-    raw_step = getattr(ops, "raw_heun_step", None)
-    if raw_step is not None:  # INTERFACE.md: unchecked entries, `bad` flags, static CFG workspace
-        return _Kernels(
-            raw_step(backend),
-            ops.raw_cfg_rescale_factors(backend),  # type: ignore[attr-defined]
-            lambda f: ops.cfg_workspace(f, backend),  # type: ignore[attr-defined]
-            True,
-        )
-
-    # Until the ops layer has its raw entries: the checked ops, and the `bad` flags from torch ops.
-    def step(*, out: torch.Tensor, bad: torch.Tensor | None = None, bad_step: int = 0, **kw: Any) -> None:
-        ops.heun_step(out=out, backend=backend, **kw)
-        if bad is not None:
-            ok = torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
-            bad.copy_(torch.where(ok, bad, bad.clamp(max=bad_step)))
-
-    def cfg(f, w, phi, *, out, workspace=None):
-        ops.cfg_rescale_factors(f, w, phi, out=out, backend=backend)
-
-    return _Kernels(step, cfg, lambda f: None, False)
+    return _Kernels(
+        ops.raw_heun_step(backend),
+        ops.raw_cfg_rescale_factors(backend),
+        functools.partial(ops.cfg_workspace, backend=backend),
+    )
 
 
 # ----------------------------------------------------------------------------- buffers
@@ -102,7 +87,7 @@ class _Buffers:
     bad: torch.Tensor  # int32 [B]: 1 + the first step whose state went non-finite (0: the noise)
     gs: torch.Tensor  # float32 [1] guidance scale
     phi: torch.Tensor  # float32 [1] guidance rescale
-    workspace: torch.Tensor | None  # static CFG-rescale reduction workspace
+    workspace: torch.Tensor | None  # static CFG-rescale reduction workspace (with rescale only)
     exact_eps: torch.Tensor  # float32 [N | 1 | 0, B, ...] exact churn draws (N: graphs, 1: eager)
     # graphs only: static copies of what changes between replays
     noise: torch.Tensor | None = None
@@ -353,7 +338,7 @@ class Sampler:
             yield False
 
     def _set_guidance(self, buf: _Buffers, call: _Call) -> None:
-        if call.use_cfg and call.kernels.tensor_guidance and buf.values != (call.w, call.phi):
+        if call.use_cfg and buf.values != (call.w, call.phi):
             buf.gs.fill_(call.w)
             buf.phi.fill_(call.phi)
             buf.values = (call.w, call.phi)
@@ -461,8 +446,7 @@ class Sampler:
         )
         x_hat, x_prime, net, bad = buf.x_hat, buf.x_prime, buf.net, buf.bad
         shape, dtype, device = net.shape, net.dtype, net.device
-        w: Any = buf.gs if k.tensor_guidance else call.w
-        phi: Any = buf.phi if k.tensor_guidance else call.phi
+        w, phi = buf.gs, buf.phi  # read by the kernels at run time (a graph serves any value)
         kk = buf.k if call.rescale else None
         ws = buf.workspace
         exact, noise_steps, correct = call.exact, plan.noise_steps, plan.correct

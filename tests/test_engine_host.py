@@ -38,9 +38,7 @@ def _profile_call(monkeypatch, num_steps, **options):
     backend = "cpu"
     real = sampler._kernels(backend)
     step, cfg = _Counting(real.step), _Counting(real.cfg)
-    monkeypatch.setattr(
-        sampler, "_kernels", lambda b: sampler._Kernels(step, cfg, real.workspace, real.tensor_guidance)
-    )
+    monkeypatch.setattr(sampler, "_kernels", lambda b: sampler._Kernels(step, cfg, real.workspace))
     batch = 2
     use_cfg = options.get("guidance_scale", 1.0) != 1.0
     out = torch.randn(2 * batch if use_cfg else batch, 3, 4, 4)
