@@ -6,9 +6,13 @@ from decimal import Decimal, localcontext
 
 import pytest
 import torch
+from hypothesis import assume, given, seed, settings
+from hypothesis import strategies as st
 
 import edmfast
+from edmfast.options import check_sigmas
 from edmfast.schedules import iddpm_u, vp_betas_for_range, vp_sigma, vp_sigma_inv
+from tests.conftest import BASE_SEED
 
 
 def _assert_schedule(s: torch.Tensor, n: int) -> None:
@@ -239,3 +243,28 @@ def test_rescale_zero_terminal_snr_types_and_valid_edge_input():
     betas = torch.tensor([0.0, 0.01, 0.0, 0.02, 0.05], dtype=torch.float64)
     out = edmfast.rescale_zero_terminal_snr(betas)
     assert bool(torch.isfinite(out).all()) and out[-1] == 1.0 and bool(((out >= 0) & (out <= 1)).all())
+
+
+@seed(BASE_SEED)
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    log_rho=st.floats(-3, 3),
+    log_lo=st.floats(-300, 300),
+    log_span=st.floats(1e-6, 300),
+)
+def test_karras_either_holds_the_user_schedule_checks_or_says_why(n, log_rho, log_lo, log_span):
+    """Any rho in [1e-3, 1e3] and any range inside float64: a schedule `check_sigmas` accepts, with
+    the exact ends, or a ValueError naming rho and the range (levels that round together)."""
+    lo = 10.0**log_lo
+    hi = min(lo * 10.0**log_span, 1e308)
+    assume(hi > lo)
+    try:
+        s = edmfast.karras_sigmas(n, lo, hi, 10.0**log_rho)
+    except ValueError as e:
+        assert "rho" in str(e) and "range" in str(e) and "not strictly decreasing" in str(e)
+        return
+    _assert_schedule(s, n)
+    assert torch.equal(check_sigmas(s), s)
+    # exact ends from the log form, 256 eps from the official formula where it is used
+    assert s[0] == pytest.approx(hi, rel=6e-14) and s[-2] == pytest.approx(lo if n > 1 else hi, rel=6e-14)
