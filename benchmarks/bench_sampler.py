@@ -16,7 +16,10 @@ diffusers loops vs edmfast), ``compile_cold`` / ``compile_warm`` (first and cach
 processes), ``cifar_compiled``, ``sd_compiled`` and ``cifar_diffusers`` (EDMEulerScheduler).
 
 Results: ``<out>/<date>-<machine>.json`` and ``.md`` with ``machine``, ``versions``, ``date``,
-``summary`` (the issue's keys; layout in benchmarks/README.md) and every measurement.
+``summary`` (the issue's keys; layout in benchmarks/README.md) and every measurement. GPU mode
+rewrites the JSON (atomically) after every section, so a kill keeps the finished ones; with
+``--append`` the sections an earlier invocation of the same suite run wrote there are kept.
+CPU mode with ``--contention`` times the comparison again beside one busy process.
 
     python benchmarks/bench_sampler.py                 # CPU mode on a CPU machine, GPU mode with CUDA
     python benchmarks/bench_sampler.py --quick         # seconds: tiny sizes (CI smoke test)
@@ -1089,7 +1092,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true", help="GPU mode: run sections in this process")
     p.add_argument("--cache-dir", default=None, help="TORCHINDUCTOR_CACHE_DIR shared by the sections")
     p.add_argument(
-        "--ops-json", default=None, help="bench_ops.py's JSON (default: newest *ops*.json in results/)"
+        "--ops-json",
+        default=None,
+        help="bench_ops.py's JSON from this run (never a default: stored results are another machine's)",
     )
     # internal: one section in a child process
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)

@@ -15,9 +15,10 @@
 #   summary.json  log  junit.xml  ops.json  sampler.json  accuracy.json  accuracy.png  [overhead.json]
 #
 # Environment: SUITE_BUDGET_S (420), SUITE_SECTIONS (default: all, in the order above),
-#   SUITE_SKIP (sections to leave out), SUITE_PREVIOUS (folder with a previous call's summary.json;
-#   default .suite/previous), EDMFAST_GIT_COMMIT (else .suite/commit, else git), PYTHON (python3),
-#   OUT (the device tool sets it; a fresh temporary folder otherwise).
+#   SUITE_SKIP (sections to leave out), SUITE_PREVIOUS (folder with a previous call's
+#   summary.json; default .suite/previous), EDMFAST_GIT_COMMIT (else .suite/commit, else git),
+#   PYTHON (python3), OUT (the device tool sets it; a fresh temporary folder otherwise),
+#   SUITE_WORK (scratch: Markdown, logs; a temporary folder, removed at the end, otherwise).
 set +e
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -65,8 +66,13 @@ if [[ -z ${OUT:-} ]]; then OUT=$(mktemp -d /tmp/edmfast-suite-out.XXXXXX); fi
 mkdir -p "$OUT"
 # this run's files only: anything an earlier run left in $OUT is removed, never reported
 rm -f "$OUT"/{summary.json,log,junit.xml,ops.json,sampler.json,accuracy.json,accuracy.png,overhead.json}
-WORK=$(mktemp -d /tmp/edmfast-suite.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+if [[ -n ${SUITE_WORK:-} ]]; then # scratch (Markdown, junit of the extra module, build logs)
+  WORK=$SUITE_WORK
+  mkdir -p "$WORK"
+else
+  WORK=$(mktemp -d /tmp/edmfast-suite.XXXXXX)
+  trap 'rm -rf "$WORK"' EXIT
+fi
 RUN_ID="$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM"
 export EDMFAST_SUITE_RUN=$RUN_ID OUT WORK MODE ROOT PY
 exec > >(tee -a "$OUT/log") 2>&1
@@ -265,13 +271,16 @@ sec_sd() {
 
 sec_sanitize() {
   # memcheck + racecheck on the driver's reduced matrix (--quick), one report line per tool
-  if [[ $MODE == gpu ]]; then
+  local build=()
+  if [[ -f $WORK/sanitize-build.pid ]]; then # the driver compiled in the background since the build
     local waited=0
     while [[ ! -f $WORK/sanitize-build.rc ]] && ((waited < LIMIT / 2)); do sleep 1; waited=$((waited + 1)); done
     cat "$WORK/sanitize-build.log" 2>/dev/null
+    build=(--no-build)
   fi
+  [[ $MODE == rehearsal ]] && build=(--no-build) # nvcc works on a CPU box, but nothing can run what it builds
   SANITIZE_CUDA_TOOLS="memcheck racecheck" SANITIZE_REPORT="$WORK/sanitize.jsonl" \
-    bash csrc/tests/sanitize.sh cuda --quick --no-build
+    bash csrc/tests/sanitize.sh cuda --quick "${build[@]}"
   local rc=$?
   if ((rc == 2)); then # a missing tool, GPU or driver binary: recorded as skipped, with the reason
     tail -1 "$WORK/sanitize.jsonl" 2>/dev/null | "$PY" -c "import json,sys; print(json.loads(sys.stdin.read() or '{}').get('reason', 'sanitize.sh exit 2: a required tool is missing'))" >"$WORK/sanitize.skip"
@@ -287,11 +296,16 @@ sec_accuracy() {
 }
 
 sec_overhead() {
-  # benchmarks/bench_overhead.py (another engineer's): given --out/--stem when it takes them
-  local args=()
-  "$PY" benchmarks/bench_overhead.py --help 2>/dev/null | grep -q -- "--out" && args=(--out "$OUT" --stem overhead)
-  [[ $MODE == rehearsal ]] && "$PY" benchmarks/bench_overhead.py --help 2>/dev/null | grep -q -- "--quick" && args+=(--quick)
-  "$PY" benchmarks/bench_overhead.py "${args[@]}"
+  # benchmarks/bench_overhead.py (host overhead vs k-diffusion; runs on the CPU): its JSON becomes
+  # $OUT/overhead.json (summary.json does not read it)
+  local args=(--out "$WORK/overhead") f
+  [[ $MODE == rehearsal ]] && args+=(--quick)
+  "$PY" benchmarks/bench_overhead.py "${args[@]}" || return 1
+  for f in "$WORK"/overhead/*.json; do
+    [[ -f $f ]] && cp "$f" "$OUT/overhead.json" && return 0
+  done
+  echo "bench_overhead.py wrote no JSON" >&2
+  return 1
 }
 
 export -f sec_probe sec_build sec_tests sec_ops sampler inner sec_sampler sec_compile sec_sd sec_sanitize sec_accuracy sec_overhead
@@ -354,5 +368,14 @@ ls -la "$OUT"
 if [[ $(stat -c %s "$OUT/log" 2>/dev/null || echo 0) -gt 15000000 ]]; then
   { head -c 5000000 "$OUT/log"; echo; echo "[... log cut to fit the 16 MiB return limit ...]"; tail -c 9000000 "$OUT/log"; } >"$WORK/log"
   cp "$WORK/log" "$OUT/log"
+fi
+# The GPU call exits 0 (its files come back either way). A rehearsal fails when a section failed,
+# which on the CPU means a broken script or benchmark (a budget cut is "timeout"/"no-time", not that).
+if [[ $MODE == rehearsal ]]; then
+  failed=$("$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); print(" ".join(k for k, v in s["sections"].items() if v["status"] == "failed"))' "$OUT/summary.json")
+  if [[ -n $failed ]]; then
+    echo "=== rehearsal FAILED: $failed" >&2
+    exit 1
+  fi
 fi
 exit 0

@@ -149,7 +149,11 @@ def test_rehearsal_killed_midway_leaves_valid_partial_summary(tmp_path):
     """Kill the whole suite (SIGKILL, its process group) while a section runs: the summary on disk is
     valid JSON with the finished sections and their numbers, the running one marked running."""
     env = dict(
-        os.environ, OUT=str(tmp_path), SUITE_SECTIONS="probe ops sampler accuracy", PYTHON=sys.executable
+        os.environ,
+        OUT=str(tmp_path / "out"),
+        SUITE_WORK=str(tmp_path / "work"),  # a killed suite cannot remove its scratch: pytest does
+        SUITE_SECTIONS="probe ops sampler accuracy",
+        PYTHON=sys.executable,
     )
     env.pop("TRITON_INTERPRET", None)  # the suite's benchmarks use the CPU backends
     proc = subprocess.Popen(
@@ -160,7 +164,7 @@ def test_rehearsal_killed_midway_leaves_valid_partial_summary(tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    summary = tmp_path / "summary.json"
+    summary = tmp_path / "out" / "summary.json"
     deadline = time.monotonic() + 120
     state = None
     try:
