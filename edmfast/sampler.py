@@ -99,17 +99,28 @@ class _Buffers:
     values: tuple = ()  # (guidance_scale, guidance_rescale) in gs / phi
 
 
-def _alloc(
-    noise: torch.Tensor,
-    rows: int,
-    net_dtype: torch.dtype,
-    plan: Plan,
-    exact: bool,
-    graph: bool,
-    cfg_rescale: bool,
-    kernels: _Kernels,
-    cond: dict,
-) -> _Buffers:
+@dataclass(frozen=True)
+class _Call:
+    """One validated call: its plan, inputs and per-call values, and the kernels to run."""
+
+    plan: Plan
+    noise: torch.Tensor
+    seeds: torch.Tensor | None  # int64 [B] on the device (fused noise)
+    generator: Any  # exact noise
+    kwargs: dict  # the network's keyword arguments (cond and uncond batched with CFG)
+    backend: str
+    kernels: _Kernels
+    net_dtype: torch.dtype
+    rows: int  # network batch: B, or 2B with CFG
+    use_cfg: bool
+    rescale: bool
+    w: float
+    phi: float
+    exact: bool
+
+
+def _alloc(call: _Call, graph: bool) -> _Buffers:
+    noise, plan, rows, net_dtype, exact = call.noise, call.plan, call.rows, call.net_dtype, call.exact
     dev, shape, n = noise.device, tuple(noise.shape), plan.n
     f32: dict[str, Any] = dict(dtype=torch.float32, device=dev)
     # never inference tensors: a Sampler warmed up under torch.inference_mode() keeps working
@@ -124,7 +135,7 @@ def _alloc(
             bad=torch.empty(shape[0], dtype=torch.int32, device=dev),
             gs=torch.ones(1, **f32),
             phi=torch.zeros(1, **f32),
-            workspace=kernels.workspace(net) if cfg_rescale else None,
+            workspace=call.kernels.workspace(net) if call.rescale else None,
             # eager loops draw exact noise step by step into one slot; graphs need all N up front
             exact_eps=torch.zeros(((n if graph else 1) if exact else 0, *shape), **f32),
         )
@@ -133,7 +144,7 @@ def _alloc(
             buf.seeds = torch.zeros(shape[0], dtype=torch.int64, device=dev)
             buf.coef = torch.empty_like(plan.coef, device=dev)
             buf.sigma = torch.empty(2 * n, rows, **f32)
-            buf.cond = {k: torch.empty_like(v) for k, v in cond.items() if isinstance(v, torch.Tensor)}
+            buf.cond = {k: torch.empty_like(v) for k, v in call.kwargs.items() if isinstance(v, torch.Tensor)}
     return buf
 
 
@@ -239,7 +250,30 @@ class Sampler:
         guidance_scale: Any = None,
         guidance_rescale: Any = None,
     ) -> torch.Tensor:
-        # ---- validate
+        call = self._prepare(noise, sigmas, cond, uncond, generator, seeds, guidance_scale, guidance_rescale)
+        with self._exclusive() as shared:  # the cached buffers and graphs, or this call's own
+            key = self._graph_key(call) if shared else None
+            if key is not None and (self.opts.cuda_graph is True or self._graphs.should_capture(key)):
+                buf = self._replay(key, call)  # static buffers, captured once, refilled, replayed
+            else:
+                buf = self._eager_buffers(call, shared)
+                self._run_eager(call, buf)
+            return self._finish(buf, call)  # the one host sync: the flags, then the result
+
+    def _run_eager(self, call: _Call, buf: _Buffers) -> None:
+        self._set_guidance(buf, call)
+        start = call.noise  # the first pass reads the caller's noise directly when it can
+        if start.dtype != torch.float32 or not start.is_contiguous():
+            start = start.float().contiguous()
+        device = start.device
+        coef, sigma = call.plan.rows(device), call.plan.sigma_rows(device, call.rows)
+        self._loop(call, buf, coef, sigma, start, call.seeds, call.kwargs, self.opts.progress)
+
+    def _prepare(
+        self, noise, sigmas, cond, uncond, generator, seeds, guidance_scale, guidance_rescale
+    ) -> _Call:
+        """Validate a call's arguments (ValueError / TypeError naming the argument, before any
+        kernel runs) and look its plan up (cached)."""
         opts = self.opts
         # the finiteness of the noise is checked by the first pass (no extra pass, no host sync)
         noise = check_noise(noise, finite=False)
@@ -251,7 +285,6 @@ class Sampler:
         )
         cond = check_cond(cond, batch, device, "cond")
         use_cfg = w != 1.0
-        rescale = use_cfg and phi > 0
         if use_cfg:
             if uncond is None:
                 raise ValueError(
@@ -260,10 +293,8 @@ class Sampler:
             kwargs = merge_cond(cond, check_cond(uncond, batch, device, "uncond"), batch)
         else:
             kwargs = cond
-        # ---- plan (cached)
         plan = self._plans.get(self.denoiser, self.sigmas if sigmas is None else sigmas, opts)
-        fused_noise = opts.noise_mode == "fused" and any(plan.noise_steps)
-        if fused_noise:
+        if opts.noise_mode == "fused" and any(plan.noise_steps):
             if seeds is None:
                 seeds = getattr(generator, "seeds", None)
                 seeds = None if seeds is None else seeds.to(device)  # ours to move: the generator's CPU copy
@@ -271,59 +302,65 @@ class Sampler:
                 raise ValueError("noise_mode='fused' with s_churn > 0 needs seeds (int64 [B])")
         seeds_t = check_seeds(seeds, batch, device).contiguous() if seeds is not None else None
         check_generator(generator, batch)
-        # like the official script (and the reference), exact mode draws on every step once
-        # S_churn > 0, even where no step churns, so the generator ends in the same state
-        exact = opts.noise_mode == "exact" and opts.s_churn > 0
-        net_dtype = self._net_dtype()
         if opts.cuda_graph is True and device.type != "cuda":
             raise ValueError("cuda_graph=True needs CUDA tensors")
-        rows = 2 * batch if use_cfg else batch
-        call = _Call(plan, backend, _kernels(backend), use_cfg, rescale, w, phi, kwargs, exact, generator)
+        return _Call(
+            plan=plan,
+            noise=noise,
+            seeds=seeds_t,
+            generator=generator,
+            kwargs=kwargs,
+            backend=backend,
+            kernels=_kernels(backend),
+            net_dtype=self._net_dtype(),
+            rows=2 * batch if use_cfg else batch,
+            use_cfg=use_cfg,
+            rescale=use_cfg and phi > 0,
+            w=w,
+            phi=phi,
+            # like the official script (and the reference), exact mode draws on every step once
+            # S_churn > 0, even where no step churns, so the generator ends in the same state
+            exact=opts.noise_mode == "exact" and opts.s_churn > 0,
+        )
 
-        # ---- buffers (cached) and run: eager loop or graph replay
-        with self._exclusive() as shared:
-            if shared and opts.cuda_graph is not False and device.type == "cuda":
-                key = (
-                    tuple(noise.shape),
-                    noise.dtype,
-                    device,
-                    net_dtype,
-                    backend,
-                    plan.structure,
-                    use_cfg,
-                    rescale,
-                    tuple(
-                        (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
-                        for k, v in sorted(kwargs.items())
-                    ),
-                )
-                if opts.cuda_graph is True or self._graphs.should_capture(key):
-                    buf = self._replay(key, call, noise, seeds_t, rows, net_dtype)
-                    return self._finish(buf, plan, noise)
-            buf_key = (tuple(noise.shape), device, net_dtype, rows, plan.n, exact, rescale)
-            if shared and self._eager is not None and self._eager[0] == buf_key:
-                buf = self._eager[1]
-            else:
-                buf = _alloc(noise, rows, net_dtype, plan, exact, False, rescale, call.kernels, {})
-                if shared:
-                    self._eager = (buf_key, buf)
-            self._set_guidance(buf, call)
-            start = (
-                noise
-                if noise.dtype == torch.float32 and noise.is_contiguous()
-                else noise.float().contiguous()
-            )
-            self._loop(
-                call,
-                buf,
-                plan.rows(device),
-                plan.sigma_rows(device, rows),
-                start,
-                seeds_t,
-                kwargs,
-                opts.progress,
-            )
-            return self._finish(buf, plan, noise)
+    def _graph_key(self, call: _Call) -> tuple | None:
+        """What a captured graph depends on besides tensor values; None when graphs are off here."""
+        noise = call.noise
+        if self.opts.cuda_graph is False or noise.device.type != "cuda":
+            return None
+        return (
+            tuple(noise.shape),
+            noise.dtype,
+            noise.device,
+            call.net_dtype,
+            call.backend,
+            call.plan.structure,
+            call.use_cfg,
+            call.rescale,
+            tuple(
+                (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
+                for k, v in sorted(call.kwargs.items())
+            ),
+        )
+
+    def _eager_buffers(self, call: _Call, shared: bool) -> _Buffers:
+        """The cached eager buffers for this shape (``shared``), else buffers of this call's own."""
+        noise = call.noise
+        key = (
+            tuple(noise.shape),
+            noise.device,
+            call.net_dtype,
+            call.rows,
+            call.plan.n,
+            call.exact,
+            call.rescale,
+        )
+        if shared and self._eager is not None and self._eager[0] == key:
+            return self._eager[1]
+        buf = _alloc(call, graph=False)
+        if shared:
+            self._eager = (key, buf)
+        return buf
 
     @contextmanager
     def _exclusive(self) -> Iterator[bool]:
@@ -343,7 +380,7 @@ class Sampler:
             buf.phi.fill_(call.phi)
             buf.values = (call.w, call.phi)
 
-    def _finish(self, buf: _Buffers, plan: Plan, noise: torch.Tensor) -> torch.Tensor:
+    def _finish(self, buf: _Buffers, call: _Call) -> torch.Tensor:
         """The one host sync of a call: read the per-sample non-finite flags, then copy out."""
         if self._network is not None:
             self.stats["compile_s"] = self._network.compile_s
@@ -355,23 +392,22 @@ class Sampler:
             if first < 0:
                 raise ValueError(f"noise must be finite (found NaN or inf in samples {samples[:8]})")
             raise FloatingPointError(
-                f"non-finite values appeared at step {first} (sigma={plan.steps[first].sigma:g}) in samples "
-                f"{samples[:8]}: the denoiser produced NaN or inf"
+                f"non-finite values appeared at step {first} (sigma={call.plan.steps[first].sigma:g}) in "
+                f"samples {samples[:8]}: the denoiser produced NaN or inf"
             )
-        return buf.x_hat.to(noise.dtype, copy=True)
+        return buf.x_hat.to(call.noise.dtype, copy=True)
 
     # ------------------------------------------------------------------ graphs
 
-    def _replay(self, key: tuple, call: _Call, noise, seeds_t, rows: int, net_dtype) -> _Buffers:
-        plan, device = call.plan, noise.device
+    def _replay(self, key: tuple, call: _Call) -> _Buffers:
+        """The configuration's graph (captured on first use) replayed on refilled static buffers."""
+        device = call.noise.device
         entry = self._graphs.get(key)
         if entry is None:
-            buf = _alloc(
-                noise, rows, net_dtype, plan, call.exact, True, call.rescale, call.kernels, call.kwargs
-            )
+            buf = _alloc(call, graph=True)
             # No exact-noise draws before the capture: the fill right before the first replay
             # draws, and drawing twice would advance the generator past the reference's stream.
-            self._fill(buf, call, noise, seeds_t, draw=False)
+            self._fill(buf, call, draw=False)
             assert buf.coef is not None and buf.sigma is not None and buf.noise is not None
             cond = {k: buf.cond.get(k, v) for k, v in call.kwargs.items()}
             coef_rows, sig_rows, start = list(buf.coef.unbind(0)), list(buf.sigma.unbind(0)), buf.noise
@@ -384,7 +420,7 @@ class Sampler:
             entry = (graph, buf)
             self._graphs.put(key, entry)
         graph, buf = entry
-        self._fill(buf, call, noise, seeds_t, draw=True)
+        self._fill(buf, call, draw=True)
         if self.opts.progress:  # the whole loop is one replay: one tick, closed when it has run
             from tqdm import tqdm
 
@@ -397,9 +433,9 @@ class Sampler:
         self.stats["replays"] += 1
         return buf
 
-    def _fill(self, buf: _Buffers, call: _Call, noise, seeds_t, draw: bool) -> None:
+    def _fill(self, buf: _Buffers, call: _Call, draw: bool) -> None:
         """Refill a graph's static inputs (device-to-device copies, no host sync)."""
-        plan, device = call.plan, noise.device
+        plan, noise, seeds_t, device = call.plan, call.noise, call.seeds, call.noise.device
         assert buf.noise is not None and buf.coef is not None and buf.sigma is not None
         buf.noise.copy_(noise)
         if buf.plan is not plan:  # the rows change only with the plan
@@ -532,22 +568,6 @@ class Sampler:
             self._plans.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-@dataclass(frozen=True)
-class _Call:
-    """What one call runs: the plan, the kernels and the per-call values."""
-
-    plan: Plan
-    backend: str
-    kernels: _Kernels
-    use_cfg: bool
-    rescale: bool
-    w: float
-    phi: float
-    kwargs: dict
-    exact: bool
-    generator: Any
 
 
 # ----------------------------------------------------------------------------- sample()
