@@ -296,7 +296,11 @@ def build_summary(out: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dic
         else:
             details["ignored_files"].append("sampler.json (another run or device)")
     accuracy = load(out / "accuracy.json")
-    if accuracy is not None and same_run(accuracy, run):
+    if (
+        accuracy is not None
+        and same_run(accuracy, run)
+        and (kind != "gpu" or accuracy.get("device") == "cuda")
+    ):
         acc = accuracy.get("summary") or {}
         summary["accuracy_order_heun"] = acc.get("gaussian_order_heun")
         details["accuracy"] = {k: v for k, v in acc.items() if not isinstance(v, (dict, list))}
@@ -473,7 +477,11 @@ def call_record(src: Path) -> dict[str, Any]:
             k: sampler.get(k) for k in ("machine", "versions", "sections", "errors", "skipped", "date")
         }
     accuracy = load(src / "accuracy.json")
-    if accuracy is not None and same_run(accuracy, run):
+    if (
+        accuracy is not None
+        and same_run(accuracy, run)
+        and (kind != "gpu" or accuracy.get("device") == "cuda")
+    ):
         rec["accuracy"] = accuracy
     return rec
 
