@@ -299,6 +299,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"--seeds: sample draws one grid of at most {SAMPLE_MAX_SEEDS} images, got {len(seeds)}; "
             "use edmfast generate for more"
         )
+    if args.zoom > 64:  # 64x already turns a 64-image grid into 17k x 17k pixels
+        raise ValueError(f"--zoom must be in [1, 64], got {args.zoom}")
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file path such as {out / 'grid.png'}")

@@ -89,7 +89,7 @@ def test_seed_range_is_checked_before_it_is_expanded(monkeypatch, tmp_path, caps
     assert "1000000000 seeds" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("zoom", ["0", "-2", "x"])
+@pytest.mark.parametrize("zoom", ["0", "-2", "x", "65"])
 def test_sample_zoom_must_be_positive(zoom, tmp_path, capsys):
     assert _main(["sample", "--out", str(tmp_path / "g.png"), "--seeds", "0", "--zoom", zoom]) == 2
     err = capsys.readouterr().err
