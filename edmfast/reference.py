@@ -338,8 +338,9 @@ def ablation_sample(
     sigma range per discretization, clamped to the denoiser's, VP betas refitted to it.
     Float64 state; returns the scaled output x(t=0) (s(0) = 1), typed like ``noise``.
     """
-    from .schedules import iddpm_sigmas, ve_sigmas, vp_betas_for_range, vp_sigma
+    from .schedules import _check_eps_s, iddpm_sigmas, ve_sigmas, vp_betas_for_range, vp_sigma
 
+    epsilon_s = _check_eps_s(epsilon_s, "epsilon_s")
     defaults = {
         "vp": (float(vp_sigma(epsilon_s)), float(vp_sigma(1.0))),
         "ve": (0.02, 100.0),
@@ -354,6 +355,14 @@ def ablation_sample(
         raise ValueError(f"scaling must be none or vp, got {scaling!r}")
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be euler or heun, got {solver!r}")
+    # the loop divides by 2 alpha and takes sqrt of the churn variance: say so before it does
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    for name, v in (("s_churn", s_churn), ("s_noise", s_noise)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if not s_tmin <= s_tmax:
+        raise ValueError(f"need s_tmin <= s_tmax, got {s_tmin}, {s_tmax}")
     lo = defaults[discretization][0] if sigma_min is None else sigma_min
     hi = defaults[discretization][1] if sigma_max is None else sigma_max
     lo = max(lo, float(getattr(denoiser, "sigma_min", 0.0)))

@@ -224,3 +224,23 @@ def test_ablation_sampler_passes_the_denoiser_a_copy(how):
     assert torch.equal(
         reference.ablation_sample(_Scribbler(how, g), noise, **kw), reference.ablation_sample(g, noise, **kw)
     )
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": math.nan}, "alpha"),
+        ({"s_churn": -1.0}, "s_churn"),
+        ({"s_noise": math.inf}, "s_noise"),
+        ({"s_tmin": 2.0, "s_tmax": 1.0}, "s_tmin"),
+        ({"rho": 0.0}, "rho"),
+        ({"epsilon_s": 0.0, "discretization": "vp"}, "epsilon_s"),
+        ({"C1": 0.0, "discretization": "iddpm"}, "C1"),
+    ],
+)
+def test_ablation_sampler_bad_arguments(kw, name):
+    with pytest.raises(ValueError, match=name):
+        reference.ablation_sample(
+            GaussianDenoiser(), torch.randn(1, 2, dtype=torch.float64), num_steps=4, **kw
+        )
