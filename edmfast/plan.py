@@ -300,7 +300,7 @@ def _sigmas_key(sigmas: Any) -> Any:
     return None
 
 
-_SCALARS = (int, float, str, bool)
+_SCALARS = frozenset((int, float, str, bool))
 
 
 def _settings(denoiser: Any) -> tuple:
@@ -309,7 +309,7 @@ def _settings(denoiser: Any) -> tuple:
     attrs = getattr(denoiser, "__dict__", None)
     if not attrs:
         return ()
-    return tuple((k, v) for k, v in attrs.items() if type(v) in _SCALARS)
+    return tuple([(k, v) for k, v in attrs.items() if v.__class__ in _SCALARS])
 
 
 class PlanCache:

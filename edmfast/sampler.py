@@ -20,8 +20,7 @@ import functools
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +98,7 @@ class _Buffers:
     values: tuple = ()  # (guidance_scale, guidance_rescale) in gs / phi
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Call:
     """One validated call: its plan, inputs and per-call values, and the kernels to run."""
 
@@ -237,7 +236,6 @@ class Sampler:
 
     # ------------------------------------------------------------------ call
 
-    @torch.no_grad()
     def __call__(
         self,
         noise: torch.Tensor,
@@ -250,15 +248,24 @@ class Sampler:
         guidance_scale: Any = None,
         guidance_rescale: Any = None,
     ) -> torch.Tensor:
-        call = self._prepare(noise, sigmas, cond, uncond, generator, seeds, guidance_scale, guidance_rescale)
-        with self._exclusive() as shared:  # the cached buffers and graphs, or this call's own
-            key = self._graph_key(call) if shared else None
-            if key is not None and (self.opts.cuda_graph is True or self._graphs.should_capture(key)):
-                buf = self._replay(key, call)  # static buffers, captured once, refilled, replayed
-            else:
-                buf = self._eager_buffers(call, shared)
-                self._run_eager(call, buf)
-            return self._finish(buf, call)  # the one host sync: the flags, then the result
+        with torch.no_grad():
+            call = self._prepare(
+                noise, sigmas, cond, uncond, generator, seeds, guidance_scale, guidance_rescale
+            )
+            # One call at a time owns the cached buffers and graphs; a call that finds them busy
+            # (another thread, or this one re-entering from its denoiser) runs on its own buffers.
+            shared = self._lock.acquire(blocking=False)
+            try:
+                key = self._graph_key(call) if shared else None
+                if key is not None and (self.opts.cuda_graph is True or self._graphs.should_capture(key)):
+                    buf = self._replay(key, call)  # static buffers, captured once, refilled, replayed
+                else:
+                    buf = self._eager_buffers(call, shared)
+                    self._run_eager(call, buf)
+                return self._finish(buf, call)  # the one host sync: the flags, then the result
+            finally:
+                if shared:
+                    self._lock.release()
 
     def _run_eager(self, call: _Call, buf: _Buffers) -> None:
         self._set_guidance(buf, call)
@@ -361,18 +368,6 @@ class Sampler:
         if shared:
             self._eager = (key, buf)
         return buf
-
-    @contextmanager
-    def _exclusive(self) -> Iterator[bool]:
-        """True: this call owns the cached buffers and graphs; False: another call (another thread,
-        or this thread re-entering from its denoiser) holds them, so use private buffers."""
-        if self._lock.acquire(blocking=False):
-            try:
-                yield True
-            finally:
-                self._lock.release()
-        else:
-            yield False
 
     def _set_guidance(self, buf: _Buffers, call: _Call) -> None:
         if call.use_cfg and buf.values != (call.w, call.phi):
