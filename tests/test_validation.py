@@ -75,6 +75,16 @@ CASES = [
         TypeError,
         "seeds",
     ),
+    # issue 13: silently-lenient input is refused
+    ("seeds-float-list", dict(s_churn=10.0, noise_mode="fused", seeds=[1.0, 2.0]), TypeError, "seeds"),
+    ("seeds-bool-list", dict(s_churn=10.0, noise_mode="fused", seeds=[True, False]), TypeError, "seeds"),
+    ("rescale-bool", dict(guidance_rescale=True), TypeError, "guidance_rescale"),
+    (
+        "cond-nested-tensor",
+        dict(guidance_scale=2.0, cond={"e": {"a": torch.ones(2)}}, uncond={"e": {"a": torch.zeros(2)}}),
+        TypeError,
+        "cond['e']",
+    ),
     ("inf-start-plain-denoiser", dict(sigmas=[math.inf, 1.0, 0.0]), ValueError, "limit_coefficients"),
     ("alpha-with-euler", dict(solver="euler", alpha=0.5), ValueError, "alpha"),
     ("cond-device", dict(cond={"mu": torch.ones(2, 3, 4, 4, device="meta")}), ValueError, "cond['mu']"),
