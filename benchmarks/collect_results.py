@@ -72,7 +72,7 @@ GOALS = {
     "first_compile_s": "< 60",
     "warm_compile_s": "< 10",
 }
-FINAL = ("ok", "failed", "timeout", "skipped", "no-time", "done-in-call-1")
+FINAL = ("ok", "failed", "timeout", "killed", "skipped", "no-time", "done-in-call-1")
 
 
 # ----------------------------------------------------------------------------- small helpers

@@ -76,6 +76,7 @@ fi
 RUN_ID="$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM"
 export EDMFAST_SUITE_RUN=$RUN_ID OUT WORK MODE ROOT PY
 exec > >(tee -a "$OUT/log") 2>&1
+TEE_PID=$!
 
 ALL="probe build tests ops sampler compile sd sanitize accuracy"
 [[ -f benchmarks/bench_overhead.py ]] && ALL="$ALL overhead"
@@ -328,8 +329,14 @@ run_section() {
   echo "=== section $name (limit $limit s, elapsed $SECONDS s)"
   update --section "$name" --status running --limit-s "$limit"
   t0=$SECONDS
-  LIMIT=$limit timeout -s INT -k 5 "$limit" bash -c "sec_$name"
+  # `timeout` runs the section in its own process group and signals all of it at the limit; it
+  # runs in the background so that a signal to the suite reaches it too (on_signal)
+  CURRENT=$name
+  LIMIT=$limit timeout -s INT -k 5 "$limit" bash -c "sec_$name" &
+  SECTION_PID=$!
+  wait "$SECTION_PID"
   rc=$?
+  SECTION_PID=""
   if ((rc == 0)) && [[ -f $WORK/$name.skip ]]; then
     status=skipped
     reason=$(cat "$WORK/$name.skip")
@@ -351,6 +358,16 @@ run_section() {
   update --section "$name" --status "$status" --seconds $((SECONDS - t0)) --exit "$rc" --reason "$reason" "${extra[@]}"
   echo "=== section $name: $status (exit $rc) after $((SECONDS - t0)) s (elapsed $SECONDS s)"
 }
+
+# Stopped from outside (SIGTERM / SIGINT; a SIGKILL cannot be caught and leaves "running"): the
+# running section is stopped with its whole process group and recorded as killed.
+on_signal() {
+  trap - INT TERM
+  [[ -n ${SECTION_PID:-} ]] && kill -TERM "$SECTION_PID" 2>/dev/null
+  [[ -n ${CURRENT:-} ]] && update --section "$CURRENT" --status killed --reason "the suite was stopped by a signal"
+  exit 143
+}
+trap on_signal INT TERM
 
 for name in $SECTIONS; do
   [[ -n ${LIMITS[$name]:-} ]] || { echo "unknown section $name (known: $ALL)" >&2; continue; }
@@ -375,7 +392,11 @@ if [[ $MODE == rehearsal ]]; then
   failed=$("$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); print(" ".join(k for k, v in s["sections"].items() if v["status"] == "failed"))' "$OUT/summary.json")
   if [[ -n $failed ]]; then
     echo "=== rehearsal FAILED: $failed" >&2
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null
     exit 1
   fi
 fi
+exec >&- 2>&- # the log is complete once tee has read everything
+wait "$TEE_PID" 2>/dev/null
 exit 0

@@ -144,6 +144,18 @@ def test_rehearsal_record_is_not_filed_as_gpu_results(tmp_path):
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of the session this test started (sections run in their own process
+    groups under `timeout`, so killing one group would leave them running)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+
+
 @pytest.mark.slow
 def test_rehearsal_killed_midway_leaves_valid_partial_summary(tmp_path):
     """Kill the whole suite (SIGKILL, its process group) while a section runs: the summary on disk is
@@ -176,8 +188,7 @@ def test_rehearsal_killed_midway_leaves_valid_partial_summary(tmp_path):
                     time.sleep(1.0)  # well inside the section
                     break
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_session(proc.pid)  # the suite and every section under it, as a device timeout does
         proc.wait()
     assert state is not None and state["sections"]["sampler"]["status"] == "running", state
     state = json.loads(summary.read_text())
