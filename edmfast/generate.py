@@ -321,7 +321,8 @@ def _output_error(out: Path, e: OSError, doing: str) -> OutputError:
         hint = "make it writable or pick another --outdir"
     else:
         hint = "fix that, then rerun the same command to resume"
-    name = f" {Path(e.filename).name}" if e.filename and Path(e.filename) != out else ""
+    name = Path(e.filename).name if e.filename and Path(e.filename) != out else ""
+    name = "" if _TMP_NAME.fullmatch(name) else f" {name}" if name else ""  # a temporary's name says nothing
     return OutputError(f"--outdir {out}: cannot {doing}{name} ({why}); {hint}")
 
 
@@ -335,11 +336,9 @@ def _on_output(out: Path, doing: str) -> Iterator[None]:
 
 def prepare_outdir(out: Path) -> None:
     """Create ``out`` if needed and check that this process can write into it, before any sampling."""
-    if not str(out):
-        raise ValueError("--outdir is empty; give a folder path")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--outdir {out} exists and is not a folder; pick a folder path")
     with _on_output(out, "create the folder"):
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"--outdir {out} exists and is not a folder; pick a folder path")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except FileExistsError as e:  # a parent is a file
