@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .schedules import _check_eps_s, _check_iddpm, _check_int, _finite, _real, iddpm_u, vp_sigma, vp_sigma_inv
+from .schedules import _check_eps_s, _check_iddpm, _check_int, _finite, _real, iddpm_u, vp_sigma
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -193,8 +193,12 @@ class VPPrecond(Precond):
             )
 
     def coefficients(self, sigma):
-        t = vp_sigma_inv(sigma, self.beta_d, self.beta_min).to(sigma.dtype)
-        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * t
+        # t = `vp_sigma_inv`(sigma) written out to share sigma^2 and skip its overflow branch: past
+        # sigma = 1.3e154 c_noise is inf here, where c_out = -sigma is far beyond float32 anyway
+        s2 = sigma.to(torch.float64) ** 2
+        bd, bm = self.beta_d, self.beta_min
+        t = (((bm**2 + 2 * bd * torch.log1p(s2)).sqrt() - bm) / bd).to(sigma.dtype)
+        return torch.ones_like(sigma), -sigma, 1 / (s2.to(sigma.dtype) + 1).sqrt(), (self.M - 1) * t
 
 
 class VEPrecond(Precond):
