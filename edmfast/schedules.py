@@ -5,6 +5,7 @@ Every sigma schedule is float64, descending, length N + 1 with sigma_N = 0 appen
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -256,7 +257,12 @@ def iddpm_u(M: int = 1000, C1: float = 0.001, C2: float = 0.008) -> torch.Tensor
     ``u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1)/abar(j), C1) - 1)``,
     ``abar(j) = sin^2(pi j / (2 M (C2 + 1)))``.
     """
-    M, C1, C2 = _check_iddpm(M, C1, C2)
+    return _iddpm_levels(*_check_iddpm(M, C1, C2)).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _iddpm_levels(M: int, C1: float, C2: float) -> torch.Tensor:
+    """`iddpm_u` for checked arguments, computed once per (M, C1, C2); callers get a copy."""
     j = torch.arange(M + 1, dtype=torch.float64)
     abar = (torch.sin(0.5 * math.pi * j / M / (C2 + 1)) ** 2).tolist()
     if not abar[1] > 0:
