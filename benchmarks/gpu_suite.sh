@@ -83,7 +83,7 @@ ALL="probe build tests ops sampler compile sd sanitize accuracy"
 SECTIONS=${SUITE_SECTIONS:-$ALL}
 PREV=${SUITE_PREVIOUS:-.suite/previous}
 prev_arg=()
-[[ $MODE == gpu && -f $PREV/summary.json ]] && prev_arg=(--previous "$PREV")
+[[ -f $PREV/summary.json ]] && prev_arg=(--previous "$PREV") # taken only when of the same kind
 update() { "$PY" benchmarks/collect_results.py suite-update --out "$OUT" --elapsed "$SECONDS" "$@"; }
 DONE=" $("$PY" benchmarks/collect_results.py suite-init --out "$OUT" --kind "$MODE" --budget "$BUDGET" \
   --sections "$SECTIONS" --run "$RUN_ID" "${prev_arg[@]}") "
@@ -376,7 +376,9 @@ for name in $SECTIONS; do
 done
 # the background sanitizer build, when the budget ended before its section: stopped, not awaited
 if [[ -f $WORK/sanitize-build.pid && ! -f $WORK/sanitize-build.rc ]]; then
-  kill -- "$(cat "$WORK/sanitize-build.pid")" 2>/dev/null
+  # its process group is the finished build section's: nothing else of the suite is in it
+  pgid=$(ps -o pgid= -p "$(cat "$WORK/sanitize-build.pid")" 2>/dev/null | tr -d ' ')
+  [[ -n $pgid ]] && kill -- "-$pgid" 2>/dev/null
 fi
 update --complete
 echo "=== edmfast GPU suite done in $SECONDS s of $BUDGET s; files in $OUT:"

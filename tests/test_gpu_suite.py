@@ -199,3 +199,34 @@ def test_rehearsal_killed_midway_leaves_valid_partial_summary(tmp_path):
     assert state["sections"]["sampler"]["status"] == "running"
     assert state["sections"]["accuracy"]["status"] == "pending"
     assert set(state["summary"]) == set(collect_results.SUMMARY_KEYS)
+
+
+@pytest.mark.slow
+def test_rehearsal_second_call_skips_what_the_first_finished(tmp_path):
+    """The script's side of the two calls: a section call 1 finished is not run again and its numbers
+    stay in call 2's summary; the probe runs in every call."""
+    env = dict(os.environ, PYTHON=sys.executable, SUITE_WORK=str(tmp_path / "work"))
+    env.pop("TRITON_INTERPRET", None)
+
+    def call(out: str, sections: str, **extra: str) -> dict:
+        subprocess.run(
+            ["bash", str(BENCH / "gpu_suite.sh"), "--rehearse"],
+            env=dict(env, OUT=str(tmp_path / out), SUITE_SECTIONS=sections, **extra),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+            check=True,
+        )
+        return json.loads((tmp_path / out / "summary.json").read_text())
+
+    first = call("call1", "probe ops")
+    assert first["sections"]["ops"]["status"] == "ok"
+    copy = first["summary"]["copy_bandwidth_GBps"]
+    second = call("call2", "probe ops", SUITE_PREVIOUS=str(tmp_path / "call1"))
+    assert second["call"] == 2
+    assert second["sections"]["probe"]["status"] == "ok"  # every call probes its own machine
+    assert second["sections"]["ops"]["status"] == "done-in-call-1"
+    assert not (tmp_path / "call2" / "ops.json").exists()  # not run again
+    assert second["summary"]["copy_bandwidth_GBps"] == copy
+    assert second["summary_source"]["by_key"]["copy_bandwidth_GBps"] == 1
