@@ -547,7 +547,8 @@ def fmt(v: Any) -> str:
 
 
 def markdown(merged: dict[str, Any]) -> str:
-    lines = [f"# edmfast GPU suite — {merged['date']}", ""]
+    kind = "" if merged.get("kind") == "gpu" else f" ({merged.get('kind')}: CPU, tiny sizes; not GPU results)"
+    lines = [f"# edmfast GPU suite — {merged['date']}{kind}", ""]
     for c in merged["calls"]:
         env = c.get("env") or {}
         lines.append(
@@ -600,7 +601,24 @@ def markdown(merged: dict[str, Any]) -> str:
                     f"| {r['op']} | {r['backend']} | {r['numel']} | {r['ms']:.3f} | {r['gbs']:.0f} "
                     f"| {r['frac']:.0%} | {fmt(r.get('bound_frac'))} |"
                 )
+        sampler = c.get("sampler")
+        if sampler and sampler.get("sections"):
+            lines += ["", f"## bench_sampler (call {c['call']})", "", sampler_markdown(sampler)]
     return "\n".join(lines) + "\n"
+
+
+def sampler_markdown(sampler: dict[str, Any]) -> str:
+    """bench_sampler.py's own tables (per batch, per solver) for one call's sections."""
+    sys.path.insert(0, str(HERE))
+    import bench_sampler  # noqa: PLC0415 - imports torch: only when filing results, never per section
+
+    sections = sampler["sections"]
+    record = {**sampler, "summary": bench_sampler.gpu_summary(sections, None), "command": ""}
+    for key in ("machine", "versions", "errors", "skipped"):
+        record[key] = record.get(key) or {}
+    # its header and summary table are the record's own above: the tables after them
+    after = bench_sampler.gpu_markdown(record).partition("## Summary")[2].split("\n## ", 1)
+    return "### " + after[1].replace("\n## ", "\n### ") if len(after) > 1 else ""
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
