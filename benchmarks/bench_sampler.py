@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -853,57 +854,63 @@ def gpu_mode(
             "sections": sections,
         }
 
-    for name in wanted:
-        if save is not None:
-            save(result())
-        left = args.budget_s - (time.monotonic() - start)
-        need, cap = SECTION_TIME[name]
-        if args.tiny:
-            need, cap = 1, 600
-        if left < need:
-            rec.skipped[name] = f"budget: {left:.0f} s left, section needs at least {need} s"
-            continue
-        limit = min(cap, left)
-        if args.in_process:
-            sub = argparse.Namespace(**vars(args))
-            sub.section_budget_s = 0.6 * limit
-            res = SectionResult(None)
-            rec.guard(name, lambda sub=sub, res=res, name=name: SECTIONS[name](sub, device, res))
-            sections[name] = dict(res)
-            continue
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            part = Path(f.name)
-        cmd = [
-            sys.executable,
-            __file__,
-            "--section",
-            name,
-            "--section-out",
-            str(part),
-            "--device",
-            args.device,
-            "--section-budget-s",
-            str(0.6 * limit),
-        ] + args.passthrough
-        print(f"[bench] section {name} (limit {limit:.0f} s): {shlex.join(cmd)}", flush=True)
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, env=env, timeout=limit)
-            rc: int | str = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        try:
-            data = json.loads(part.read_text()) if part.stat().st_size else {}
-        except (OSError, json.JSONDecodeError) as e:
-            data = {"unreadable": str(e)}
-        part.unlink(missing_ok=True)
-        data["exit"] = rc
-        data["seconds"] = round(time.monotonic() - t0, 1)
-        sections[name] = data
-        if "skipped" in data:
-            rec.skipped[name] = data["skipped"]
-        elif rc != 0:
-            rec.errors[name] = f"section exited with {rc} after {data['seconds']} s (partial results kept)"
+    try:
+        for name in wanted:
+            if save is not None:
+                save(result())
+            left = args.budget_s - (time.monotonic() - start)
+            need, cap = SECTION_TIME[name]
+            if args.tiny:
+                need, cap = 1, 600
+            if left < need:
+                rec.skipped[name] = f"budget: {left:.0f} s left, section needs at least {need} s"
+                continue
+            limit = min(cap, left)
+            if args.in_process:
+                sub = argparse.Namespace(**vars(args))
+                sub.section_budget_s = 0.6 * limit
+                res = SectionResult(None)
+                rec.guard(name, lambda sub=sub, res=res, name=name: SECTIONS[name](sub, device, res))
+                sections[name] = dict(res)
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                part = Path(f.name)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--section",
+                name,
+                "--section-out",
+                str(part),
+                "--device",
+                args.device,
+                "--section-budget-s",
+                str(0.6 * limit),
+            ] + args.passthrough
+            print(f"[bench] section {name} (limit {limit:.0f} s): {shlex.join(cmd)}", flush=True)
+            t0 = time.monotonic()
+            try:
+                proc = subprocess.run(cmd, env=env, timeout=limit)
+                rc: int | str = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            try:
+                data = json.loads(part.read_text()) if part.stat().st_size else {}
+            except (OSError, json.JSONDecodeError) as e:
+                data = {"unreadable": str(e)}
+            part.unlink(missing_ok=True)
+            data["exit"] = rc
+            data["seconds"] = round(time.monotonic() - t0, 1)
+            sections[name] = data
+            if "skipped" in data:
+                rec.skipped[name] = data["skipped"]
+            elif rc != 0:
+                rec.errors[name] = (
+                    f"section exited with {rc} after {data['seconds']} s (partial results kept)"
+                )
+    finally:
+        if not args.cache_dir:  # a cache made for this run only: the sections are done with it
+            shutil.rmtree(cache, ignore_errors=True)
     return result()
 
 
