@@ -218,6 +218,8 @@ sec_tests() {
   threads=$((cores / workers))
   ((threads < 1)) && threads=1
   ((workers > 1)) && xd=(-n "$workers")
+  # one hung test must not take the whole section (pytest-timeout is in the image)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && xd+=(--timeout 90)
   export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads TORCHINDUCTOR_COMPILE_THREADS=1
   echo "tests: $workers worker(s) x $threads thread(s)"
   "$PY" -m pytest -q -p no:cacheprovider "${xd[@]}" -m gpu --durations=10 \
