@@ -226,8 +226,9 @@ sec_tests() {
     --junitxml="$OUT/junit.xml" -o junit_family=xunit2 tests
   local rc=$?
   ((rc == 5)) && rc=0 # nothing selected is not a failure in the rehearsal (no gpu tests run on a CPU)
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_cli.py --junitxml="$WORK/junit-cuda-paths.xml" \
-    -o junit_family=xunit2 || rc=1
+  # the CLI and generate pick the CUDA device (and backend) when there is one
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cli.py tests/test_generate.py \
+    --junitxml="$WORK/junit-cuda-paths.xml" -o junit_family=xunit2 || rc=1
   return "$rc"
 }
 
