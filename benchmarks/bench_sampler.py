@@ -453,8 +453,8 @@ class SectionResult(dict):
 
     def put(self, key: str, value: Any) -> None:
         self[key] = value
-        if self.path is not None:
-            self.path.write_text(json.dumps(common._finite_or_none(dict(self)), indent=1))
+        if self.path is not None:  # renamed into place: a kill never leaves half a file
+            common.write_json(self.path, dict(self))
 
 
 def cifar_unet(device: torch.device, tiny: bool) -> torch.nn.Module:
@@ -889,11 +889,14 @@ def gpu_mode(
             ] + args.passthrough
             print(f"[bench] section {name} (limit {limit:.0f} s): {shlex.join(cmd)}", flush=True)
             t0 = time.monotonic()
+            interrupted = False
             try:
                 proc = subprocess.run(cmd, env=env, timeout=limit)
                 rc: int | str = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
+            except KeyboardInterrupt:  # the GPU suite's limit (SIGINT): keep what the section saved
+                rc, interrupted = "interrupted", True
             try:
                 data = json.loads(part.read_text()) if part.stat().st_size else {}
             except (OSError, json.JSONDecodeError) as e:
@@ -908,6 +911,9 @@ def gpu_mode(
                 rec.errors[name] = (
                     f"section exited with {rc} after {data['seconds']} s (partial results kept)"
                 )
+            if interrupted:
+                args.interrupted = True
+                break
     finally:
         if not args.cache_dir:  # a cache made for this run only: the sections are done with it
             shutil.rmtree(cache, ignore_errors=True)
@@ -1144,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     stem = args.stem or f"{common.today()}-{common.machine_tag()}" + ("-quick" if args.quick else "")
     out_dir, md_dir = Path(args.out), Path(args.md_dir) if args.md_dir else None
-    args.earlier_sections = {}
+    args.earlier_sections, args.interrupted = {}, False
     if args.append:  # sections an earlier invocation of this suite run wrote here are kept
         earlier = collect_results.load(out_dir / f"{stem}.json")
         if isinstance(earlier, dict) and earlier.get("suite_run") == common.suite_run() and mode == "gpu":
@@ -1179,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.no_grad():
         result = cpu_mode(args, rec) if mode == "cpu" else gpu_mode(args, rec, save)
-    record = record_of(result, True)
+    record = record_of(result, not args.interrupted)
     md = cpu_markdown(record) if mode == "cpu" else gpu_markdown(record)
     common.write_results(out_dir, stem, record, md, md_dir)
     print(md)
