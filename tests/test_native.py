@@ -208,6 +208,66 @@ def test_results_do_not_depend_on_thread_count():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def _big_pass(seed: int) -> torch.Tensor:
+    """A pass large enough to use the helper threads (B * M >= 2**15), Philox noise included."""
+    x = torch.full((3, 40_000), float(seed))
+    out = torch.empty_like(x)
+    coef = torch.tensor([0.5, 0.0, 0.0, 1.0, 1.0])
+    native.heun_step(x, coef, out=out, seeds=torch.tensor([seed, 1, 2]), step=seed)
+    return out
+
+
+@needs_C
+def test_concurrent_calls_from_python_threads():
+    """The CPU kernels release the GIL and share one helper pool: calls from several threads at
+    once (a caller that finds the pool busy runs alone) give the serial results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = [_big_pass(s) for s in range(8)]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(3):
+                threaded = list(pool.map(_big_pass, range(8)))
+                assert all(torch.equal(a, b) for a, b in zip(serial, threaded, strict=True))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _child_pass(queue, x, out, coef, seeds) -> None:
+    # No torch op here: torch's own OpenMP runtime (libgomp) is not fork-safe once the parent
+    # used it. The launch goes to _C directly with 2 threads, so the helper pool must serve it.
+    args = [x.data_ptr(), 0, 0, 0, 0, seeds.data_ptr(), coef.data_ptr(), out.data_ptr(), 0, 3, 40_000]
+    _C.heun_step_cpu(*args, 0, 0, 0, 1.0, 3, False, 2)
+    queue.put(float(out.numpy().astype("float64").sum()))
+
+
+@needs_C
+def test_kernels_run_in_a_forked_child():
+    """fork() after the helper pool started (a DataLoader worker, say): the child gets a fresh pool
+    instead of waiting forever on threads that do not exist there."""
+    import multiprocessing
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = float(_big_pass(3).double().sum())  # starts the pool in this process
+    finally:
+        torch.set_num_threads(before)
+    x, out = torch.full((3, 40_000), 3.0), torch.empty(3, 40_000)
+    coef, seeds = torch.tensor([0.5, 0.0, 0.0, 1.0, 1.0]), torch.tensor([3, 1, 2])
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_pass, args=(queue, x, out, coef, seeds))
+    child.start()
+    child.join(timeout=30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "the forked child hung or failed"
+    assert queue.get(timeout=5) == want
+
+
 # ----------------------------------------------------------------------------- torch.library integration
 
 

@@ -80,7 +80,8 @@ constexpr int64_t kCfgChunk = 8192;
 inline int64_t cfg_chunks(int64_t numel) { return numel > kCfgChunk ? (numel + kCfgChunk - 1) / kCfgChunk : 1; }
 inline int64_t cfg_workspace_floats(int64_t batch, int64_t numel) { return batch * (4 * cfg_chunks(numel) + 2); }
 
-// CPU (OpenMP when available; num_threads <= 0 means the OpenMP default).
+// CPU, on the calling thread plus up to num_threads - 1 sleeping helper threads (csrc/cpu/parallel.h;
+// num_threads <= 0: one per hardware thread). The Python layer passes torch.get_num_threads().
 int heun_step_cpu(const StepArgs& a, int num_threads);
 int cfg_rescale_factors_cpu(const CfgArgs& a, float* k_out, int num_threads);
 int cfg_rescale_cpu(const CfgArgs& a, void* out, int num_threads);
