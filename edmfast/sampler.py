@@ -636,8 +636,7 @@ def sample(
         raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
     w = options.pop("guidance_scale", 1.0)
     phi = options.pop("guidance_rescale", 0.0)
-    opts = SamplerOptions.create(**options)
-    SamplerOptions.create(guidance_scale=w, guidance_rescale=phi)  # the same errors as the options
+    opts = SamplerOptions.create(**options)  # the guidance values are checked by the call
     if opts.compile:
         s = Sampler(denoiser, **options)
     else:
