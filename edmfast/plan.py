@@ -167,8 +167,7 @@ class Plan:
         key = ("coef", device)
         got = self._dev.get(key)
         if got is None:
-            with torch.inference_mode(False):  # usable inside and outside inference mode
-                t = self.coef.to(device) if device.type != "cpu" else self.coef
+            t = _to_device(self.coef, device)
             got = self._dev[key] = (t, list(t.unbind(0)))
         return got[1]
 
@@ -182,13 +181,24 @@ class Plan:
         got = self._dev.get(key)
         if got is None:
             with torch.inference_mode(False):
-                t = self.sigma_in.reshape(-1, 1).expand(-1, rows).contiguous().to(device)
+                table = self.sigma_in.reshape(-1, 1).expand(-1, rows).contiguous()
+            t = _to_device(table, device)
             got = self._dev[key] = (t, list(t.unbind(0)))
         return got[1]
 
     def sigma_on(self, device: torch.device, rows: int) -> torch.Tensor:
         self.sigma_rows(device, rows)
         return self._dev[("sigma", device, rows)][0]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of host table ``t`` on ``device`` that is never an inference tensor (usable inside and
+    outside inference mode). To CUDA through pinned memory, asynchronously: no host sync (the
+    pinned source lives until the stream has read it: the caching host allocator records it)."""
+    with torch.inference_mode(False):
+        if device.type == "cpu":
+            return t if not t.is_inference() else t.clone()
+        return t.pin_memory().to(device, non_blocking=True)
 
 
 def make_plan(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> Plan:
