@@ -88,7 +88,9 @@ def _cfg_factors_kernel(
     tl.store(sums + P + pid, tl.sum(s_cc, axis=0))
     tl.store(sums + 2 * P + pid, tl.sum(s_g, axis=0))
     tl.store(sums + 3 * P + pid, tl.sum(s_gg, axis=0))
-    # Release the partials, count this program in; the last of the sample's P finalizes it.
+    # Release the partials, count this program in; the last of the sample's P finalizes it. The
+    # barrier orders every thread's stores before the (single-thread) release of the atomic.
+    tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
     if arrived == P - 1:
         i = tl.arange(0, P_BLOCK)
