@@ -304,7 +304,10 @@ class Sampler:
         if opts.noise_mode == "fused" and any(plan.noise_steps):
             if seeds is None:
                 seeds = getattr(generator, "seeds", None)
-                seeds = None if seeds is None else seeds.to(device)  # ours to move: the generator's CPU copy
+                if seeds is not None and device.type == "cuda":  # the generator's CPU copy, ours to move:
+                    seeds = seeds.pin_memory().to(device, non_blocking=True)  # without a host sync
+                elif seeds is not None:
+                    seeds = seeds.to(device)
             if seeds is None:
                 raise ValueError("noise_mode='fused' with s_churn > 0 needs seeds (int64 [B])")
         seeds_t = check_seeds(seeds, batch, device).contiguous() if seeds is not None else None
