@@ -1,8 +1,8 @@
-"""Sampler options: one validation for every entry point, then the float64 step schedule.
+"""Sampler options and call arguments: one validation for every entry point.
 
 `edmfast.sample`, `edmfast.Sampler` and `edmfast.reference.sample` all go through
-`SamplerOptions.create` and `plan_steps`, so a bad argument gets the same clear error everywhere,
-before any kernel runs.
+`SamplerOptions.create`, these checks and `edmfast.plan` (the float64 step schedule), so a bad
+argument gets the same clear error everywhere, before any kernel runs.
 """
 
 from __future__ import annotations
