@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, poisoned, rel_err
+from conftest import TOL, gpu, poisoned, rel_err
 
 from edmfast import ops, reference
 
@@ -208,3 +208,52 @@ def test_raw_entries_trace_under_torch_compile(backend):
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, equal_nan=True, rtol=TOL[torch.float32], atol=0)
     assert results[1][3].tolist() == [ops.BAD_NONE, 3]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_one_graph_serves_any_guidance(backend):
+    """Capture CFG factors (static workspace, one launch) + heun_step with device guidance values
+    and bad recording once; replays with new values in place match the reference each time."""
+    dev = torch.device("cuda")
+    if ops.backend_status(backend, dev) is not None:
+        pytest.skip(ops.backend_status(backend, dev))
+    step, factors = ops.raw_heun_step(backend), ops.raw_cfg_rescale_factors(backend)
+    batch, numel = 3, 3 * 37 * 41 * 8  # several CFG chunks / programs per sample
+    x = torch.randn(batch, numel, device=dev)
+    f = torch.randn(2 * batch, numel, device=dev, dtype=torch.bfloat16)
+    coef = torch.tensor(COEF, device=dev)
+    w, phi = torch.empty(1, device=dev), torch.empty(1, device=dev)
+    k, out = torch.empty(batch, device=dev), torch.empty(batch, numel, device=dev)
+    bad = torch.full((batch,), ops.BAD_NONE, dtype=torch.int32, device=dev)
+    ws = ops.cfg_workspace(f, backend)
+
+    def body():
+        factors(f, w, phi, out=k, workspace=ws)
+        step(x, coef, out=out, f=f, k=k, guidance_scale=w, bad=bad, bad_step=5)
+
+    w.fill_(2.0)
+    phi.fill_(0.5)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()  # warm-up (Triton compiles here, not during capture)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    for wv, pv in [(7.5, 0.7), (1.5, 0.0), (3.0, 1.0)]:
+        w.fill_(wv)
+        phi.fill_(pv)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_k = reference.cfg_rescale_factors(f, wv, pv)
+        ref_x, _ = reference.heun_step(x, coef, f=f, k=ref_k, guidance_scale=wv)
+        assert rel_err(k, ref_k) <= 1e-5
+        assert rel_err(out, ref_x) <= 1e-5
+        assert bad.tolist() == [ops.BAD_NONE] * batch
+    assert ws[-batch:].view(torch.int32).tolist() == [0] * batch  # counters reset by every replay
+    x[1, 7] = float("nan")
+    graph.replay()
+    assert bad.tolist() == [ops.BAD_NONE, 5, ops.BAD_NONE]
