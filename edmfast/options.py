@@ -175,16 +175,6 @@ def resolve_sigmas(denoiser: Any, sigmas: Any, opts: SamplerOptions) -> torch.Te
     return s
 
 
-def __getattr__(name: str) -> Any:
-    # `Step` and `plan_steps` live in edmfast.plan (the one planning module); kept reachable here
-    # for importers of the old location (edmfast.reference imports them lazily from here)
-    if name in ("Step", "plan_steps"):
-        from . import plan
-
-        return getattr(plan, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def merge_cond(cond: dict | None, uncond: dict | None, batch: int) -> dict:
     """Batch cond and uncond keyword arguments into one call of 2B (tensors concatenated on dim 0)."""
     cond, uncond = cond or {}, uncond or {}

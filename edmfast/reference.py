@@ -195,7 +195,9 @@ def _denoise(denoiser, x, sigma: float, cond: dict, merged: dict | None, opts, l
     xb = torch.cat([x, x]) if cfg else x.clone()
     kwargs: dict = merged if merged is not None else cond
     rows = xb.shape[0]
-    if hasattr(denoiser, "coefficients"):
+    from .plan import is_preconditioner  # plan imports this module: a local import
+
+    if is_preconditioner(denoiser):
         if limit:
             c_skip, c_out, c_in, c_noise = denoiser.limit_coefficients()
         else:
@@ -250,9 +252,9 @@ def sample(
         check_noise,
         check_seeds,
         merge_cond,
-        plan_steps,
         resolve_sigmas,
     )
+    from .plan import plan_steps
 
     opts = SamplerOptions.create(**options)
     noise = check_noise(noise)
