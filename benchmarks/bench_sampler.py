@@ -347,7 +347,8 @@ def under_contention(
 def cpu_breakdown(den, noise, sigmas, seeds, num_steps: int, repeats: int) -> dict[str, Any]:
     """Where a CPU run's time goes: each ingredient timed alone at the benchmark shape, times how
     often one run of each method needs it (the engine: 2N fused passes, one per churn step with
-    Philox noise, N finite-check sums; k-diffusion and the official loop: one normal draw per step)."""
+    Philox noise, each recording non-finite rows in ``bad`` as the engine's passes do; k-diffusion and
+    the official loop: one normal draw per step)."""
     from edmfast import ops
 
     shape, batch = tuple(noise.shape), noise.shape[0]
@@ -356,20 +357,19 @@ def cpu_breakdown(den, noise, sigmas, seeds, num_steps: int, repeats: int) -> di
     out, net = torch.empty_like(x), torch.empty_like(x)
     coef = torch.tensor([0.9, 0.1, 0.05, 0.3, 0.7, 0, 0, 0], dtype=torch.float32)
     sig_b = torch.full((batch,), 10.0)
-    sums = torch.empty(batch)
+    bad = torch.full((batch,), 2**31 - 1, dtype=torch.int32)
     parts = {
         "denoiser call": (lambda: den(x, sig_b), 2 * num_steps - 1),
         "edmfast pass, no noise (cpu)": (
-            lambda: ops.heun_step(x, coef, x_prime=xp, f=f, out=out, out_net=net, backend="cpu"),
+            lambda: ops.heun_step(x, coef, x_prime=xp, f=f, out=out, out_net=net, bad=bad, backend="cpu"),
             2 * num_steps - churn_steps,
         ),
         "edmfast pass + Philox noise (cpu)": (
             lambda: ops.heun_step(
-                x, coef, x_prime=xp, f=f, seeds=seeds, step=3, out=out, out_net=net, backend="cpu"
+                x, coef, x_prime=xp, f=f, seeds=seeds, step=3, out=out, out_net=net, bad=bad, backend="cpu"
             ),
             churn_steps,
         ),
-        "edmfast finite-check sum": (lambda: torch.sum(x.reshape(batch, -1), dim=1, out=sums), num_steps),
         "torch.randn float32 (k-diffusion, per step)": (lambda: torch.randn(shape), num_steps),
         "PerSampleGenerator float64 draw (official, per step)": (
             lambda: edmfast.PerSampleGenerator(seeds).randn(shape, dtype=torch.float64),
