@@ -155,6 +155,65 @@ def cfg_rescale(
     return guided_prediction(f, cond.shape[0], guidance_scale, k).reshape(cond.shape)
 
 
+ANC_AX, ANC_AF, ANC_COEF1, ANC_COEF2, ANC_LOG_BETA, ANC_LOG_BETA_TILDE, ANC_S, ANC_C = range(8)
+ANC_VARIANCES = ("fixed", "learned", "learned_range")
+
+
+def ancestral_step(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    variance: str,
+    clip: bool,
+    k: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+) -> torch.Tensor:
+    """One fused ancestral (DDPM / DDIM-eta) pass, in float64; the contract of ``ops.ancestral_step``.
+
+    ``coef = [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c]`` (the ANC_* indices). With n
+    elements per sample, ``f`` is [B or 2B, m] with m = 2n for the learned variances (the first n
+    elements per row are the prediction F, the next n the variance output V of the cond rows) or
+    m = n. ``x0 = ax x + af F`` (clamped to [-1, 1] if ``clip``), ``mean = coef1 x0 + coef2 x``,
+    std = ``s exp(logvar / 2)`` for the learned variances (logvar = V for "learned", the
+    interpolation ``frac log_beta + (1 - frac) log_beta_tilde`` with frac = (V + 1) / 2 for
+    "learned_range") or ``s`` for "fixed"; ``out = mean + std z`` with z from `fused_noise` (none:
+    the noise term is dropped). Returns out, float64, shaped like x (the network input is ``c out``).
+    """
+    if variance not in ANC_VARIANCES:
+        raise ValueError(f"variance must be one of {ANC_VARIANCES}, got {variance!r}")
+    batch = x.shape[0]
+    n = x[0].numel()
+    ax, af, coef1, coef2, log_beta, log_beta_tilde, s, _c = (float(v) for v in coef.double().cpu()[:8])
+    rows = f.reshape(f.shape[0], -1)
+    learned = variance != "fixed"
+    if rows.shape[1] != (2 * n if learned else n):
+        raise ValueError(f"f has {rows.shape[1]} elements per row, expected {2 * n if learned else n}")
+    F = guided_prediction(rows[:, :n], batch, guidance_scale, k)
+    x64 = x.reshape(batch, n).double()
+    x0 = ax * x64 + af * F
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    out = coef1 * x0 + coef2 * x64
+    z = fused_noise(tuple(x.shape), noise, seeds, step) if s != 0 else None
+    if z is not None:  # s = 0 (the last step) adds nothing, even where exp(logvar / 2) overflows
+        if learned:
+            v = rows[:batch, n:].double()
+            if variance == "learned_range":
+                frac = (v + 1) / 2
+                logvar = frac * log_beta + (1 - frac) * log_beta_tilde
+            else:
+                logvar = v
+            std = s * torch.exp(logvar / 2)
+        else:
+            std = torch.full_like(out, s)
+        out = out + std * z
+    return out.reshape(x.shape)
+
+
 # ============================================================================= samplers
 
 
