@@ -6,7 +6,7 @@ kernels of ``edmfast._C``), ``"cuda"`` (CUDA C++ kernels of ``edmfast._C``) and 
 in `edmfast.reference`; every backend writes into caller-provided ``out=`` buffers so the loop
 allocates nothing and can be captured in a CUDA graph.
 
-The public entries (`heun_step`, `churn`, `cfg_rescale_factors`, `cfg_rescale`) are the one
+The public entries (`heun_step`, `churn`, `ancestral_step`, `cfg_rescale_factors`, `cfg_rescale`) are the one
 validation layer: every operand, value and the backend are checked here, before any kernel runs.
 `raw_heun_step` / `raw_cfg_rescale_factors` hand out the same kernels unchecked, for a loop that
 validated its buffers once when it allocated them (a few microseconds per call instead of ~25).
@@ -198,7 +198,8 @@ def _check_overlap(
                 if exact and ((name, other_name) in may_alias or (other_name, name) in may_alias):
                     continue
                 what = "is the same memory as" if exact else "partially overlaps"
-                allowed = " (only out may alias x_hat)" if exact else ""
+                pairs = ", ".join(f"{a} may alias {b}" for a, b in may_alias)
+                allowed = f" (only {pairs})" if exact and pairs else ""
                 raise ValueError(f"{name} {what} {other_name}{allowed}; pass a separate buffer")
 
 
@@ -287,6 +288,102 @@ def check_step_args(
     )
 
 
+ANCESTRAL_VARIANCES = ("fixed", "learned", "learned_range")
+# Entries of an ancestral coefficient row (edmfast.reference's ANC_* constants).
+_ANC_AX, _ANC_AF, _ANC_COEF1, _ANC_COEF2, _ANC_LOG_BETA, _ANC_LOG_BETA_TILDE, _ANC_S, _ANC_C = range(8)
+
+
+def check_ancestral_args(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    variance: str,
+    clip: bool,
+    k: torch.Tensor | None,
+    guidance_scale: float | torch.Tensor,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    step: int,
+    out_net: torch.Tensor | None,
+    bad: torch.Tensor | None,
+    bad_step: int,
+) -> None:
+    """Validate the operands of `ancestral_step`; raise ValueError/TypeError naming the argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
+    if not isinstance(coef, torch.Tensor):
+        raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
+    if not isinstance(variance, str) or variance not in ANCESTRAL_VARIANCES:
+        raise ValueError(f"variance must be one of {ANCESTRAL_VARIANCES}, got {variance!r}")
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip must be a bool, got {clip!r}")
+    device = x.device
+    batch = x.shape[0]
+    numel = x.numel() // batch
+    f32 = (torch.float32,)
+    for name, t, dtypes in (
+        ("x", x, f32), ("f", f, IO_DTYPES), ("coef", coef, f32), ("out", out, f32), ("k", k, f32),
+        ("noise", noise, f32), ("seeds", seeds, (torch.int64,)), ("out_net", out_net, IO_DTYPES),
+        ("bad", bad, (torch.int32,)),
+    ):  # fmt: skip
+        _check_tensor(name, t, device, dtypes, like="x")
+    # One row [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c] of the per-step table.
+    if tuple(coef.shape) != (8,) or not coef.is_contiguous():
+        raise ValueError(
+            "coef must be one contiguous float32 row [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c] "
+            f"(shape (8,)), got shape {tuple(coef.shape)}"
+        )
+    _check_value("guidance_scale", guidance_scale, device, "x")
+    _check_int("step", step, 0, 2**63 - 1)
+    _check_int("bad_step", bad_step, 0, BAD_NONE)
+    m = numel if variance == "fixed" else 2 * numel
+    if f.dim() < 1 or f.shape[0] not in (batch, 2 * batch) or f.numel() != f.shape[0] * m:
+        half = "" if variance == "fixed" else f" (prediction then variance half, variance={variance!r})"
+        raise ValueError(
+            f"f must have B={batch} or 2B rows of {m} elements{half}, got shape {tuple(f.shape)}"
+        )
+    if k is not None:
+        if f.shape[0] != 2 * batch:
+            raise ValueError("k (CFG rescale factors) needs f with 2B rows (cond then uncond)")
+        if tuple(k.shape) != (batch,):
+            raise ValueError(f"k must be float32 [B]=[{batch}], got shape {tuple(k.shape)}")
+    if noise is not None and (noise.shape[0] != batch or noise.numel() != batch * numel):
+        raise ValueError(f"noise must match x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    if noise is not None and seeds is not None:
+        raise ValueError("give noise or seeds, not both")
+    if seeds is not None and tuple(seeds.shape) != (batch,):
+        raise ValueError(f"seeds must be int64 [B]=[{batch}], got shape {tuple(seeds.shape)}")
+    if bad is not None and (tuple(bad.shape) != (batch,) or not bad.is_contiguous()):
+        raise ValueError(f"bad must be a contiguous int32 [B]=[{batch}] tensor, got shape {tuple(bad.shape)}")
+    _check_out("out", out, batch, numel)
+    if out_net is not None:
+        if out_net.dim() < 1 or out_net.shape[0] not in (batch, 2 * batch):
+            raise ValueError(f"out_net must have B={batch} or 2B rows, got shape {tuple(out_net.shape)}")
+        _check_out("out_net", out_net, out_net.shape[0], numel)
+        if f.dtype != out_net.dtype:
+            raise TypeError(f"f and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
+    w = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    _check_overlap(
+        [("out", out), ("out_net", out_net), ("bad", bad)],
+        [
+            ("x", x),
+            ("f", f),
+            ("k", k),
+            ("noise", noise),
+            ("seeds", seeds),
+            ("coef", coef),
+            ("guidance_scale", w),
+        ],  # fmt: skip
+        may_alias=(("out", "x"),),
+    )
+
+
 def _c(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -361,6 +458,72 @@ def _torch_churn(
     _torch_heun_step(
         x, one, out=out, noise=noise, seeds=seeds, step=step, out_net=out_net, bad=bad, bad_step=bad_step
     )
+
+
+def _torch_ancestral_step(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    variance: str = "fixed",
+    clip: bool = False,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+) -> None:
+    """The torch backend of `ancestral_step` (eager float32 ops, no host sync)."""
+    batch = x.shape[0]
+    n = x.numel() // batch
+    c = coef.to(torch.float32)
+    xf = _flat(x)
+    ff = _flat(f)
+    pred = ff[:batch, :n].float()
+    if ff.shape[0] == 2 * batch:
+        uncond = ff[batch:, :n].float()
+        w = guidance_scale.reshape(()) if isinstance(guidance_scale, torch.Tensor) else guidance_scale
+        pred = uncond + w * (pred - uncond)
+        if k is not None:
+            pred = k.reshape(-1, 1) * pred
+    x0 = c[_ANC_AX] * xf + c[_ANC_AF] * pred
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)  # propagates NaN, as the kernels' compare-and-select does
+    x_new = c[_ANC_COEF1] * x0 + c[_ANC_COEF2] * xf
+    z = None
+    if noise is not None:
+        z = _flat(noise)
+    elif seeds is not None:
+        from .philox import philox_normal
+
+        z = philox_normal(seeds, step, n, torch.float32).to(x.device)
+    if z is not None:
+        s = c[_ANC_S]
+        if variance == "fixed":
+            std = s
+        else:
+            v = ff[:batch, n:].float()
+            if variance == "learned_range":
+                frac = (v + 1.0) * 0.5
+                logvar = frac * c[_ANC_LOG_BETA] + (1.0 - frac) * c[_ANC_LOG_BETA_TILDE]
+            else:
+                logvar = v
+            # s = 0 (the last step) means no noise, even where exp overflows (0 * inf would be NaN).
+            std = torch.where(s != 0, s * torch.exp(0.5 * logvar), 0.0)
+        x_new = x_new + std * z
+    _flat(out).copy_(x_new)
+    if out_net is not None:
+        net = (c[_ANC_C] * x_new).to(out_net.dtype)
+        rows = _flat(out_net)
+        for j in range(out_net.shape[0] // batch):
+            rows[j * batch : (j + 1) * batch].copy_(net)
+    if bad is not None:
+        nonfinite = ~torch.isfinite(x_new).all(dim=1)
+        torch.where(nonfinite, bad.clamp(max=bad_step), bad, out=bad)
 
 
 def _torch_cfg_rescale_factors(
@@ -454,6 +617,16 @@ def raw_cfg_rescale_factors(backend: str) -> Callable[..., None]:
     return _entry(backend, "cfg_rescale_factors")
 
 
+def raw_ancestral_step(backend: str) -> Callable[..., None]:
+    """`ancestral_step`'s kernel for ``backend``, unchecked (see `raw_heun_step`).
+
+    Signature ``(x, f, coef, *, out, variance, clip, k, guidance_scale, noise, seeds, step,
+    out_net, bad, bad_step)``: the public keywords minus ``backend``.
+    """
+    _require(backend)
+    return _entry(backend, "ancestral_step")
+
+
 def _impl(backend: str) -> ModuleType:
     return _native() if backend in ("cpu", "cuda") else _triton()
 
@@ -462,6 +635,7 @@ _TORCH_ENTRIES: dict[str, Callable[..., None]] = {
     "heun_step": _torch_heun_step,
     "churn": _torch_churn,
     "cfg_rescale_factors": _torch_cfg_rescale_factors,
+    "ancestral_step": _torch_ancestral_step,
 }
 
 
@@ -536,6 +710,49 @@ def churn(
         return out
     _entry(backend, "churn")(
         x.contiguous(), coef, out=out, noise=_c(noise), seeds=_c(seeds), step=int(step), out_net=out_net,
+        bad=bad, bad_step=int(bad_step),
+    )  # fmt: skip
+    return out
+
+
+def ancestral_step(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    variance: str = "fixed",
+    clip: bool = False,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """One fused ancestral (DDPM / DDIM-eta) step: ``out = coef1 x0 + coef2 x + std z``, ``out_net = c out``.
+
+    x: float32 [B, ...] (n elements per sample); f: [B or 2B, m] model output in float32 / float16 /
+    bfloat16, m = n for ``variance="fixed"``, 2n (prediction half, then variance half) for
+    ``"learned"`` / ``"learned_range"``; 2B rows is classifier-free guidance (cond rows first; the
+    variance half is read from the cond rows), k: float32 [B] CFG-rescale factors. coef: the
+    float32 row [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c] on x's device (read at run
+    time). Noise z from ``noise`` (float32 like x), the Philox stream of (``seeds`` [B], ``step``),
+    or none. ``bad`` as in `heun_step`; ``out`` may alias ``x``. See `edmfast.reference.ancestral_step`.
+    """
+    check_ancestral_args(
+        x, f, coef, out=out, variance=variance, clip=clip, k=k, guidance_scale=guidance_scale, noise=noise,
+        seeds=seeds, step=step, out_net=out_net, bad=bad, bad_step=bad_step,
+    )  # fmt: skip
+    backend = resolve_backend(backend, x.device)
+    if x.numel() == 0:
+        return out
+    _entry(backend, "ancestral_step")(
+        x.contiguous(), f.contiguous(), coef, out=out, variance=variance, clip=clip, k=_c(k),
+        guidance_scale=guidance_scale, noise=_c(noise), seeds=_c(seeds), step=int(step), out_net=out_net,
         bad=bad, bad_step=int(bad_step),
     )  # fmt: skip
     return out

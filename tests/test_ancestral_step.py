@@ -1,0 +1,296 @@
+"""ancestral_step (the fused DDPM / DDIM-eta pass) on every backend against a float64 reference.
+
+Per element: F (guided on 2B rows, times k), x0 = ax x + af F (clipped to [-1, 1] when asked),
+mean = coef1 x0 + coef2 x, std = s (fixed) or s exp(logvar / 2) from the variance half of the cond
+rows, out = mean + std z, out_net = c out on every R*B row, bad = min(bad, bad_step) on non-finite
+rows. Variances x clip x CFG x noise x dtypes x odd shapes; outputs are NaN-poisoned.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import poisoned
+
+from edmfast import ops
+from edmfast.philox import philox_normal
+
+VARIANCES = ["fixed", "learned", "learned_range"]
+NOISES = ["none", "tensor", "seeds"]
+CFGS = ["none", "cfg", "cfg_k"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (2, 7), (1, 3, 37, 41), (3, 5), (2, 1, 9, 11), (1, 1030)]
+NET_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture
+def backend_device(backend_device):
+    """conftest's (backend, device) pairs, skipping a backend whose kernel has not landed yet."""
+    backend, _ = backend_device
+    if backend != "torch" and not hasattr(ops._impl(backend), "ancestral_step"):
+        pytest.skip(f"no ancestral_step kernel on backend {backend!r} yet")
+    return backend_device
+
+
+def reference_ancestral_step(
+    x, f, coef, *, variance, clip, k=None, guidance_scale=1.0, noise=None, seeds=None, step=0
+) -> torch.Tensor:
+    """The INTERFACE14 formula in float64 (what `reference.ancestral_step` computes)."""
+    ax, af, coef1, coef2, log_beta, log_beta_tilde, s, _ = coef.double().cpu().tolist()
+    batch = x.shape[0]
+    n = x.numel() // batch
+    xf = x.reshape(batch, -1).double().cpu()
+    ff = f.reshape(f.shape[0], -1).double().cpu()
+    pred = ff[:batch, :n]
+    if ff.shape[0] == 2 * batch:
+        w = float(guidance_scale)
+        uncond = ff[batch:, :n]
+        pred = uncond + w * (pred - uncond)
+        if k is not None:
+            pred = k.double().cpu().reshape(-1, 1) * pred
+    x0 = ax * xf + af * pred
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    out = coef1 * x0 + coef2 * xf
+    z = None
+    if noise is not None:
+        z = noise.reshape(batch, -1).double().cpu()
+    elif seeds is not None:
+        z = philox_normal(seeds.cpu(), step, n, torch.float64)
+    if z is not None and s != 0:
+        if variance == "fixed":
+            std = torch.full_like(out, s)
+        else:
+            v = ff[:batch, n:]
+            if variance == "learned_range":
+                frac = (v + 1) / 2
+                logvar = frac * log_beta + (1 - frac) * log_beta_tilde
+            else:
+                logvar = v
+            std = s * torch.exp(logvar / 2)
+        out = out + std * z
+    return out.reshape(x.shape)
+
+
+def make_coef(device, *, s: float | None = None) -> torch.Tensor:
+    """A plausible row: ax in [1, 3], af in [-3, 0], coef1 / coef2 in [0, 1], log betas in [-8, -2]."""
+    r = torch.rand(8, dtype=torch.float64)
+    row = [1 + 2 * r[0], -3 * r[1], r[2], r[3], -8 + 6 * r[4], -8 + 6 * r[5], 0.5 + r[6], 0.5 + r[7]]
+    if s is not None:
+        row[6] = s
+    return torch.tensor([float(v) for v in row], dtype=torch.float32, device=device)
+
+
+def make_inputs(shape, variance, cfg, dtype, device):
+    batch = shape[0]
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    x = torch.randn(shape, device=device)
+    rows = 2 * batch if cfg != "none" else batch
+    pred = 2 * torch.randn(rows, n, device=device)
+    if variance == "learned_range":
+        var = 2 * torch.rand(rows, n, device=device) - 1
+    elif variance == "learned":
+        var = torch.empty(rows, n, device=device).uniform_(-8, -2)
+    else:
+        var = None
+    f = pred if var is None else torch.cat([pred, var], dim=1)
+    f = f.to(dtype)
+    k = torch.rand(batch, device=device) + 0.5 if cfg == "cfg_k" else None
+    return x, f, k
+
+
+CASES = [
+    (variance, noise, clip, CFGS[i % 3], DTYPES[(i // 3) % 3], SHAPES[i % len(SHAPES)])
+    for i, (variance, noise, clip) in enumerate(itertools.product(VARIANCES, NOISES, [False, True]))
+]
+
+
+@pytest.mark.parametrize("variance, noise_mode, clip, cfg, dtype, shape", CASES)
+def test_matches_reference(backend_device, variance, noise_mode, clip, cfg, dtype, shape) -> None:
+    backend, device = backend_device
+    x, f, k = make_inputs(shape, variance, cfg, dtype, device)
+    coef = make_coef(device)
+    batch = shape[0]
+    noise = torch.randn(shape, device=device) if noise_mode == "tensor" else None
+    seeds = torch.randint(0, 2**62, (batch,), device=device) if noise_mode == "seeds" else None
+    w = 3.5 if cfg != "none" else 1.0
+    net_rows = 2 if cfg != "none" else 1
+    out = poisoned(shape, torch.float32, device)
+    out_net = poisoned((net_rows * batch, *shape[1:]), dtype, device)
+    bad = torch.full((batch,), ops.BAD_NONE, dtype=torch.int32, device=device)
+    returned = ops.ancestral_step(
+        x, f, coef, out=out, variance=variance, clip=clip, k=k, guidance_scale=w, noise=noise, seeds=seeds,
+        step=7, out_net=out_net, bad=bad, bad_step=3, backend=backend,
+    )  # fmt: skip
+    assert returned is out
+    ref = reference_ancestral_step(
+        x, f, coef, variance=variance, clip=clip, k=k, guidance_scale=w, noise=noise, seeds=seeds, step=7
+    )
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-5, atol=5e-5)
+    net_ref = (float(coef[7]) * ref).repeat(net_rows, *([1] * (len(shape) - 1)))
+    tol = NET_TOL[dtype]
+    torch.testing.assert_close(out_net.double().cpu(), net_ref, rtol=tol, atol=tol)
+    assert (bad == ops.BAD_NONE).all()
+
+
+@pytest.mark.parametrize("variance", VARIANCES)
+def test_alias_and_tensor_guidance(backend_device, variance) -> None:
+    backend, device = backend_device
+    shape = (2, 3, 5, 7)
+    x, f, k = make_inputs(shape, variance, "cfg_k", torch.float32, device)
+    coef = make_coef(device)
+    noise = torch.randn(shape, device=device)
+    w = torch.tensor([2.25], device=device)
+    ref = reference_ancestral_step(
+        x, f, coef, variance=variance, clip=True, k=k, guidance_scale=2.25, noise=noise
+    )  # fmt: skip
+    ops.ancestral_step(
+        x, f, coef, out=x, variance=variance, clip=True, k=k, guidance_scale=w, noise=noise, backend=backend
+    )
+    torch.testing.assert_close(x.double().cpu(), ref, rtol=2e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("variance", VARIANCES)
+def test_last_step_has_no_noise(backend_device, variance) -> None:
+    """s = 0 adds nothing, even where exp(logvar / 2) overflows float32 (0 * inf must not be NaN)."""
+    backend, device = backend_device
+    shape = (2, 13)
+    x, f, _ = make_inputs(shape, variance, "none", torch.float32, device)
+    if variance != "fixed":
+        f[:, 13:] = 300.0  # learned: exp(150) = inf; learned_range: frac = 150.5
+    coef = make_coef(device, s=0.0)
+    seeds = torch.tensor([1, 2], device=device)
+    out = poisoned(shape, torch.float32, device)
+    ops.ancestral_step(x, f, coef, out=out, variance=variance, seeds=seeds, step=4, backend=backend)
+    ref = reference_ancestral_step(x, f, coef, variance=variance, clip=False)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-5, atol=5e-5)
+
+
+def test_philox_matches_noise_tensor(backend_device) -> None:
+    """In-kernel Philox noise is the fused stream: the same as passing philox_normal as noise."""
+    backend, device = backend_device
+    shape = (3, 2, 11)
+    x, f, _ = make_inputs(shape, "learned_range", "none", torch.float32, device)
+    coef = make_coef(device)
+    seeds = torch.tensor([5, 2**40 + 3, 0], device=device)
+    out_seeds = poisoned(shape, torch.float32, device)
+    out_noise = poisoned(shape, torch.float32, device)
+    noise = philox_normal(seeds.cpu(), 9, 22, torch.float32).reshape(shape).to(device)
+    ops.ancestral_step(
+        x, f, coef, out=out_seeds, variance="learned_range", seeds=seeds, step=9, backend=backend
+    )  # fmt: skip
+    ops.ancestral_step(x, f, coef, out=out_noise, variance="learned_range", noise=noise, backend=backend)
+    torch.testing.assert_close(out_seeds, out_noise, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_rows_recorded(backend_device) -> None:
+    backend, device = backend_device
+    shape = (3, 37)
+    x, f, _ = make_inputs(shape, "learned", "cfg", torch.float16, device)
+    x[1, 17] = float("nan")
+    coef = make_coef(device)
+    out = poisoned(shape, torch.float32, device)
+    bad = torch.tensor([ops.BAD_NONE, ops.BAD_NONE, 2], dtype=torch.int32, device=device)
+    ops.ancestral_step(
+        x, f, coef, out=out, variance="learned", guidance_scale=4.0, noise=torch.randn(shape, device=device),
+        bad=bad, bad_step=5, backend=backend,
+    )  # fmt: skip
+    assert bad.tolist() == [ops.BAD_NONE, 5, 2]
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+
+
+def test_raw_entry_matches_public(backend_device) -> None:
+    backend, device = backend_device
+    shape = (2, 3, 7)
+    x, f, k = make_inputs(shape, "learned_range", "cfg_k", torch.bfloat16, device)
+    coef = make_coef(device)
+    seeds = torch.tensor([11, 12], device=device)
+    out_a = poisoned(shape, torch.float32, device)
+    out_b = poisoned(shape, torch.float32, device)
+    net_a = poisoned((4, 3, 7), torch.bfloat16, device)
+    net_b = poisoned((4, 3, 7), torch.bfloat16, device)
+    kw = dict(variance="learned_range", clip=True, k=k, guidance_scale=1.5, seeds=seeds, step=2)
+    ops.ancestral_step(x, f, coef, out=out_a, out_net=net_a, backend=backend, **kw)
+    raw = ops.raw_ancestral_step(backend)
+    raw(x, f, coef, out=out_b, noise=None, out_net=net_b, bad=None, bad_step=0, **kw)
+    assert torch.equal(out_a, out_b) and torch.equal(net_a, net_b)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _args(**over):
+    x = torch.randn(2, 3, 4)
+    kw = dict(
+        x=x, f=torch.randn(2, 6, 4), coef=make_coef("cpu"), out=torch.empty(2, 3, 4), variance="learned_range"
+    )
+    kw.update(over)
+    return kw
+
+
+def _call(**over):
+    kw = _args(**over)
+    x, f, coef = kw.pop("x"), kw.pop("f"), kw.pop("coef")
+    return ops.ancestral_step(x, f, coef, **kw)
+
+
+@pytest.mark.parametrize(
+    "over, error, match",
+    [
+        (dict(variance="small"), ValueError, "variance must be one of"),
+        (dict(clip=1), TypeError, "clip must be a bool"),
+        (dict(f=torch.randn(2, 3, 4)), ValueError, "f must have B=2 or 2B rows of 24 elements"),
+        (dict(f=torch.randn(2, 6, 4), variance="fixed"), ValueError, "f must have B=2 or 2B rows of 12"),
+        (dict(f=torch.randn(3, 6, 4)), ValueError, "f must have B=2 or 2B rows"),
+        (dict(f=torch.randn(2, 6, 4, dtype=torch.float64)), TypeError, "f must have dtype"),
+        (dict(x=torch.randn(2, 3, 4, dtype=torch.float16)), TypeError, "x must have dtype"),
+        (dict(coef=torch.zeros(1, 8)), ValueError, "coef must be one contiguous float32 row"),
+        (dict(coef=torch.zeros(5)), ValueError, "coef must be one contiguous float32 row"),
+        (dict(coef=torch.zeros(8, dtype=torch.float64)), TypeError, "coef must have dtype"),
+        (dict(k=torch.ones(2)), ValueError, "k .CFG rescale factors. needs f with 2B rows"),
+        (dict(f=torch.randn(4, 6, 4), k=torch.ones(3)), ValueError, "k must be float32"),
+        (dict(noise=torch.randn(2, 13)), ValueError, "noise must match x's shape"),
+        (
+            dict(noise=torch.randn(2, 3, 4), seeds=torch.zeros(2, dtype=torch.int64)),
+            ValueError,
+            "give noise or seeds",
+        ),
+        (dict(seeds=torch.zeros(3, dtype=torch.int64)), ValueError, "seeds must be int64"),
+        (dict(seeds=torch.zeros(2, dtype=torch.int32)), TypeError, "seeds must have dtype"),
+        (dict(out=torch.empty(2, 3, 5)), ValueError, "out must have 2 rows of 12"),
+        (dict(out=torch.empty(2, 4, 3).transpose(1, 2)), ValueError, "out must be contiguous"),
+        (dict(out_net=torch.empty(3, 3, 4)), ValueError, "out_net must have B=2 or 2B rows"),
+        (dict(out_net=torch.empty(2, 3, 4, dtype=torch.float16)), TypeError, "f and out_net must share"),
+        (dict(bad=torch.zeros(2, dtype=torch.int64)), TypeError, "bad must have dtype"),
+        (dict(bad=torch.zeros(3, dtype=torch.int32)), ValueError, "bad must be a contiguous int32"),
+        (dict(bad_step=-1), ValueError, "bad_step must be in"),
+        (dict(step=-2), ValueError, "step must be in"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be finite"),
+        (dict(guidance_scale=torch.ones(2)), TypeError, "guidance_scale as a tensor"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(f=None), TypeError, "f must be a torch.Tensor"),
+    ],
+)
+def test_validation(over, error, match) -> None:
+    with pytest.raises(error, match=match):
+        _call(**over)
+
+
+def test_overlap_rejected() -> None:
+    base = torch.randn(2 * 12 + 1)
+    x = base[:24].view(2, 3, 4)
+    with pytest.raises(ValueError, match="out partially overlaps x"):
+        _call(x=x, out=base[1:].view(2, 3, 4))
+    f = torch.randn(2, 6, 4)
+    with pytest.raises(ValueError, match="out_net partially overlaps f"):
+        _call(f=f, out_net=f.view(4, 3, 4)[:2])
+    with pytest.raises(ValueError, match=r"out is the same memory as noise \(only out may alias x\)"):
+        noise = torch.randn(2, 3, 4)
+        _call(noise=noise, out=noise)
+    out = torch.empty(2, 3, 4)
+    _call(x=out, out=out)  # out may be x exactly
