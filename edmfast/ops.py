@@ -23,7 +23,22 @@ from types import ModuleType
 
 import torch
 
-from .reference import COEF_C, COEF_P, COEF_Q, COEF_R, COEF_STD
+from .reference import (
+    ANC_AF,
+    ANC_AX,
+    ANC_C,
+    ANC_COEF1,
+    ANC_COEF2,
+    ANC_LOG_BETA,
+    ANC_LOG_BETA_TILDE,
+    ANC_S,
+    ANC_VARIANCES,
+    COEF_C,
+    COEF_P,
+    COEF_Q,
+    COEF_R,
+    COEF_STD,
+)
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -288,11 +303,6 @@ def check_step_args(
     )
 
 
-ANCESTRAL_VARIANCES = ("fixed", "learned", "learned_range")
-# Entries of an ancestral coefficient row (edmfast.reference's ANC_* constants).
-_ANC_AX, _ANC_AF, _ANC_COEF1, _ANC_COEF2, _ANC_LOG_BETA, _ANC_LOG_BETA_TILDE, _ANC_S, _ANC_C = range(8)
-
-
 def check_ancestral_args(
     x: torch.Tensor,
     f: torch.Tensor,
@@ -319,8 +329,8 @@ def check_ancestral_args(
         raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
     if not isinstance(coef, torch.Tensor):
         raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
-    if not isinstance(variance, str) or variance not in ANCESTRAL_VARIANCES:
-        raise ValueError(f"variance must be one of {ANCESTRAL_VARIANCES}, got {variance!r}")
+    if not isinstance(variance, str) or variance not in ANC_VARIANCES:
+        raise ValueError(f"variance must be one of {ANC_VARIANCES}, got {variance!r}")
     if not isinstance(clip, bool):
         raise TypeError(f"clip must be a bool, got {clip!r}")
     device = x.device
@@ -490,10 +500,10 @@ def _torch_ancestral_step(
         pred = uncond + w * (pred - uncond)
         if k is not None:
             pred = k.reshape(-1, 1) * pred
-    x0 = c[_ANC_AX] * xf + c[_ANC_AF] * pred
+    x0 = c[ANC_AX] * xf + c[ANC_AF] * pred
     if clip:
         x0 = x0.clamp(-1.0, 1.0)  # propagates NaN, as the kernels' compare-and-select does
-    x_new = c[_ANC_COEF1] * x0 + c[_ANC_COEF2] * xf
+    x_new = c[ANC_COEF1] * x0 + c[ANC_COEF2] * xf
     z = None
     if noise is not None:
         z = _flat(noise)
@@ -502,22 +512,22 @@ def _torch_ancestral_step(
 
         z = philox_normal(seeds, step, n, torch.float32).to(x.device)
     if z is not None:
-        s = c[_ANC_S]
+        s = c[ANC_S]
         if variance == "fixed":
             std = s
         else:
             v = ff[:batch, n:].float()
             if variance == "learned_range":
                 frac = (v + 1.0) * 0.5
-                logvar = frac * c[_ANC_LOG_BETA] + (1.0 - frac) * c[_ANC_LOG_BETA_TILDE]
+                logvar = frac * c[ANC_LOG_BETA] + (1.0 - frac) * c[ANC_LOG_BETA_TILDE]
             else:
                 logvar = v
-            # s = 0 (the last step) means no noise, even where exp overflows (0 * inf would be NaN).
-            std = torch.where(s != 0, s * torch.exp(0.5 * logvar), 0.0)
-        x_new = x_new + std * z
+            std = s * torch.exp(0.5 * logvar)
+        # s = 0 (the last step) adds nothing, even where exp overflows (0 * inf would be NaN).
+        x_new = x_new + torch.where(s != 0, std * z, 0.0)
     _flat(out).copy_(x_new)
     if out_net is not None:
-        net = (c[_ANC_C] * x_new).to(out_net.dtype)
+        net = (c[ANC_C] * x_new).to(out_net.dtype)
         rows = _flat(out_net)
         for j in range(out_net.shape[0] // batch):
             rows[j * batch : (j + 1) * batch].copy_(net)

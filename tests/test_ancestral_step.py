@@ -1,4 +1,4 @@
-"""ancestral_step (the fused DDPM / DDIM-eta pass) on every backend against a float64 reference.
+"""ancestral_step (the fused DDPM / DDIM-eta pass) on every backend against `reference.ancestral_step`.
 
 Per element: F (guided on 2B rows, times k), x0 = ax x + af F (clipped to [-1, 1] when asked),
 mean = coef1 x0 + coef2 x, std = s (fixed) or s exp(logvar / 2) from the variance half of the cond
@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import poisoned
 
-from edmfast import ops
+from edmfast import ops, reference
 from edmfast.philox import philox_normal
 
 VARIANCES = ["fixed", "learned", "learned_range"]
@@ -32,46 +32,6 @@ def backend_device(backend_device):
     if backend != "torch" and not hasattr(ops._impl(backend), "ancestral_step"):
         pytest.skip(f"no ancestral_step kernel on backend {backend!r} yet")
     return backend_device
-
-
-def reference_ancestral_step(
-    x, f, coef, *, variance, clip, k=None, guidance_scale=1.0, noise=None, seeds=None, step=0
-) -> torch.Tensor:
-    """The INTERFACE14 formula in float64 (what `reference.ancestral_step` computes)."""
-    ax, af, coef1, coef2, log_beta, log_beta_tilde, s, _ = coef.double().cpu().tolist()
-    batch = x.shape[0]
-    n = x.numel() // batch
-    xf = x.reshape(batch, -1).double().cpu()
-    ff = f.reshape(f.shape[0], -1).double().cpu()
-    pred = ff[:batch, :n]
-    if ff.shape[0] == 2 * batch:
-        w = float(guidance_scale)
-        uncond = ff[batch:, :n]
-        pred = uncond + w * (pred - uncond)
-        if k is not None:
-            pred = k.double().cpu().reshape(-1, 1) * pred
-    x0 = ax * xf + af * pred
-    if clip:
-        x0 = x0.clamp(-1.0, 1.0)
-    out = coef1 * x0 + coef2 * xf
-    z = None
-    if noise is not None:
-        z = noise.reshape(batch, -1).double().cpu()
-    elif seeds is not None:
-        z = philox_normal(seeds.cpu(), step, n, torch.float64)
-    if z is not None and s != 0:
-        if variance == "fixed":
-            std = torch.full_like(out, s)
-        else:
-            v = ff[:batch, n:]
-            if variance == "learned_range":
-                frac = (v + 1) / 2
-                logvar = frac * log_beta + (1 - frac) * log_beta_tilde
-            else:
-                logvar = v
-            std = s * torch.exp(logvar / 2)
-        out = out + std * z
-    return out.reshape(x.shape)
 
 
 def make_coef(device, *, s: float | None = None) -> torch.Tensor:
@@ -127,7 +87,7 @@ def test_matches_reference(backend_device, variance, noise_mode, clip, cfg, dtyp
         step=7, out_net=out_net, bad=bad, bad_step=3, backend=backend,
     )  # fmt: skip
     assert returned is out
-    ref = reference_ancestral_step(
+    ref = reference.ancestral_step(
         x, f, coef, variance=variance, clip=clip, k=k, guidance_scale=w, noise=noise, seeds=seeds, step=7
     )
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-5, atol=5e-5)
@@ -145,7 +105,7 @@ def test_alias_and_tensor_guidance(backend_device, variance) -> None:
     coef = make_coef(device)
     noise = torch.randn(shape, device=device)
     w = torch.tensor([2.25], device=device)
-    ref = reference_ancestral_step(
+    ref = reference.ancestral_step(
         x, f, coef, variance=variance, clip=True, k=k, guidance_scale=2.25, noise=noise
     )  # fmt: skip
     ops.ancestral_step(
@@ -166,7 +126,7 @@ def test_last_step_has_no_noise(backend_device, variance) -> None:
     seeds = torch.tensor([1, 2], device=device)
     out = poisoned(shape, torch.float32, device)
     ops.ancestral_step(x, f, coef, out=out, variance=variance, seeds=seeds, step=4, backend=backend)
-    ref = reference_ancestral_step(x, f, coef, variance=variance, clip=False)
+    ref = reference.ancestral_step(x, f, coef, variance=variance, clip=False)
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-5, atol=5e-5)
 
 
