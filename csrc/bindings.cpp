@@ -24,6 +24,12 @@ using namespace pybind11::literals;
 #define STEP_ARGS                                                                                               \
   "x_hat"_a, "x_prime"_a, "f"_a, "k"_a, "noise"_a, "seeds"_a, "coef"_a, "out"_a, "out_net"_a, "batch"_a, "numel"_a, \
       "f_rows"_a, "net_rows"_a, "dtype"_a, "guidance_scale"_a, "step"_a, "churn"_a
+// The ancestral pass's leading arguments (shared by both devices).
+#define ANCESTRAL_ARGS                                                                                             \
+  "x"_a, "f"_a, "k"_a, "noise"_a, "seeds"_a, "coef"_a, "out"_a, "out_net"_a, "batch"_a, "numel"_a, "f_rows"_a, \
+      "net_rows"_a, "dtype"_a, "variance"_a, "clip"_a, "guidance_scale"_a, "guidance"_a, "step"_a, "bad"_a,        \
+      "bad_step"_a
+using edmfast::AncestralArgs;
 using edmfast::CfgArgs;
 using edmfast::DType;
 using edmfast::StepArgs;
@@ -73,6 +79,34 @@ StepArgs step_args(uintptr_t x_hat, uintptr_t x_prime, uintptr_t f, uintptr_t k,
   a.guidance = ptr<const float>(guidance);
   a.bad = ptr<int32_t>(bad);
   a.bad_step = static_cast<int32_t>(bad_step);  // the Python layer checks the int32 range
+  return a;
+}
+
+AncestralArgs ancestral_args(uintptr_t x, uintptr_t f, uintptr_t k, uintptr_t noise, uintptr_t seeds, uintptr_t coef,
+                             uintptr_t out, uintptr_t out_net, int64_t batch, int64_t numel, int64_t f_rows,
+                             int64_t net_rows, int dtype, int variance, bool clip, double guidance_scale,
+                             uintptr_t guidance, int64_t step, uintptr_t bad, int64_t bad_step) {
+  AncestralArgs a;
+  a.x = ptr<const float>(x);
+  a.f = ptr<const void>(f);
+  a.k = ptr<const float>(k);
+  a.noise = ptr<const float>(noise);
+  a.seeds = ptr<const int64_t>(seeds);
+  a.coef = ptr<const float>(coef);
+  a.out = ptr<float>(out);
+  a.out_net = ptr<void>(out_net);
+  a.batch = batch;
+  a.numel = numel;
+  a.f_rows = f_rows;
+  a.net_rows = net_rows;
+  a.dtype = static_cast<DType>(dtype);
+  a.variance = variance;
+  a.clip = clip;
+  a.guidance_scale = static_cast<float>(guidance_scale);
+  a.guidance = ptr<const float>(guidance);
+  a.step = static_cast<uint32_t>(static_cast<uint64_t>(step) & 0xFFFFFFFFu);  // philox.py: step & 0xFFFFFFFF
+  a.bad = ptr<int32_t>(bad);
+  a.bad_step = static_cast<int32_t>(bad_step);
   return a;
 }
 
@@ -169,6 +203,40 @@ PYBIND11_MODULE(_C, m) {
         raise_on_error(edmfast::heun_step_cuda(a, device, ptr<void>(stream)), "heun_step");
       },
       step_doc, STEP_ARGS, "device"_a, "stream"_a, "guidance"_a = 0, "bad"_a = 0, "bad_step"_a = 0);
+#endif
+
+  // ---- fused ancestral pass (DDPM / iDDPM learned variance / DDIM eta).
+  const char* anc_doc = "out = coef1 x0 + coef2 x + std z; out_net = c out (see edmfast/reference.py ancestral_step)";
+  m.def(
+      "ancestral_step_cpu",
+      [](uintptr_t x, uintptr_t f, uintptr_t k, uintptr_t noise, uintptr_t seeds, uintptr_t coef, uintptr_t out,
+         uintptr_t out_net, int64_t batch, int64_t numel, int64_t f_rows, int64_t net_rows, int dtype, int variance,
+         bool clip, double guidance_scale, uintptr_t guidance, int64_t step, uintptr_t bad, int64_t bad_step,
+         int num_threads) {
+        const AncestralArgs a = ancestral_args(x, f, k, noise, seeds, coef, out, out_net, batch, numel, f_rows,
+                                               net_rows, dtype, variance, clip, guidance_scale, guidance, step, bad,
+                                               bad_step);
+        int status;
+        {
+          py::gil_scoped_release release;
+          status = edmfast::ancestral_step_cpu(a, num_threads);
+        }
+        raise_on_error(status, "ancestral_step");
+      },
+      anc_doc, ANCESTRAL_ARGS, "num_threads"_a);
+#ifdef EDMFAST_WITH_CUDA
+  m.def(
+      "ancestral_step_cuda",
+      [](uintptr_t x, uintptr_t f, uintptr_t k, uintptr_t noise, uintptr_t seeds, uintptr_t coef, uintptr_t out,
+         uintptr_t out_net, int64_t batch, int64_t numel, int64_t f_rows, int64_t net_rows, int dtype, int variance,
+         bool clip, double guidance_scale, uintptr_t guidance, int64_t step, uintptr_t bad, int64_t bad_step,
+         int device, uintptr_t stream) {
+        const AncestralArgs a = ancestral_args(x, f, k, noise, seeds, coef, out, out_net, batch, numel, f_rows,
+                                               net_rows, dtype, variance, clip, guidance_scale, guidance, step, bad,
+                                               bad_step);
+        raise_on_error(edmfast::ancestral_step_cuda(a, device, ptr<void>(stream)), "ancestral_step");
+      },
+      anc_doc, ANCESTRAL_ARGS, "device"_a, "stream"_a);
 #endif
 
   // ---- CFG rescale: factors k [batch] (float32), and the fused cfg * k.

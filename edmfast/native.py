@@ -224,6 +224,104 @@ def churn(
         )
 
 
+# ----------------------------------------------------------------------------- ancestral pass
+
+_VARIANCE_CODE = {"fixed": 0, "learned": 1, "learned_range": 2}
+
+
+def _launch_ancestral(
+    x, f, coef, out, variance, clip, k, w, w_tensor, noise, seeds, step, out_net, bad, bad_step
+) -> None:  # fmt: skip
+    batch = x.shape[0]
+    net_rows = 0 if out_net is None else out_net.shape[0] // batch
+    args = (
+        x.data_ptr(), f.data_ptr(), _addr(k), _addr(noise), _addr(seeds), coef.data_ptr(), out.data_ptr(),
+        _addr(out_net), batch, x.numel() // batch, f.shape[0], net_rows,
+        _DTYPE_CODE[f.dtype], _VARIANCE_CODE[variance], clip, w, _addr(w_tensor), step, _addr(bad), bad_step,
+    )  # fmt: skip
+    if x.is_cuda:
+        _C.ancestral_step_cuda(*args, *_stream(x))
+    else:
+        _C.ancestral_step_cpu(*args, torch.get_num_threads())
+
+
+@torch.library.custom_op("edmfast::ancestral_step", mutates_args=("out", "out_net", "bad"))
+def _ancestral_step_op(
+    x: Tensor,
+    f: Tensor,
+    coef: Tensor,
+    out: Tensor,
+    variance: str,
+    clip: bool,
+    k: Tensor | None,
+    guidance_scale: float,
+    guidance: Tensor | None,
+    noise: Tensor | None,
+    seeds: Tensor | None,
+    step: int,
+    out_net: Tensor | None,
+    bad: Tensor | None,
+    bad_step: int,
+) -> None:
+    _launch_ancestral(
+        x,
+        f,
+        coef,
+        out,
+        variance,
+        clip,
+        k,
+        guidance_scale,
+        guidance,
+        noise,
+        seeds,
+        step,
+        out_net,
+        bad,
+        bad_step,
+    )
+
+
+@_ancestral_step_op.register_fake
+def _(*args, **kwargs) -> None:
+    pass
+
+
+def ancestral_step(
+    x: Tensor,
+    f: Tensor,
+    coef: Tensor,
+    *,
+    out: Tensor,
+    variance: str = "fixed",
+    clip: bool = False,
+    k: Tensor | None = None,
+    guidance_scale: float | Tensor = 1.0,
+    noise: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step: int = 0,
+    out_net: Tensor | None = None,
+    bad: Tensor | None = None,
+    bad_step: int = 0,
+) -> None:
+    """``out = coef1 x0 + coef2 x + std z``, ``out_net[j B + b] = c out[b]`` (`reference.ancestral_step`).
+
+    x, noise, out: float32 [B, ...]; f: [B or 2B, n or 2n] and out_net: [B or 2B, ...] of one
+    dtype in (float32, float16, bfloat16); variance: "fixed", "learned" or "learned_range"; coef:
+    float32 [8] on the device (read by the kernel). All contiguous, on one device; out may alias x.
+    Unchecked (see the module docstring).
+    """
+    w, w_tensor = _scalar(guidance_scale)
+    if torch.compiler.is_compiling():
+        torch.ops.edmfast.ancestral_step(
+            x, f, coef, out, variance, clip, k, w, w_tensor, noise, seeds, step, out_net, bad, bad_step
+        )
+    else:  # see _EAGER_NOTE
+        _launch_ancestral(
+            x, f, coef, out, variance, clip, k, w, w_tensor, noise, seeds, step, out_net, bad, bad_step
+        )
+
+
 # ----------------------------------------------------------------------------- CFG rescale
 
 

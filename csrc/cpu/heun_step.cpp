@@ -21,6 +21,7 @@
 
 #include "edmfast/ops.h"
 #include "edmfast/philox.h"
+#include "cpu_common.h"
 #include "edmfast/step.h"
 #include "parallel.h"
 
@@ -35,7 +36,7 @@ namespace {
 
 // Elements per work item: a multiple of 4 (a Philox call feeds 4 elements, so chunks start on a
 // group boundary) and small enough that the two 8 KB staging buffers stay in L1.
-constexpr int64_t kChunk = 2048;
+constexpr int64_t kChunk = kPhiloxFillMax;
 const float kZeros[kChunk] = {};
 
 // ----------------------------------------------------------------------------- Philox noise
@@ -300,6 +301,12 @@ void step_all(const StepArgs& args, int num_threads) {
 }
 
 }  // namespace
+
+void fill_philox_normals(float* eps, uint64_t seed, uint32_t step, int64_t begin, int64_t n) {
+  fill_philox(eps, seed, step, begin, n);
+}
+
+void record_bad_row(int32_t* slot, int32_t step) { record_bad(slot, step); }
 
 int heun_step_cpu(const StepArgs& a, int num_threads) {
   if (validate(a) != kOk) return kBadArgument;

@@ -35,6 +35,34 @@ struct StepArgs {
   int32_t bad_step = 0;
 };
 
+// One fused ancestral pass (see ancestral.h and edmfast/reference.py ancestral_step):
+//   out[b, e] = coef1 x0 + coef2 x + std z,  out_net[j B + b, e] = c out[b, e]
+// f rows hold m = numel (fixed variance) or 2 numel (prediction half, then variance half) elements.
+struct AncestralArgs {
+  const float* x = nullptr;        // [batch, numel]
+  const void* f = nullptr;         // [f_rows, m] of dtype, f_rows = batch or 2 batch (CFG)
+  const float* k = nullptr;        // [batch] CFG-rescale factors (f_rows = 2 batch only) or nullptr
+  const float* noise = nullptr;    // [batch, numel] z, or nullptr
+  const int64_t* seeds = nullptr;  // [batch] Philox seeds (z from the fused stream), or nullptr
+  const float* coef = nullptr;     // [8] ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c (run time)
+  float* out = nullptr;            // [batch, numel], may alias x
+  void* out_net = nullptr;         // [net_rows * batch, numel] of dtype, or nullptr
+  int64_t batch = 0;
+  int64_t numel = 0;
+  int64_t f_rows = 0;    // batch or 2 batch
+  int64_t net_rows = 0;  // 0 (no out_net), 1 or 2
+  DType dtype = DType::kFloat32;
+  int variance = 0;  // Variance of ancestral.h: 0 fixed, 1 learned, 2 learned_range
+  bool clip = false;
+  float guidance_scale = 1.0f;
+  const float* guidance = nullptr;  // [1] w read at run time, or nullptr
+  uint32_t step = 0;
+  int32_t* bad = nullptr;  // [batch] or nullptr: bad[b] = min(bad[b], bad_step) if row b of out is non-finite
+  int32_t bad_step = 0;
+
+  int64_t f_row_elems() const { return variance == 0 ? numel : 2 * numel; }
+};
+
 // CFG rescale over cond [batch, numel] and uncond [batch, numel] (both of dtype).
 struct CfgArgs {
   const void* cond = nullptr;
@@ -64,6 +92,17 @@ inline int validate(const StepArgs& a) {
   return kOk;
 }
 
+inline int validate(const AncestralArgs& a) {
+  const bool dtype_ok = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16;
+  if (!dtype_ok || a.batch < 1 || a.numel < 0 || !a.x || !a.f || !a.coef || !a.out) return kBadArgument;
+  if (a.variance < 0 || a.variance > 2) return kBadArgument;
+  if (a.f_rows != a.batch && a.f_rows != 2 * a.batch) return kBadArgument;
+  if ((a.net_rows != 0) != (a.out_net != nullptr) || a.net_rows < 0 || a.net_rows > 2) return kBadArgument;
+  if (a.k && a.f_rows != 2 * a.batch) return kBadArgument;
+  if (a.noise && a.seeds) return kBadArgument;
+  return kOk;
+}
+
 inline int validate(const CfgArgs& a) {
   const bool dtype_ok = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16;
   if (!dtype_ok || a.batch < 1 || a.numel < 0 || !a.cond || !a.uncond) return kBadArgument;
@@ -83,12 +122,14 @@ inline int64_t cfg_workspace_floats(int64_t batch, int64_t numel) { return batch
 // CPU, on the calling thread plus up to num_threads - 1 sleeping helper threads (csrc/cpu/parallel.h;
 // num_threads <= 0: one per hardware thread). The Python layer passes torch.get_num_threads().
 int heun_step_cpu(const StepArgs& a, int num_threads);
+int ancestral_step_cpu(const AncestralArgs& a, int num_threads);
 int cfg_rescale_factors_cpu(const CfgArgs& a, float* k_out, int num_threads);
 int cfg_rescale_cpu(const CfgArgs& a, void* out, int num_threads);
 
 // CUDA, enqueued on `stream` of `device`; never synchronizes, never allocates. The reduction
 // needs `workspace` of cfg_workspace_floats(batch, numel) floats (device memory).
 int heun_step_cuda(const StepArgs& a, int device, void* stream);
+int ancestral_step_cuda(const AncestralArgs& a, int device, void* stream);
 int cfg_rescale_factors_cuda(const CfgArgs& a, float* k_out, float* workspace, int64_t workspace_floats,
                              int device, void* stream);
 int cfg_rescale_cuda(const CfgArgs& a, void* out, float* workspace, int64_t workspace_floats, int device,
