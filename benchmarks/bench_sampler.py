@@ -169,7 +169,10 @@ def cpu_mode(args: argparse.Namespace, rec: Recorder) -> dict[str, Any]:
         rec.guard("edmfast_cpu_exact", lambda: add_edmfast("edmfast_cpu_exact", "cpu", "exact"))
 
     def add_k_diffusion() -> None:
-        sampling = peers.load_k_diffusion_sampling()
+        try:
+            sampling = peers.load_k_diffusion_sampling()
+        except ImportError as e:  # an optional peer: a skipped row, not an error
+            raise Skip(f"install k-diffusion to compare ({e})") from None
         sig32 = sigmas.float()  # k-diffusion's get_sigmas_karras returns float32
 
         def run() -> torch.Tensor:

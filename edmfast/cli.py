@@ -1,25 +1,35 @@
-"""The ``edmfast`` command: ``sample`` (a quick look), ``generate`` (images to disk), ``bench``.
+"""The ``edmfast`` command: ``sample`` (a quick look), ``generate`` (images to disk), ``bench``, ``info``.
 
 edmfast sample --out grid.png                       # built-in shapes data set, no download
 edmfast generate --seeds 0-49999 --batch 64 --outdir out/
+edmfast generate --seeds 0-49999 --outdir out/ --network edm-cifar10-32x32-cond-vp.pkl
 torchrun --standalone --nproc_per_node 8 -m edmfast generate --seeds 0-49999 --outdir out/
-edmfast bench
+edmfast bench                                       # about a minute on a 2-core CPU
+edmfast info                                        # which edmfast, which kernels are built
 """
 
+# torch (and edmfast's own modules, which import it) are imported inside the commands: `--help`
+# and usage errors answer at once instead of after a second of torch start-up.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 SAMPLE_MAX_SEEDS = 4096  # a 64 x 64 grid
+GENERATE_DEFAULT_SEEDS = "0-63"  # a look at a model, not a 50k FID job: that one is asked for
+# Pillow format by --out suffix for `sample`
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,generate,bench,info}")
     common = _sampler_parent()
 
     s = sub.add_parser(
@@ -170,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sample is to its nearest training image: an exact sampler lands on one (RMS 0 up to 8-bit "
         "rounding); too few steps give blurred blends.",
     )
-    s.add_argument("--out", default="grid.png", help="output PNG path [default: grid.png]")
+    s.add_argument(
+        "--out",
+        default="grid.png",
+        help="output image; the suffix picks the format: .png, or .jpg / .jpeg (JPEG, quality 95) "
+        "[default: grid.png]",
+    )
     s.add_argument(
         "--seeds",
         type=_seeds_arg,
@@ -203,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--seeds",
         type=_seeds_arg,
-        default=list(range(50000)),
-        help="seeds, e.g. 0-49999 or 1,5,7-9 [default: 0-49999]",
+        default=None,
+        help=f"seeds, e.g. 0-49999 (FID's 50k) or 1,5,7-9; one image per seed "
+        f"[default: {GENERATE_DEFAULT_SEEDS}, a quick look]",
     )
     g.add_argument(
         "--batch", type=_positive_int, default=64, help="images per sampler call, per process [default: 64]"
@@ -220,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         "edmfast.EDMPrecond). THIS RUNS THAT MODULE'S CODE. The current folder is importable while "
         "MODULE is imported (only for a --model of yours). "
         "[default: edmfast.data:default_model, the built-in shapes data set]",
+    )
+    g.add_argument(
+        "--network",
+        default=None,
+        metavar="PATH.pkl",
+        help="an official EDM / EDM2 network pickle (NVlabs/edm network-snapshot-*.pkl), run on "
+        "edmfast's fused preconditioner; instead of --model. Unpickling needs the official "
+        "dnnlib / torch_utils code on PYTHONPATH and runs code from the pickle",
     )
     g.add_argument(
         "--npz",
@@ -258,15 +282,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="time edmfast.sample against the plain PyTorch reference",
-        description="Run benchmarks/bench_sampler.py --quick when this is a source checkout; otherwise a "
-        "small built-in timing of edmfast.sample vs edmfast.reference.sample (float64 eager loop) on the "
-        "built-in data set's exact denoiser.",
+        help="time edmfast.sample against k-diffusion and a float64 eager loop; table and chart",
+        description="Time edmfast.sample against k-diffusion's sample_heun (when installed) and "
+        "edmfast.reference.sample (a float64 eager loop in the style of EDM's generate script) on the "
+        "same analytic Gaussian denoiser and noise, deterministic and with EDM's churn. Prints a "
+        "table and writes bench-<time>.{json,md} plus a speedup chart (.png, needs matplotlib) into "
+        "--out. The default run takes about a minute on a 2-core CPU. The full benchmarks are "
+        "benchmarks/*.py in a source checkout.",
     )
     b.add_argument(
-        "--device", default=None, help="torch device for the built-in timing [default: cuda if available]"
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu or cuda:1 [default: cuda if available, else cpu]",
+    )
+    b.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder for the result files [default: $XDG_CACHE_HOME/edmfast/bench, else "
+        "~/.cache/edmfast/bench; never the source tree]",
+    )
+    b.add_argument(
+        "--batch", type=_positive_int, default=64, help="images per call, 3x64x64 each [default: 64]"
+    )
+    b.add_argument(
+        "--steps", type=_positive_int, default=18, help="Heun steps N (2N-1 evaluations) [default: 18]"
+    )
+    b.add_argument(
+        "--repeats", type=_positive_int, default=5, help="timed calls per method (median taken) [default: 5]"
+    )
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (4x3x16x16, 6 steps, 2 repeats): a smoke test in seconds",
     )
     b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser(
+        "info",
+        help="which edmfast is imported (path), its version and which kernels can run here",
+        description="Print the imported edmfast's path and version, torch's, and for each backend "
+        "whether it can run here and why not: the first thing to check when the native kernels are "
+        "missing or a source checkout in the current folder shadows the installed package.",
+    )
+    i.set_defaults(func=cmd_info)
     return parser
 
 
@@ -277,6 +336,8 @@ def _device(name: str | None) -> torch.device:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -284,7 +345,33 @@ def _sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- sample
 
 
+def image_format(out: Path) -> str:
+    """Pillow's format name for ``--out``'s suffix; a ValueError for any other suffix."""
+    fmt = IMAGE_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"--out {out}: unknown image type {out.suffix or '(no suffix)'!r}; end the name in "
+            f"{', '.join(IMAGE_FORMATS)}"
+        )
+    return fmt
+
+
+def where_imported() -> str:
+    """The folder ``edmfast`` was imported from: a source checkout in the current folder shadows
+    an installed package, and its missing build is the usual reason for missing native kernels."""
+    return str(Path(__file__).resolve().parent)
+
+
+def native_note() -> str | None:
+    """One line when the native CPU kernels are missing (the run then falls back to torch ops)."""
+    from . import native
+
+    why = native.why_unavailable("cpu")
+    return None if why is None else f"note: {why}; edmfast was imported from {where_imported()}"
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
     from PIL import Image
 
     from . import Sampler, ops
@@ -304,6 +391,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file path such as {out / 'grid.png'}")
+    fmt = image_format(out)
     denoiser = ShapesDenoiser().to(device)
     sampler = Sampler(denoiser, **options)
     # warm-up on the same batch (lazy init, caches, the CUDA graph capture): the timed call is a
@@ -322,7 +410,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         img = img.resize((img.width * args.zoom, img.height * args.zoom), Image.Resampling.NEAREST)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda f: img.save(f, format="PNG"))
+        save_kw: dict[str, Any] = {"quality": 95} if fmt == "JPEG" else {}
+        atomic_write(out, lambda f: img.save(f, format=fmt, **save_kw))
     except OSError as e:
         why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
         raise ValueError(f"--out {out}: cannot write it ({why}); pick another path") from e
@@ -337,9 +426,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     expected = k * (1 - (1 - 1 / k) ** len(seeds))  # distinct images among len(seeds) uniform draws
     nfe = options["num_steps"] * (2 if options["solver"] != "euler" else 1) - (options["solver"] != "euler")
     backend = ops.resolve_backend(options["backend"], device)
+    steps = options["num_steps"]
     print(f"wrote {out} ({len(seeds)} images, {img.width}x{img.height})")
     print(
-        f"sampler: {options['solver']}, {options['num_steps']} steps ({nfe} denoiser calls), "
+        f"sampler: {options['solver']}, {steps} step{'s' if steps != 1 else ''} "
+        f"({nfe} denoiser call{'s' if nfe != 1 else ''}), "
         f"S_churn={options['s_churn']:g}, backend {backend} on {device}"
     )
     print(f"time: {elapsed * 1e3 / len(seeds):.3f} ms per image ({elapsed:.3f} s for {len(seeds)})")
@@ -352,6 +443,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"({100 * float(on_data.double().mean()):.0f}%); distinct training images reached: "
         f"{int(hit[on_data].unique().numel())} of {k} (~{expected:.0f} expected from {len(seeds)} fair draws)"
     )
+    note = native_note()
+    if note is not None:
+        print(note)
     return 0
 
 
@@ -361,9 +455,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import ManifestMismatch, OutputError, generate
 
+    seeds = args.seeds
+    if seeds is None:
+        seeds = _seeds_arg(GENERATE_DEFAULT_SEEDS)
+        print(f"--seeds not given: generating seeds {GENERATE_DEFAULT_SEEDS} (for FID: --seeds 0-49999)")
     try:
         generate(
-            args.seeds,
+            seeds,
             args.outdir,
             batch=args.batch,
             model=args.model,
@@ -372,6 +470,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             npz=args.npz,
             progress=not args.no_progress,
             class_idx=args.class_idx,
+            network=args.network,
         )
     except (ManifestMismatch, OutputError) as e:
         print(f"edmfast generate: error: {_one_line(e)}", file=sys.stderr)
@@ -390,77 +489,264 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- bench
 
 
-def bench_script() -> Path | None:
-    """benchmarks/bench_sampler.py of a source checkout (next to the package), if there is one."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sampler.py"
-    return path if path.is_file() else None
+def bench_dir(out: str | None) -> Path:
+    """Where `edmfast bench` writes: ``--out``, else the user's cache folder (never the source tree)."""
+    if out:
+        return Path(out)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "edmfast" / "bench"
 
 
-def builtin_bench(device: torch.device, batch: int = 16, num_steps: int = 18, repeats: int = 3) -> list[dict]:
-    """Median wall time of edmfast.sample vs edmfast.reference.sample, same denoiser and inputs."""
-    from . import PerSampleGenerator, reference, sample
-    from .data import ShapesDenoiser
+def load_k_diffusion_sampling() -> Any:
+    """k-diffusion's ``sampling`` module, or None when k-diffusion is not installed.
 
-    denoiser = ShapesDenoiser().to(device)
-    rows = []
-    for churn in (0.0, 40.0):
-        rng = PerSampleGenerator(range(batch), device)
-        noise = rng.randn([batch, *denoiser.image_shape])
-        kw: dict[str, Any] = dict(
-            num_steps=num_steps, s_churn=churn, generator=torch.Generator(device).manual_seed(0)
-        )
-        times = {}
-        for name, fn in (("edmfast.sample", sample), ("edmfast.reference.sample", reference.sample)):
-            fn(denoiser, noise, **kw)  # warm-up
-            runs = []
-            for _ in range(repeats):
+    Its package ``__init__`` imports torchvision and more; ``sampling.py`` needs only
+    ``utils.append_dims``, so when the package does not import, ``sampling.py`` is loaded on its own
+    with that one helper.
+    """
+    import importlib.util
+    import types
+
+    try:
+        from k_diffusion import sampling  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        return sampling
+    except ImportError:
+        pass
+    if "_edmfast_kd.sampling" in sys.modules:
+        return sys.modules["_edmfast_kd.sampling"]
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+
+    def append_dims(x: Any, target_dims: int) -> Any:  # k_diffusion/utils.py
+        dims_to_append = target_dims - x.ndim
+        if dims_to_append < 0:
+            raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+        return x[(...,) + (None,) * dims_to_append]
+
+    package = types.ModuleType("_edmfast_kd")
+    package.__path__ = [root]
+    utils = types.ModuleType("_edmfast_kd.utils")
+    utils.append_dims = append_dims  # type: ignore[attr-defined]
+    package.utils = utils  # type: ignore[attr-defined]
+    sub = importlib.util.spec_from_file_location("_edmfast_kd.sampling", f"{root}/sampling.py")
+    if sub is None or sub.loader is None:
+        return None
+    module = importlib.util.module_from_spec(sub)
+    sys.modules.update({"_edmfast_kd": package, "_edmfast_kd.utils": utils, "_edmfast_kd.sampling": module})
+    try:
+        sub.loader.exec_module(module)
+    except ImportError:  # its own dependencies (torchsde, scipy, ...) are missing
+        for name in ("_edmfast_kd", "_edmfast_kd.utils", "_edmfast_kd.sampling"):
+            sys.modules.pop(name, None)
+        return None
+    return module
+
+
+CHURN = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}  # EDM's ImageNet-64 values
+
+
+def builtin_bench(
+    device: torch.device, batch: int = 64, num_steps: int = 18, repeats: int = 5, size: int = 64
+) -> dict[str, Any]:
+    """Median wall time of edmfast.sample, k-diffusion's sample_heun and edmfast.reference.sample.
+
+    Same analytic denoiser (`GaussianDenoiser`, whose cost is small: the loop is what is timed),
+    same noise and Karras schedule; deterministic and with churn. The methods run interleaved,
+    one call each per round, so a load change on the machine hits them alike.
+    """
+    import torch
+
+    from . import karras_sigmas, reference, sample
+    from .analytic import GaussianDenoiser
+
+    den = GaussianDenoiser(0.3, 0.5)
+    shape = (batch, 3, size, size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    seeds = torch.arange(batch, device=device)
+    sigmas = karras_sigmas(num_steps)
+    sig32 = sigmas.float().to(device)
+    kd = load_k_diffusion_sampling()
+    configs: list[dict[str, Any]] = []
+    for churn in ({}, CHURN):
+        name = "deterministic" if not churn else "churn"
+
+        def run_edmfast(churn: dict = churn) -> torch.Tensor:
+            mode = {"noise_mode": "fused", "seeds": seeds} if churn else {}
+            return sample(den, noise, num_steps=num_steps, **churn, **mode)
+
+        def run_reference(churn: dict = churn) -> torch.Tensor:
+            g = torch.Generator(device).manual_seed(0)
+            return reference.sample(den, noise.double(), num_steps=num_steps, generator=g, **churn)
+
+        methods: dict[str, Any] = {"edmfast.sample": run_edmfast}
+        if kd is not None:
+
+            def run_kd(churn: dict = churn) -> torch.Tensor:
+                torch.manual_seed(0)  # k-diffusion draws its churn noise from torch's global RNG
+                return kd.sample_heun(den, noise * sig32[0], sig32, disable=True, **churn)
+
+            methods["k-diffusion sample_heun"] = run_kd
+        methods["edmfast.reference (float64)"] = run_reference
+        outputs = {k: fn() for k, fn in methods.items()}  # warm-up (plans, caches, lazy init)
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        for _ in range(repeats):
+            for k, fn in methods.items():
                 _sync(device)
                 t0 = time.perf_counter()
-                fn(denoiser, noise, **kw)
+                fn()
                 _sync(device)
-                runs.append(time.perf_counter() - t0)
-            times[name] = sorted(runs)[len(runs) // 2]
-        for name, t in times.items():
-            rows.append(
-                {
-                    "loop": name,
-                    "s_churn": churn,
-                    "ms": t * 1e3,
-                    "images_per_s": batch / t,
-                    "speedup": times["edmfast.reference.sample"] / t,
-                }
-            )
-    return rows
+                times[k].append(time.perf_counter() - t0)
+        ref = outputs["edmfast.reference (float64)"]
+        rows: list[dict[str, Any]] = []
+        for k, t in times.items():
+            med = sorted(t)[len(t) // 2]
+            # churn noise streams differ between methods, so only the deterministic run has an error
+            err = float((outputs[k].double() - ref).norm() / ref.norm()) if not churn else None
+            rows.append({"method": k, "s": med, "images_per_s": batch / med, "rel_err": err})
+        ed = float(rows[0]["s"])
+        for r in rows:
+            r["edmfast_speedup"] = float(r["s"]) / ed
+        configs.append({"config": name, **({"churn": churn} if churn else {}), "rows": rows})
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": list(shape),
+        "num_steps": num_steps,
+        "repeats": repeats,
+        "denoiser": "edmfast.analytic.GaussianDenoiser(0.3, 0.5)",
+        "skipped": {} if kd is not None else {"k-diffusion sample_heun": "install k-diffusion to compare"},
+        "configs": configs,
+    }
+
+
+def bench_markdown(result: dict[str, Any]) -> str:
+    n = result["num_steps"]
+    lines = [
+        f"edmfast bench, {result['date']}: {'x'.join(map(str, result['shape']))}, {n} Heun "
+        f"step{'s' if n != 1 else ''} ({2 * n - 1} evaluations), analytic Gaussian denoiser, "
+        f"{result['device']}, torch {result['torch']}, {result['threads']} thread(s), median of "
+        f"{result['repeats']}",
+        "",
+    ]
+    for c in result["configs"]:
+        extra = (
+            f" (S_churn={c['churn']['s_churn']:g}, fused Philox noise for edmfast)" if "churn" in c else ""
+        )
+        lines += [
+            f"{c['config']}{extra}:",
+            "",
+            "| method | s / batch | images/s | edmfast speedup | rel. error vs float64 |",
+            "|---|---|---|---|---|",
+        ]
+        for r in c["rows"]:
+            err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+            speed = f"{r['edmfast_speedup']:.2f}x"
+            lines.append(f"| {r['method']} | {r['s']:.4f} | {r['images_per_s']:.1f} | {speed} | {err} |")
+        lines.append("")
+    for name, why in result["skipped"].items():
+        lines.append(f"{name}: skipped: {why}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def bench_chart(result: dict[str, Any], path: Path) -> str | None:
+    """A bar chart of edmfast's speedup over each peer; None when written, else why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "install matplotlib for the chart"
+    peers = [r["method"] for r in result["configs"][0]["rows"][1:]]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / max(len(peers), 1)
+    for j, peer in enumerate(peers):
+        values = [
+            next(r["edmfast_speedup"] for r in c["rows"] if r["method"] == peer) for c in result["configs"]
+        ]
+        xs = [i + (j - (len(peers) - 1) / 2) * width for i in range(len(values))]
+        bars = ax.bar(xs, values, width, label=f"vs {peer}")
+        ax.bar_label(bars, fmt="%.1fx")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(result["configs"])), [c["config"] for c in result["configs"]])
+    ax.set_ylabel("edmfast speedup")
+    ax.set_title(f"edmfast.sample, {'x'.join(map(str, result['shape']))}, {result['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    script = bench_script()
-    if script is not None:
-        print(f"running {script} --quick")
-        return subprocess.call([sys.executable, str(script), "--quick"])
+    from .generate import atomic_write
+
     device = _device(args.device)
-    batch, steps = 16, 18
-    print(
-        f"built-in timing: exact denoiser of the shapes data set, {batch}x3x32x32, {steps} Heun steps, "
-        f"{device}, torch {torch.__version__} (median of 3)"
-    )
-    print(f"{'loop':<26} {'S_churn':>7} {'ms/batch':>10} {'images/s':>10} {'vs reference':>13}")
-    for r in builtin_bench(device, batch, steps):
-        speed = f"{r['speedup']:>12.2f}x"
-        print(f"{r['loop']:<26} {r['s_churn']:>7g} {r['ms']:>10.2f} {r['images_per_s']:>10.1f} {speed}")
+    out = bench_dir(args.out)
+    batch, steps, repeats, size = (4, 6, 2, 16) if args.quick else (args.batch, args.steps, args.repeats, 64)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create it ({e.strerror or e}); pick another folder") from e
+    print(f"timing {batch}x3x{size}x{size}, {steps} Heun steps on {device}; results go to {out}", flush=True)
+    result = builtin_bench(device, batch, steps, repeats, size)
+    md = bench_markdown(result)
+    print()
+    print(md, end="")
+    stem = "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    atomic_write(out / f"{stem}.json", lambda f: f.write(json.dumps(result, indent=2).encode() + b"\n"))
+    atomic_write(out / f"{stem}.md", lambda f: f.write(md.encode()))
+    written = [f"{stem}.json", f"{stem}.md"]
+    why = bench_chart(result, out / f"{stem}.png")
+    if why is None:
+        written.append(f"{stem}.png")
+    else:
+        print(f"chart skipped: {why}")
+    print(f"wrote {', '.join(str(out / w) for w in written)}")
+    note = native_note()
+    if note is not None:
+        print(note)
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__, native, ops
+
+    print(f"edmfast {__version__} imported from {where_imported()}")
+    print(f"python {sys.version.split()[0]} at {sys.executable}; torch {torch.__version__}")
+    cuda = torch.cuda.is_available()
+    print(f"CUDA devices: {torch.cuda.device_count() if cuda else 0}")
+    for kind in ("cpu", "cuda"):
+        why = native.why_unavailable(kind)
+        print(f"native {kind} kernels: {'yes' if why is None else 'no: ' + why}")
+    for name in ("cpu", "cuda"):
+        if name == "cuda" and not cuda:
+            continue
+        print(f"backend auto on {name}: {ops.resolve_backend('auto', torch.device(name))}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from .ops import BackendUnavailable
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, BackendUnavailable) as e:
         # bad options (e.g. --alpha with --solver heun, --backend cuda without a GPU) come back from
         # edmfast's validation with the option named; a traceback would only bury that
-        print(f"edmfast {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        where = f" (edmfast imported from {where_imported()})" if isinstance(e, BackendUnavailable) else ""
+        print(f"edmfast {args.command}: error: {_one_line(e)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C: every finished file is complete (atomic renames), so a rerun picks up from here

@@ -36,6 +36,7 @@ import importlib
 import json
 import math
 import os
+import pickle
 import re
 import secrets
 import socket
@@ -562,6 +563,53 @@ def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
     return denoiser, shape
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def network_spec(path: str | os.PathLike) -> str:
+    """The manifest's ``model`` entry for ``--network PATH``: the file's content, not only its name."""
+    p = Path(path)
+    return f"network:{p.name}:sha256={_file_digest(p)}"
+
+
+def load_network(path: str | os.PathLike, device: Any = "cpu") -> tuple[Any, tuple[int, ...]]:
+    """An official EDM network pickle -> (fused edmfast preconditioner, (C, H, W)).
+
+    Loaded by `edmfast.edm.load_network` and converted by `edmfast.edm.from_edm` (label_dim, range,
+    dtype; float32 on the CPU, where the official code does not run float16 either). Unpickling
+    needs the official persistence code (``dnnlib``, ``torch_utils``) on the import path; without it
+    this is one ValueError saying so. Unpickling runs code from the pickle, like any ``torch.load``.
+    """
+    from . import edm
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--network {p}: no such file; give the path of an official EDM network pickle")
+    try:
+        net = edm.load_network(p, device)
+    except ImportError as e:  # the official dnnlib / torch_utils are not importable
+        raise ValueError(f"--network {p}: {e}") from None
+    except (TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"--network {p}: not an official EDM network pickle ({e})") from None
+    try:
+        denoiser = edm.from_edm(net, dtype=torch.float32 if torch.device(device).type == "cpu" else None)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--network {p}: {e}") from None
+    channels = getattr(denoiser, "img_channels", None)
+    resolution = getattr(denoiser, "img_resolution", None)
+    if channels is None or resolution is None:
+        raise ValueError(f"--network {p}: the network has no img_channels / img_resolution")
+    shape = (int(channels), int(resolution), int(resolution))
+    if shape[0] not in _PNG_MODES:
+        raise ValueError(f"--network {p}: {shape[0]} channels cannot be written as PNG (1 to 4)")
+    return denoiser, shape
+
+
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -726,6 +774,45 @@ def _finish_writes(out: Path, pending: list[Future[None]], bar: Any) -> None:
         bar.update(len(pending))
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (at most a few ranges shown)."""
+    spans: list[list[int]] = []
+    for s in seeds:
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    parts = [f"{lo}-{hi}" if hi > lo else f"{lo}" for lo, hi in spans]
+    return ",".join(parts) if len(parts) <= 4 else ",".join(parts[:3]) + f",... ({len(parts)} ranges)"
+
+
+def plan_text(
+    seeds: Sequence[int], world: int, mine: int, done: int, batch: int, sampler: Any, device: Any, out: Path
+) -> str:
+    """What a run is about to do, printed before the first batch."""
+    o = getattr(sampler, "opts", None)
+    steps = getattr(o, "num_steps", None)
+    solver = getattr(o, "solver", None)
+    todo = mine - done
+    what = ""
+    if steps is not None and solver is not None:
+        nfe = steps if solver == "euler" else 2 * steps - 1
+        what = f"; {solver}, {steps} step{'s' if steps != 1 else ''} ({nfe} network evaluations per image)"
+    return (
+        f"plan: seeds {seeds_text(seeds)} ({len(seeds)} image{'s' if len(seeds) != 1 else ''}) on "
+        f"{world} process(es); rank 0: {done} of {mine} already on disk, {todo} to sample in "
+        f"{math.ceil(todo / batch)} batch(es) of up to {batch} on {device}{what}; writing to {out}"
+    )
+
+
 def generate(
     seeds: Sequence[int],
     outdir: str | os.PathLike,
@@ -737,13 +824,15 @@ def generate(
     npz: bool = False,
     progress: bool = True,
     class_idx: int | None = None,
+    network: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write ``{seed:06d}.png`` for every seed into ``outdir``; see the module docstring.
 
     ``options`` are `edmfast.sample` keyword arguments (num_steps, solver, s_churn, ...). Returns
     counts and timings for this process. Raises ManifestMismatch when ``outdir`` was made with
-    different settings, OutputError when it cannot be written.
+    different settings, OutputError when it cannot be written. ``network`` (an official EDM
+    network pickle, see `load_network`) takes the place of ``model``.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"--batch must be an integer >= 1, got {batch!r}")
@@ -753,7 +842,13 @@ def generate(
     if not str(outdir):
         raise ValueError("--outdir is empty; give a folder path")
     with _distributed(device) as dist:
-        denoiser, image_shape = load_model(model)
+        if network is not None:
+            if model != DEFAULT_MODEL:
+                raise ValueError("give --model or --network, not both")
+            denoiser, image_shape = load_network(network, dist.device)
+            model = network_spec(network)
+        else:
+            denoiser, image_shape = load_model(model)
         if isinstance(denoiser, torch.nn.Module):
             denoiser = denoiser.to(dist.device)
         label_dim = label_dim_of(denoiser)
@@ -790,10 +885,7 @@ def generate(
                 f"{image_path(out, first).name}: {damaged[first]}"
             )
         if dist.rank == 0:
-            log(
-                f"{len(seeds)} seeds, {dist.world} process(es), {len(done)} of rank 0's "
-                f"{len(mine)} already on disk; writing to {out}"
-            )
+            log(plan_text(seeds, dist.world, len(mine), len(done), batch, sampler, dist.device, out))
         bar = None
         if progress and dist.rank == 0:
             from tqdm import tqdm
@@ -805,8 +897,15 @@ def generate(
         # as sampling a small image on a GPU. A batch's errors surface before the next one is written.
         with ThreadPoolExecutor(WRITERS, thread_name_prefix="edmfast-png") as pool:
             pending: list[Future[None]] = []
-            for batch_seeds in _batches(todo, batch):
+            for index, batch_seeds in enumerate(_batches(todo, batch)):
                 x = sample_seeds(sampler, image_shape, batch_seeds, dist.device, label_dim, class_idx)
+                if index == 0 and dist.rank == 0 and len(todo) > len(batch_seeds):
+                    first_s = time.perf_counter() - t0
+                    rest = math.ceil(len(todo) / batch) - 1
+                    log(
+                        f"first batch: {first_s:.2f} s (with warm-up); estimated time for the other "
+                        f"{rest} batch(es) of rank 0: about {_duration(first_s * rest)}"
+                    )
                 images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, C]
                 _finish_writes(out, pending, bar)
                 if not has_manifest:

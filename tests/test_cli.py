@@ -101,39 +101,6 @@ def test_bad_option_named(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
-def test_builtin_bench_table(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "bench_script", lambda: None)  # as when installed from a wheel
-    monkeypatch.setattr(cli, "builtin_bench", lambda device, batch, steps: _small_bench(device))
-    assert cli.main(["bench", "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
-    assert "edmfast.sample" in text and "edmfast.reference.sample" in text and "vs reference" in text
-
-
-_real_bench = cli.builtin_bench
-
-
-def _small_bench(device):
-    rows = _real_bench(device, batch=2, num_steps=3, repeats=1)
-    assert {r["loop"] for r in rows} == {"edmfast.sample", "edmfast.reference.sample"}
-    assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in rows)
-    assert all(r["speedup"] == 1.0 for r in rows if r["loop"] == "edmfast.reference.sample")
-    return rows
-
-
-def test_bench_runs_the_checkout_script(monkeypatch, tmp_path):
-    """In a source checkout ``edmfast bench`` runs benchmarks/bench_sampler.py --quick."""
-    script = tmp_path / "bench_sampler.py"
-    script.write_text(
-        "import sys, pathlib; pathlib.Path(sys.argv[0]).with_suffix('.ran').write_text(sys.argv[1])"
-    )
-    monkeypatch.setattr(cli, "bench_script", lambda: script)
-    assert cli.main(["bench"]) == 0
-    assert script.with_suffix(".ran").read_text() == "--quick"
-    expected = ROOT / "benchmarks" / "bench_sampler.py"
-    monkeypatch.undo()
-    assert cli.bench_script() == (expected if expected.is_file() else None)
-
-
 def test_data_set_and_metric():
     images = shapes_dataset()
     assert images.shape == (32, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
