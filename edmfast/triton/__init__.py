@@ -20,9 +20,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["why_unavailable", "heun_step", "churn", "cfg_rescale_factors", "cfg_rescale", "workspace"]
+__all__ = [
+    "why_unavailable",
+    "heun_step",
+    "churn",
+    "ancestral_step",
+    "cfg_rescale_factors",
+    "cfg_rescale",
+    "workspace",
+]
 
-_KERNEL_MODULES = ("heun_step", "churn", "cfg_rescale")
+_KERNEL_MODULES = ("heun_step", "churn", "cfg_rescale", "ancestral_step")
 
 
 def why_unavailable(device: torch.device) -> str | None:
@@ -148,6 +156,36 @@ def churn(
 ) -> None:
     """``out = x + std eps``; ``out_net = c out`` (`edmfast.reference.churn`); ``bad`` as in `heun_step`."""
     _ops().churn(x, coef, out, noise, seeds, int(step), out_net, bad, int(bad_step))
+
+
+def ancestral_step(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    variance: str = "fixed",
+    clip: bool = False,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+) -> None:
+    """``out = coef1 x0 + coef2 x + std z``; ``out_net[j B + b] = c out[b]``.
+
+    See `edmfast.reference.ancestral_step` for the operands; ``out`` may alias ``x``. A tensor
+    ``guidance_scale`` (float32 [1]) is read at run time; ``bad`` as in `heun_step`.
+    Unchecked: `edmfast.ops` validates.
+    """
+    guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    _ops().ancestral_step(
+        x, f, coef, out, variance, bool(clip), k, 1.0 if guidance is not None else float(guidance_scale),
+        guidance, noise, seeds, int(step), out_net, bad, int(bad_step),
+    )  # fmt: skip
 
 
 def workspace(f: torch.Tensor) -> torch.Tensor:
