@@ -25,15 +25,6 @@ SHAPES = [(1, 1), (2, 7), (1, 3, 37, 41), (3, 5), (2, 1, 9, 11), (1, 1030)]
 NET_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture
-def backend_device(backend_device):
-    """conftest's (backend, device) pairs, skipping a backend whose kernel has not landed yet."""
-    backend, _ = backend_device
-    if backend != "torch" and not hasattr(ops._impl(backend), "ancestral_step"):
-        pytest.skip(f"no ancestral_step kernel on backend {backend!r} yet")
-    return backend_device
-
-
 def make_coef(device, *, s: float | None = None) -> torch.Tensor:
     """A plausible row: ax in [1, 3], af in [-3, 0], coef1 / coef2 in [0, 1], log betas in [-8, -2]."""
     r = torch.rand(8, dtype=torch.float64)

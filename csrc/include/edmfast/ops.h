@@ -60,7 +60,7 @@ struct AncestralArgs {
   int32_t* bad = nullptr;  // [batch] or nullptr: bad[b] = min(bad[b], bad_step) if row b of out is non-finite
   int32_t bad_step = 0;
 
-  int64_t f_row_elems() const { return variance == 0 ? numel : 2 * numel; }
+  EDMFAST_HD int64_t f_row_elems() const { return variance == 0 ? numel : 2 * numel; }
 };
 
 // CFG rescale over cond [batch, numel] and uncond [batch, numel] (both of dtype).
