@@ -519,3 +519,125 @@ def ablation_sample(
             x_prime = x_hat + alpha * h * d
             x = x_hat + h * ((1 - 1 / (2 * alpha)) * d + 1 / (2 * alpha) * deriv(x_prime, t_prime))
     return x.to(noise.dtype)
+
+
+@torch.no_grad()
+def sample_ancestral(
+    model,
+    noise: torch.Tensor,
+    betas,
+    timesteps=None,
+    *,
+    cond=None,
+    uncond=None,
+    generator=None,
+    seeds=None,
+    **options,
+) -> torch.Tensor:
+    """Ancestral sampling written out step by step in float64; same signature as
+    `edmfast.ancestral.sample_ancestral` (``backend``, ``cuda_graph``, ``compile``, ``progress``
+    are accepted and ignored).
+
+    Per step t = tau_i (descending, tau_{i+1} below it, abar = 1 below the last): ``beta = 1 -
+    abar_t / abar_prev``, ``beta_tilde = beta (1 - abar_prev) / (1 - abar_t)``; x0 from the
+    prediction (clamped to [-1, 1] with clip_denoised); DDPM: ``mean = beta sqrt(abar_prev) /
+    (1 - abar_t) x0 + (1 - abar_prev) sqrt(1 - beta) / (1 - abar_t) x_t`` and, except on the last
+    step, ``+ exp(log var / 2) z`` with log var from the variance type; DDIM (``eta`` given):
+    ``sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z``, eps_hat recomputed
+    from the (clipped) x0, ``sigma = eta sqrt(beta_tilde)``. Exact noise: one draw of the state's
+    shape in the model output's dtype whenever diffusers draws (DDPM: t > 0; DDIM: eta > 0).
+    """
+    from .ancestral import AncestralOptions, _draw, check_betas, resolve_timesteps
+    from .ops import IO_DTYPES
+    from .options import check_cond, check_generator, check_noise, check_seeds, merge_cond
+
+    opts = AncestralOptions.create(**options)
+    b = check_betas(betas)
+    noise = check_noise(noise)
+    batch, device = noise.shape[0], noise.device
+    ts = resolve_timesteps(timesteps, b.numel(), opts).tolist()
+    cond = check_cond(cond, batch, device, "cond")
+    w, phi = opts.guidance_scale, opts.guidance_rescale
+    use_cfg = w != 1.0
+    if use_cfg and uncond is None:
+        raise ValueError("guidance_scale != 1 needs uncond (the unconditional keyword arguments, {} if none)")
+    kwargs = merge_cond(cond, check_cond(uncond, batch, device, "uncond"), batch) if use_cfg else cond
+    check_generator(generator, batch)
+    fused = opts.noise_mode == "fused"
+    if fused:
+        if seeds is None:
+            seeds = getattr(generator, "seeds", None)
+        if seeds is not None:
+            seeds = check_seeds(seeds.to(device) if isinstance(seeds, torch.Tensor) else seeds, batch, device)
+    net_dtype = torch.float32
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            net_dtype = p.dtype if p.dtype in IO_DTYPES else torch.float32
+            break
+    abar = torch.cumprod(1 - b, 0).tolist()
+    C = noise.shape[1]
+    x = noise.to(torch.float64)
+    S = len(ts)
+    for i, t in enumerate(ts):
+        a, a_prev = abar[t], (abar[ts[i + 1]] if i + 1 < S else 1.0)
+        beta = 1 - a / a_prev
+        beta_tilde = beta * (1 - a_prev) / (1 - a)
+        xin = torch.cat([x, x]) if use_cfg else x
+        t_in = torch.full((xin.shape[0],), t, dtype=torch.int64, device=device)
+        out = model(xin.to(net_dtype), t_in, **kwargs)
+        channels = 2 * C if opts.learned else C
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (xin.shape[0], channels, *x.shape[2:]):
+            raise ValueError(
+                f"the model returned {getattr(out, 'shape', type(out))}, expected {channels} channels"
+            )
+        out_dtype = out.dtype
+        out = out.double()
+        F, V = out[:, :C], out[:batch, C:]
+        if use_cfg:
+            F = cfg_rescale(F[:batch], F[batch:], w, phi)
+        if opts.prediction_type == "epsilon":
+            x0 = (x - math.sqrt(1 - a) * F) / math.sqrt(a)
+        elif opts.prediction_type == "v_prediction":
+            x0 = math.sqrt(a) * x - math.sqrt(1 - a) * F
+        else:
+            x0 = F
+        if opts.clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        draw = (opts.eta > 0) if opts.eta is not None else t > 0
+        z = None
+        if not fused and draw:
+            z = _draw(generator, tuple(x.shape), out_dtype, device).double()
+        if opts.eta is not None:
+            sigma = opts.eta * math.sqrt(beta_tilde)
+            eps_hat = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps_hat
+            if sigma > 0:
+                if fused:
+                    if seeds is None:
+                        raise ValueError("noise_mode='fused' needs seeds (int64 [B]) or a PerSampleGenerator")
+                    z = philox_normal(seeds, i, x[0].numel()).reshape(x.shape).to(device)
+                if z is not None:
+                    x = x + sigma * z
+        else:
+            x = beta * math.sqrt(a_prev) / (1 - a) * x0 + (1 - a_prev) * math.sqrt(1 - beta) / (1 - a) * x
+            if i + 1 < S:
+                if opts.variance == "fixed_small":
+                    logvar: torch.Tensor | float = math.log(beta_tilde)
+                elif opts.variance == "fixed_large":
+                    logvar = math.log(beta)
+                elif opts.variance == "learned":
+                    logvar = V
+                else:
+                    frac = (V + 1) / 2
+                    logvar = frac * math.log(beta) + (1 - frac) * math.log(beta_tilde)
+                if fused:
+                    if seeds is None:
+                        raise ValueError("noise_mode='fused' needs seeds (int64 [B]) or a PerSampleGenerator")
+                    z = philox_normal(seeds, i, x[0].numel()).reshape(x.shape).to(device)
+                if z is not None:
+                    std = torch.exp(torch.as_tensor(logvar, dtype=torch.float64) / 2)
+                    x = x + std.to(device) * z
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"non-finite values appeared at step {i} (t={t})")
+    return x.to(noise.dtype)

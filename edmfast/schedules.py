@@ -375,3 +375,101 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     abar = r**2
     alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
     return (1 - alphas).to(betas.device, betas.dtype)
+
+
+# ============================================================================= DDPM betas, respacing
+
+BETA_SCHEDULES = ("linear", "cosine")
+
+
+def ddpm_betas(num_train_timesteps: int = 1000, schedule: str = "linear") -> torch.Tensor:
+    """The DDPM / iDDPM training betas, float64 [T].
+
+    linear: ``linspace(1e-4 s, 0.02 s, T)`` with s = 1000 / T (Ho et al.; the iDDPM scaling, so other
+    T keep the same total noise). cosine: ``beta_t = min(1 - abar((t+1)/T) / abar(t/T), 0.999)`` with
+    ``abar(u) = cos^2((u + 0.008) / 1.008 pi/2)`` (Nichol & Dhariwal, Eq. 17), as diffusers'
+    ``squaredcos_cap_v2``.
+    """
+    T = _check_int(num_train_timesteps, "num_train_timesteps", 1)
+    if schedule == "linear":
+        scale = 1000 / T
+        return torch.from_numpy(np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64))
+    if schedule == "cosine":
+
+        def abar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return torch.tensor(
+            [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float64
+        )
+    raise ValueError(f"schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
+
+
+def space_timesteps(num_train_timesteps: int, section_counts: str | list[int]) -> torch.Tensor:
+    """iDDPM's respacing: the kept timesteps, descending int64.
+
+    ``"ddimN"``: the even stride i for which ``range(0, T, i)`` has exactly N entries (an error if
+    none does). Otherwise counts per equal section of [0, T) (``"10,10,20"`` or a list): section k
+    keeps ``round(j (size_k - 1) / (count_k - 1))`` for j < count_k (its first element if count 1).
+    """
+    T = _check_int(num_train_timesteps, "num_train_timesteps", 1)
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            want = section_counts[len("ddim") :]
+            if not want.isdigit() or int(want) < 1:
+                raise ValueError(f"spacing {section_counts!r}: expected 'ddimN' with an integer N >= 1")
+            n = int(want)
+            for i in range(1, T):
+                if len(range(0, T, i)) == n:
+                    return torch.arange(0, T, i, dtype=torch.int64).flip(0)
+            if n == T:
+                return torch.arange(T - 1, -1, -1, dtype=torch.int64)
+            raise ValueError(f"spacing {section_counts!r}: no even stride gives exactly {n} of {T} steps")
+        try:
+            counts = [int(c) for c in section_counts.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"spacing must be one of {SPACINGS}, 'ddimN' or section counts like '10,10,20', "
+                f"got {section_counts!r}"
+            ) from None
+    else:
+        counts = [_check_int(c, "section_counts", 0) for c in section_counts]
+    if not counts or any(c < 0 for c in counts) or sum(counts) < 1:
+        raise ValueError(f"section counts must be >= 0 with a positive sum, got {counts}")
+    size, extra = divmod(T, len(counts))
+    kept: list[int] = []
+    start = 0
+    for i, count in enumerate(counts):
+        section = size + (1 if i < extra else 0)
+        if count > section:
+            raise ValueError(f"cannot take {count} steps from a section of {section} timesteps (T={T})")
+        stride = 1.0 if count <= 1 else (section - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += stride
+        start += section
+    return torch.tensor(sorted(set(kept), reverse=True), dtype=torch.int64)
+
+
+def respaced_timesteps(
+    num_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading", steps_offset: int = 0
+) -> torch.Tensor:
+    """Descending timesteps for a spacing name: `discrete_timesteps` for linspace / leading /
+    trailing (num_steps of T), `space_timesteps` for ``"ddimN"`` and section counts (num_steps is
+    not used there: the spacing says how many)."""
+    if not isinstance(spacing, str):
+        raise TypeError(f"spacing must be a string, got {type(spacing).__name__}")
+    if spacing in SPACINGS:
+        return discrete_timesteps(num_steps, num_train_timesteps, spacing, steps_offset)
+    return space_timesteps(num_train_timesteps, spacing)
+
+
+def respace_betas(betas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Betas of the respaced chain, float64 [S] in the order of ``timesteps`` (descending):
+    ``beta_i = 1 - abar(tau_i) / abar(tau_{i-1})`` with abar of the step below (1 below the first)."""
+    abar = torch.cumprod(1 - betas.detach().to("cpu", torch.float64), 0)
+    t = torch.as_tensor(timesteps, dtype=torch.int64).flip(0)
+    a = abar[t]
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    return (1 - a / prev).flip(0)

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 import edmfast
-from edmfast.schedules import iddpm_u, vp_betas_for_range, vp_sigma, vp_sigma_inv
+from edmfast.schedules import (
+    ddpm_betas,
+    iddpm_u,
+    respace_betas,
+    respaced_timesteps,
+    space_timesteps,
+    vp_betas_for_range,
+    vp_sigma,
+    vp_sigma_inv,
+)
 
 
 def test_karras_defaults_endpoints_and_layout():
@@ -143,3 +152,50 @@ def test_bad_sigma_range():
 def test_single_step_schedules_start_at_sigma_max():
     assert edmfast.karras_sigmas(1).tolist() == [80.0, 0.0]
     assert edmfast.ve_sigmas(1)[0] == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------------------- DDPM betas, respacing
+
+
+def test_ddpm_betas_known_values():
+    lin = ddpm_betas(1000, "linear")
+    assert lin.dtype == torch.float64 and lin.shape == (1000,)
+    assert lin[0].item() == pytest.approx(1e-4) and lin[-1].item() == pytest.approx(0.02)
+    # iDDPM's scaling keeps the schedule's total noise for other T: 1000 / T times the range
+    assert ddpm_betas(500, "linear")[-1].item() == pytest.approx(0.04)
+    cos = ddpm_betas(1000, "cosine")
+    abar = torch.cumprod(1 - cos, 0)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert abar[499].item() == pytest.approx(f(0.5) / f(0), rel=1e-9)
+    assert cos.max().item() == 0.999  # the clip at the end of the cosine schedule
+    with pytest.raises(ValueError, match="schedule"):
+        ddpm_betas(1000, "sigmoid")
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        ddpm_betas(0)
+
+
+def test_space_timesteps_like_iddpm():
+    assert space_timesteps(1000, "ddim50").tolist() == list(range(980, -1, -20))
+    assert space_timesteps(100, "ddim3").tolist() == [68, 34, 0]  # stride 34: range(0, 100, 34)
+    # section counts: 300 in three sections of 100; 10 of the first at stride 99/9 = 11, rounded
+    ts = space_timesteps(300, "10,1,2")
+    assert ts.tolist()[::-1] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99, 100, 200, 299]
+    assert space_timesteps(1000, "10,10,20").numel() == 40
+    assert space_timesteps(1000, [25, 25]).tolist() == space_timesteps(1000, "25,25").tolist()
+    with pytest.raises(ValueError, match="stride"):
+        space_timesteps(1000, "ddim37")
+    with pytest.raises(ValueError, match="section"):
+        space_timesteps(30, "20,1")
+    with pytest.raises(ValueError, match="section counts"):
+        space_timesteps(30, "a,b")
+
+
+def test_respaced_timesteps_and_betas():
+    assert respaced_timesteps(10, 1000, "leading").tolist() == list(range(900, -1, -100))
+    assert respaced_timesteps(3, 1000, "ddim5").numel() == 5  # the spacing says how many
+    betas = ddpm_betas(1000, "linear")
+    ts = respaced_timesteps(10, 1000, "trailing")
+    rb = respace_betas(betas, ts)
+    # the respaced chain has the same abar at the kept timesteps
+    abar = torch.cumprod(1 - betas, 0)
+    torch.testing.assert_close(torch.cumprod(1 - rb.flip(0), 0).flip(0), abar[ts], rtol=1e-12, atol=0)
