@@ -26,7 +26,17 @@ import torch
 from .options import SamplerOptions, resolve_sigmas
 from .reference import COEF_SIZE
 
-__all__ = ["Denoiser", "Plan", "PlanCache", "Preconditioner", "Step", "is_preconditioner", "make_plan"]
+__all__ = [
+    "AblationOptions",
+    "Denoiser",
+    "Plan",
+    "PlanCache",
+    "Preconditioner",
+    "Step",
+    "ablation_time_steps",
+    "is_preconditioner",
+    "make_plan",
+]
 
 
 @runtime_checkable
@@ -156,6 +166,8 @@ class Plan:
     noise_steps: tuple[bool, ...]  # which steps inject churn noise (std > 0)
     correct: tuple[bool, ...]  # which steps take the correction (two evaluations)
     structure: tuple  # what a captured graph depends on besides tensor values
+    denoise: torch.Tensor | None = None  # float32 CPU [N, COEF_SIZE]: rows giving D(x_hat) from F
+    kind: tuple = ()  # ("ablation",) for a design-space plan
     _dev: dict = field(default_factory=dict, repr=False)  # per-device copies (see `rows`)
 
     @property
@@ -201,8 +213,232 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         return t.pin_memory().to(device, non_blocking=True)
 
 
-def make_plan(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> Plan:
-    """Fold the schedule, the preconditioner and the solver into per-pass coefficient rows."""
+DISCRETIZATIONS = ("edm", "vp", "ve", "iddpm")
+SCHEDULES = ("linear", "vp", "ve")
+SCALINGS = ("none", "vp")
+
+
+@dataclass(frozen=True)
+class AblationOptions:
+    """EDM's design space beyond sigma(t) = t, s(t) = 1 (the official ``ablation_sampler``).
+
+    ``discretization`` edm | vp | ve | iddpm picks the time steps (Table 1), ``schedule`` the noise
+    level sigma(t) (linear t | vp | ve sqrt t), ``scaling`` s(t) (none 1 | vp 1/sqrt(1+sigma^2)).
+    ``sigma_min`` / ``sigma_max`` None: the discretization's default range; either way clamped to
+    the denoiser's, with the VP betas refitted to the result. ``epsilon_s`` is the VP end time,
+    ``C1``, ``C2``, ``M`` the iDDPM levels. With it a plan ignores the sampler's schedule options
+    except num_steps and rho.
+    """
+
+    discretization: str = "edm"
+    schedule: str = "linear"
+    scaling: str = "none"
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    epsilon_s: float = 1e-3
+    C1: float = 0.001
+    C2: float = 0.008
+    M: int = 1000
+
+    @classmethod
+    def create(cls, **kw: Any) -> AblationOptions:
+        """Validate every field; raise ValueError/TypeError naming the bad one."""
+        from .options import _real
+        from .schedules import _check_eps_s, _check_iddpm
+
+        unknown = set(kw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown ablation option(s): {', '.join(sorted(unknown))}")
+        o = {**cls().__dict__, **kw}
+        for name, choices in (
+            ("discretization", DISCRETIZATIONS),
+            ("schedule", SCHEDULES),
+            ("scaling", SCALINGS),
+        ):
+            if not isinstance(o[name], str) or o[name] not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {o[name]!r}")
+        for name in ("sigma_min", "sigma_max"):
+            if o[name] is not None:
+                o[name] = _real(name, o[name])
+                if not (0 < o[name] < math.inf):
+                    raise ValueError(f"{name} must be finite and > 0 (or None: the default), got {o[name]}")
+        o["epsilon_s"] = _check_eps_s(o["epsilon_s"], "epsilon_s")
+        o["M"], o["C1"], o["C2"] = _check_iddpm(o["M"], o["C1"], o["C2"])
+        return cls(**o)
+
+
+class _TimeFunctions:
+    """sigma(t), sigma'(t), sigma^-1(sigma), s(t), s'(t) of one ablation setting (float64)."""
+
+    def __init__(self, ab: AblationOptions, beta_d: float, beta_min: float):
+        self.ab, self.beta_d, self.beta_min = ab, beta_d, beta_min
+
+    def sig(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ab.schedule == "vp":
+            return torch.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t).sqrt()
+        return t.sqrt() if self.ab.schedule == "ve" else t
+
+    def sig_d(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ab.schedule == "vp":
+            sg = self.sig(t)
+            return 0.5 * (self.beta_min + self.beta_d * t) * (sg + 1 / sg)
+        return 0.5 / t.sqrt() if self.ab.schedule == "ve" else torch.ones_like(t)
+
+    def sig_inv(self, s: torch.Tensor) -> torch.Tensor:
+        if self.ab.schedule == "vp":
+            bd, bm = self.beta_d, self.beta_min
+            return ((bm**2 + 2 * bd * torch.log1p(s**2)).sqrt() - bm) / bd
+        return s**2 if self.ab.schedule == "ve" else s
+
+    def s(self, t: torch.Tensor) -> torch.Tensor:
+        return 1 / (1 + self.sig(t) ** 2).sqrt() if self.ab.scaling == "vp" else torch.ones_like(t)
+
+    def s_d(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ab.scaling == "vp":
+            return -self.sig(t) * self.sig_d(t) * self.s(t) ** 3
+        return torch.zeros_like(t)
+
+
+def _rounded(denoiser: Any, sigma: torch.Tensor) -> torch.Tensor:
+    round_sigma = getattr(denoiser, "round_sigma", None)
+    if round_sigma is None:
+        return sigma
+    return torch.as_tensor(round_sigma(sigma)).to("cpu", torch.float64).reshape(sigma.shape)
+
+
+def ablation_time_steps(
+    denoiser: Any, ab: AblationOptions, num_steps: int, rho: float
+) -> tuple[torch.Tensor, _TimeFunctions]:
+    """The time steps t_0 > ... > t_(N-1) > t_N = 0 of an ablation setting and its functions of t.
+
+    As the official ablation sampler: the discretization's sigma levels over the range clamped
+    to the denoiser's, rounded by the denoiser, mapped to t by the schedule's inverse."""
+    from .schedules import iddpm_sigmas, karras_sigmas, ve_sigmas, vp_betas_for_range, vp_sigma
+
+    eps_s = ab.epsilon_s
+    defaults = {
+        "vp": (float(vp_sigma(eps_s)), float(vp_sigma(1.0))),
+        "ve": (0.02, 100.0),
+        "iddpm": (0.002, 81.0),
+        "edm": (0.002, 80.0),
+    }[ab.discretization]
+    lo = defaults[0] if ab.sigma_min is None else ab.sigma_min
+    hi = defaults[1] if ab.sigma_max is None else ab.sigma_max
+    lo = max(lo, float(getattr(denoiser, "sigma_min", 0.0)))
+    hi = min(hi, float(getattr(denoiser, "sigma_max", math.inf)))
+    if not 0 < lo < hi < math.inf:
+        raise ValueError(
+            f"the ablation's sigma range [{lo:g}, {hi:g}] (clamped to the denoiser's) is empty: "
+            "check sigma_min / sigma_max"
+        )
+    beta_d, beta_min = vp_betas_for_range(lo, hi, eps_s)
+    fns = _TimeFunctions(ab, beta_d, beta_min)
+    if ab.discretization == "edm":
+        levels = karras_sigmas(num_steps, lo, hi, rho)[:-1]
+    elif ab.discretization == "vp":
+        t = 1 + torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1) * (eps_s - 1)
+        levels = vp_sigma(t, beta_d, beta_min)
+    elif ab.discretization == "ve":
+        levels = ve_sigmas(num_steps, lo, hi)[:-1]
+    else:
+        levels = iddpm_sigmas(num_steps, lo, hi, M=ab.M, C1=ab.C1, C2=ab.C2)[:-1]
+    t_steps = fns.sig_inv(_rounded(denoiser, levels.to(torch.float64)))
+    t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])
+    if not (bool(torch.isfinite(t_steps).all()) and bool((t_steps[1:] < t_steps[:-1]).all())):
+        raise ValueError(
+            f"the ablation's time steps are not finite and decreasing ({ab.discretization} steps on "
+            f"the {ab.schedule} schedule over [{lo:g}, {hi:g}]): check the options"
+        )
+    return t_steps, fns
+
+
+def _ablation_plan(denoiser: Any, opts: SamplerOptions, ab: AblationOptions) -> Plan:
+    """Rows for ``d = (sigma'/sigma + s'/s) x - (sigma' s / sigma) D(x/s; sigma)`` (EDM eq. 4).
+
+    With D = c_skip x/s + c_out F the derivative is ``d = g_x x + g_f F``, affine in (x, F), so each
+    pass keeps the form ``p x_hat + q x' + r F + std eps`` and the network input is (c_in / s) out.
+    Churn in t as the official sampler: ``t_hat = sigma^-1(round(sigma(t) (1 + gamma)))``,
+    ``x_hat = s(t_hat)/s(t) x + sqrt(sigma(t_hat)^2 - sigma(t)^2) s(t_hat) S_noise eps``; the
+    ratio s(t_hat)/s(t) is folded into the pass that ends the previous step.
+    """
+    n = opts.num_steps
+    t_steps, fns = ablation_time_steps(denoiser, ab, n, opts.rho)
+    t_cur, t_next = t_steps[:-1], t_steps[1:]
+    sig_cur = fns.sig(t_cur)
+    gamma_max = min(opts.s_churn / n, math.sqrt(2) - 1)
+    churn = (sig_cur >= opts.s_tmin) & (sig_cur <= opts.s_tmax)
+    gamma = torch.where(churn, gamma_max, 0.0)
+    t_hat = fns.sig_inv(_rounded(denoiser, sig_cur + gamma * sig_cur))
+    sig_hat, s_hat = fns.sig(t_hat), fns.s(t_hat)
+    ratio = s_hat / fns.s(t_cur)
+    std = (sig_hat**2 - sig_cur**2).clamp(min=0).sqrt() * s_hat * opts.s_noise
+    a = opts.effective_alpha
+    h = t_next - t_hat
+    t_prime = t_hat + a * h
+    cor = (torch.arange(n) < n - 1) & opts.second_order
+    t_prime_safe = torch.where(cor, t_prime, t_hat)  # a valid time where no correction is taken
+    sig_prime = fns.sig(t_prime_safe)
+    c = _coefficients(denoiser, torch.cat([sig_hat, sig_prime]))
+    skip1, out1, in1, noise1 = (t[:n] for t in c)
+    skip2, out2, in2, noise2 = (t[n:] for t in c)
+
+    def factors(t, sg, skip, out):  # d = g_x x + g_f F at time t
+        sc, sd = fns.s(t), fns.sig_d(t)
+        a_t, b_t = sd / sg + fns.s_d(t) / sc, sd * sc / sg
+        return a_t - b_t * skip / sc, -b_t * out, sc
+
+    gx1, gf1, _ = factors(t_hat, sig_hat, skip1, out1)
+    gx2, gf2, s_prime = factors(t_prime_safe, sig_prime, skip2, out2)
+    noise_on = (std > 0) if opts.s_churn > 0 else torch.zeros(n, dtype=torch.bool)
+    std_on = torch.where(noise_on, std, 0.0)
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    std_next = torch.cat([std_on[1:], zero])
+    net1, net2 = in1 / s_hat, in2 / s_prime  # network input scale: c_in / s
+    c_next = torch.cat([net1[1:], zero])
+    r_next = torch.cat([ratio[1:], one])
+    w1 = (1 - 1 / (2 * a)) / a
+    hb = h / (2 * a)
+    rows = torch.zeros(1 + 2 * n, COEF_SIZE, dtype=torch.float64)
+    pass_a, pass_b = rows[1::2], rows[2::2]
+    pass_a[:, 0] = torch.where(cor, 1 + a * h * gx1, (1 + h * gx1) * r_next)
+    pass_a[:, 2] = torch.where(cor, a * h * gf1, h * gf1 * r_next)
+    pass_a[:, 3] = torch.where(cor, 0.0, std_next)
+    pass_a[:, 4] = torch.where(cor, net2, c_next)
+    pass_b[:, 0] = torch.where(cor, (1 - w1) * r_next, 0.0)
+    pass_b[:, 1] = torch.where(cor, (w1 + hb * gx2) * r_next, 0.0)
+    pass_b[:, 2] = torch.where(cor, hb * gf2 * r_next, 0.0)
+    pass_b[:, 3] = torch.where(cor, std_next, 0.0)
+    pass_b[:, 4] = torch.where(cor, c_next, 0.0)
+    rows[0, 0] = fns.sig(t_steps[0]) * fns.s(t_steps[0]) * ratio[0]
+    rows[0, 3], rows[0, 4] = std_on[0], net1[0]
+    sigma_in = torch.zeros(2 * n, dtype=torch.float64)
+    sigma_in[0::2] = noise1
+    sigma_in[1::2] = torch.where(cor, noise2, 0.0)
+    # the callback's denoised D(x_hat / s; sigma_hat) = (c_skip / s) x_hat + c_out F
+    den = torch.zeros(n, COEF_SIZE, dtype=torch.float64)
+    den[:, 0], den[:, 2] = skip1 / s_hat, out1
+    sch = _Schedule(
+        sig_cur,
+        sig_hat,
+        fns.sig(t_next),
+        std,
+        gamma > 0,
+        cor,
+        torch.where(cor, sig_prime, fns.sig(t_next)),
+        False,
+    )
+    return _finish(rows, sigma_in, den, sch, noise_on, cor, opts, ("ablation",))
+
+
+def make_plan(
+    denoiser: Any, sigmas: torch.Tensor | None, opts: SamplerOptions, ablation: AblationOptions | None = None
+) -> Plan:
+    """Fold the schedule, the preconditioner and the solver into per-pass coefficient rows.
+
+    With ``ablation`` the time steps, sigma(t) and s(t) come from it and ``sigmas`` is unused."""
+    if ablation is not None:
+        return _ablation_plan(denoiser, opts, ablation)
+    assert sigmas is not None
     sch = _schedule(denoiser, sigmas, opts)
     n = sch.sigma.numel()
     a = opts.effective_alpha
@@ -257,14 +493,20 @@ def make_plan(denoiser: Any, sigmas: torch.Tensor, opts: SamplerOptions) -> Plan
     sigma_in = torch.zeros(2 * n, dtype=torch.float64)
     sigma_in[0::2] = noise1
     sigma_in[1::2] = torch.where(cor, noise2, 0.0)
+    # the callback's denoised D(x_hat; sigma_hat) = c_skip x_hat + c_out F (the limit step's too)
+    den = torch.zeros(n, COEF_SIZE, dtype=torch.float64)
+    den[:, 0], den[:, 2] = skip1, out1
+    return _finish(rows, sigma_in, den, sch, noise_on, cor, opts, ())
+
+
+def _finish(rows, sigma_in, den, sch: _Schedule, noise_on, cor, opts: SamplerOptions, kind: tuple) -> Plan:
     coef32, sigma32 = rows.to(torch.float32), sigma_in.to(torch.float32)
     _check_representable(rows, coef32, sigma_in, sigma32, sch, opts)
-
     steps = sch.steps()
     noise_steps = tuple(noise_on.tolist())
     correct = tuple(cor.tolist())
-    structure = (n, noise_steps, correct, sch.inf_start, opts.solver, opts.noise_mode)
-    return Plan(steps, coef32, sigma32, noise_steps, correct, structure)
+    structure = (len(steps), noise_steps, correct, sch.inf_start, opts.solver, opts.noise_mode)
+    return Plan(steps, coef32, sigma32, noise_steps, correct, structure, den.to(torch.float32), kind)
 
 
 def _check_representable(rows, coef32, sigma_in, sigma32, sch: _Schedule, opts: SamplerOptions) -> None:
@@ -339,16 +581,21 @@ class PlanCache:
         with self._lock:
             self._plans.clear()
 
-    def get(self, denoiser: Any, sigmas: Any, opts: SamplerOptions) -> Plan:
-        skey = _sigmas_key(sigmas)
-        key = None if skey is None else (skey, opts, _settings(denoiser))
+    def get(
+        self, denoiser: Any, sigmas: Any, opts: SamplerOptions, ablation: AblationOptions | None = None
+    ) -> Plan:
+        skey = ("ablation",) if ablation is not None else _sigmas_key(sigmas)
+        key = None if skey is None else (skey, opts, _settings(denoiser), ablation)
         if key is not None:
             with self._lock:
                 plan = self._plans.get(key)
                 if plan is not None:
                     self._plans.move_to_end(key)
                     return plan
-        plan = make_plan(denoiser, resolve_sigmas(denoiser, sigmas, opts), opts)
+        if ablation is not None:
+            plan = make_plan(denoiser, None, opts, ablation)
+        else:
+            plan = make_plan(denoiser, resolve_sigmas(denoiser, sigmas, opts), opts)
         if key is not None:
             with self._lock:
                 self._plans[key] = plan

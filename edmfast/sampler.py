@@ -17,6 +17,7 @@ and read once, after the loop.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -39,7 +40,7 @@ from .options import (
     merge_cond,
     with_option_signature,
 )
-from .plan import F32_MAX, Plan, PlanCache, is_preconditioner
+from .plan import F32_MAX, AblationOptions, Plan, PlanCache, is_preconditioner
 from .reference import draw_exact_noise
 
 INT32_MAX = 2**31 - 1
@@ -178,7 +179,15 @@ class Sampler:
     """
 
     @with_option_signature
-    def __init__(self, denoiser: Any, sigmas: Any = None, *, max_graphs: int = 4, **options: Any):
+    def __init__(
+        self,
+        denoiser: Any,
+        sigmas: Any = None,
+        *,
+        max_graphs: int = 4,
+        ablation: AblationOptions | None = None,
+        **options: Any,
+    ):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
@@ -190,6 +199,15 @@ class Sampler:
                 "like 1/alpha^2 there (use edmfast.reference.sample for such ablations)"
             )
         self._check_guidance(self.opts.guidance_scale, self.opts.guidance_rescale)
+        if ablation is not None and not isinstance(ablation, AblationOptions):
+            raise TypeError(
+                f"ablation must be an edmfast.plan.AblationOptions or None, got {type(ablation).__name__}"
+            )
+        if ablation is not None and sigmas is not None:
+            raise ValueError(
+                "sigmas must be None with ablation (the time steps come from the ablation options)"
+            )
+        self.ablation = ablation
         self._den: Callable[[], Any] = (
             (lambda: denoiser) if not isinstance(denoiser, weakref.ref) else denoiser
         )
@@ -300,7 +318,11 @@ class Sampler:
             kwargs = merge_cond(cond, check_cond(uncond, batch, device, "uncond"), batch)
         else:
             kwargs = cond
-        plan = self._plans.get(self.denoiser, self.sigmas if sigmas is None else sigmas, opts)
+        if self.ablation is not None and sigmas is not None:
+            raise ValueError(
+                "sigmas must be None with ablation (the time steps come from the ablation options)"
+            )
+        plan = self._plans.get(self.denoiser, self.sigmas if sigmas is None else sigmas, opts, self.ablation)
         if opts.noise_mode == "fused" and any(plan.noise_steps):
             if seeds is None:
                 seeds = getattr(generator, "seeds", None)
@@ -578,8 +600,10 @@ _samplers: OrderedDict[tuple, Sampler] = OrderedDict()
 _samplers_lock = threading.Lock()
 
 
-def _cached_sampler(denoiser: Any, opts: SamplerOptions, options: dict) -> Sampler:
-    key = (id(denoiser), opts)
+def _cached_sampler(
+    denoiser: Any, opts: SamplerOptions, options: dict, ablation: AblationOptions | None = None
+) -> Sampler:
+    key = (id(denoiser), opts, ablation)
     with _samplers_lock:
         s = _samplers.get(key)
         if s is not None and s._den() is denoiser:
@@ -588,8 +612,8 @@ def _cached_sampler(denoiser: Any, opts: SamplerOptions, options: dict) -> Sampl
     try:
         ref = weakref.ref(denoiser, functools.partial(_drop, key))
     except TypeError:  # not weak-referenceable (e.g. a builtin): no caching
-        return Sampler(denoiser, **options)
-    s = Sampler(ref, **options)
+        return Sampler(denoiser, ablation=ablation, **options)
+    s = Sampler(ref, ablation=ablation, **options)
     with _samplers_lock:
         _samplers[key] = s
         while len(_samplers) > _SAMPLE_CACHE_SIZE:
@@ -650,4 +674,91 @@ def sample(
     )  # fmt: skip
 
 
-__all__ = ["ALPHA_MIN", "Sampler", "clear_sample_cache", "sample"]
+def ablation_sample(
+    denoiser: Any,
+    noise: torch.Tensor,
+    *,
+    num_steps: int = 18,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    solver: str = "heun",
+    discretization: str = "edm",
+    schedule: str = "linear",
+    scaling: str = "none",
+    epsilon_s: float = 1e-3,
+    C1: float = 0.001,
+    C2: float = 0.008,
+    M: int = 1000,
+    alpha: float = 1.0,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator: Any = None,
+    cond: dict | None = None,
+    uncond: dict | None = None,
+    seeds: Any = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    **options: Any,
+) -> torch.Tensor:
+    """EDM's general sampler over the whole design space, on the fused engine.
+
+    The signature and math of `edmfast.reference.ablation_sample` (discretization edm | vp | ve |
+    iddpm, schedule sigma(t) linear | vp | ve, scaling s(t) none | vp, solver euler | heun | 2nd
+    with alpha, where heun with alpha != 1 is the 2nd-order alpha solver as there), plus the
+    engine's ``cond`` / ``uncond`` / guidance, ``seeds`` and options (noise_mode, backend,
+    cuda_graph, compile, progress). ``d = (sigma'/sigma + s'/s) x - (sigma' s/sigma) D(x/s; sigma)``
+    is affine in (x, F), so every step runs as the same fused passes as `sample`. Returns x(t=0)
+    typed like ``noise``. The paper's baselines: VP ``discretization="vp", schedule="vp",
+    scaling="vp"``; VE ``discretization="ve", schedule="ve"``.
+    """
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
+    ablation = AblationOptions.create(
+        discretization=discretization,
+        schedule=schedule,
+        scaling=scaling,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        epsilon_s=epsilon_s,
+        C1=C1,
+        C2=C2,
+        M=M,
+    )
+    if not isinstance(solver, str) or solver not in ("euler", "heun", "2nd"):
+        raise ValueError(f"solver must be euler, heun or 2nd, got {solver!r}")
+    alpha = _real("alpha", alpha)
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if solver == "euler":
+        alpha = 1.0  # unused by Euler, as in the reference
+    elif alpha != 1.0:
+        solver = "2nd"
+    elif solver == "2nd":
+        solver = "heun"  # alpha = 1 is Heun
+    engine = dict(
+        num_steps=num_steps,
+        rho=rho,
+        solver=solver,
+        alpha=alpha,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        **options,
+    )
+    opts = SamplerOptions.create(**engine)
+    s = (
+        Sampler(denoiser, ablation=ablation, **engine)
+        if opts.compile
+        else _cached_sampler(denoiser, opts, engine, ablation)
+    )
+    return s(
+        noise, cond=cond, uncond=uncond, generator=generator, seeds=seeds,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+    )  # fmt: skip
+
+
+__all__ = ["ALPHA_MIN", "Sampler", "ablation_sample", "clear_sample_cache", "sample"]
