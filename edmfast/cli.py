@@ -370,6 +370,31 @@ def native_note() -> str | None:
     return None if why is None else f"note: {why}; edmfast was imported from {where_imported()}"
 
 
+def quality_verdict(landed: float, distinct: int, n: int, k: int) -> str:
+    """One line judging a sample of ``n`` seeds from a data set of ``k`` images.
+
+    A correct sampler lands every sample on a training image and reaches as many distinct images
+    as ``n`` fair draws would. Too few steps fail either way: one step gives blurred blends, two or
+    three land exactly but on fewer images (the early giant steps pull samples towards a few
+    modes), which "100% landed" alone would hide. Low variety means more than 3 standard
+    deviations below the fair-draw count.
+    """
+    q1, q2 = (1 - 1 / k) ** n, (1 - 2 / k) ** n
+    mean = k * (1 - q1)
+    std = max(k * (k - 1) * q2 + k * q1 - (k * q1) ** 2, 0.0) ** 0.5
+    if landed < 0.9:
+        return (
+            f"blurred or blended samples ({100 * (1 - landed):.0f}% off the data): too few --steps, "
+            "or a sampler that is not converging"
+        )
+    if distinct < mean - 3 * std:
+        return (
+            f"sharp but low variety ({distinct} distinct images, ~{mean:.0f} expected): too few --steps "
+            "pull samples onto a few images; use more steps"
+        )
+    return "exact samples with the variety of fair draws"
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
@@ -443,6 +468,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"({100 * float(on_data.double().mean()):.0f}%); distinct training images reached: "
         f"{int(hit[on_data].unique().numel())} of {k} (~{expected:.0f} expected from {len(seeds)} fair draws)"
     )
+    distinct = int(hit[on_data].unique().numel())
+    print(f"verdict: {quality_verdict(float(on_data.double().mean()), distinct, len(seeds), k)}")
     note = native_note()
     if note is not None:
         print(note)

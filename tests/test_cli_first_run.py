@@ -351,3 +351,29 @@ def test_generate_network_needs_the_official_code(tmp_path, capsys):
         cli.main(["generate", "--network", str(path), "--model", "x:y", "--outdir", str(tmp_path / "o")]) == 2
     )
     assert "not both" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the quality line
+
+
+@pytest.mark.parametrize(
+    ("steps", "verdict"),
+    [
+        ("1", "blurred or blended"),
+        ("2", "sharp but low variety"),
+        ("3", "sharp but low variety"),
+        ("8", "exact"),
+    ],
+)
+def test_quality_line_sees_few_steps(tmp_path, capsys, steps, verdict):
+    """2-3 steps land on training images but on too few of them: the verdict must say so."""
+    assert cli.main(["sample", "--steps", steps, "--out", str(tmp_path / "g.png")]) == 0
+    assert f"verdict: {verdict}" in capsys.readouterr().out
+
+
+def test_quality_verdict_thresholds():
+    assert cli.quality_verdict(1.0, 28, 64, 32).startswith("exact")
+    assert cli.quality_verdict(1.0, 24, 64, 32).startswith("exact")  # within 3 std (1.6) of 28
+    assert cli.quality_verdict(1.0, 23, 64, 32).startswith("sharp but low variety")
+    assert cli.quality_verdict(0.5, 28, 64, 32).startswith("blurred")
+    assert cli.quality_verdict(1.0, 1, 1, 32).startswith("exact")
