@@ -183,6 +183,16 @@ class Plan:
             got = self._dev[key] = (t, list(t.unbind(0)))
         return got[1]
 
+    def denoise_rows(self, device: torch.device) -> list[torch.Tensor]:
+        """Per step, the row of ``D(x_hat) = p x_hat + r F`` (for callbacks), on ``device``."""
+        key = ("denoise", device)
+        got = self._dev.get(key)
+        if got is None:
+            assert self.denoise is not None
+            t = _to_device(self.denoise, device)
+            got = self._dev[key] = (t, list(t.unbind(0)))
+        return got[1]
+
     def coef_on(self, device: torch.device) -> torch.Tensor:
         self.rows(device)
         return self._dev[("coef", device)][0]

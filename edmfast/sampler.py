@@ -174,6 +174,11 @@ class Sampler:
     Plans (the float64 schedule folded into coefficient rows) are cached per schedule values and
     options: the denoiser's coefficients must not change while a Sampler uses it.
 
+    A call with a ``callback`` (see `sample`) runs the eager loop, graphs or not.
+
+    ``ablation`` (an `edmfast.plan.AblationOptions`): EDM's design space, sigma(t), s(t) and the
+    discretization's time steps (see `ablation_sample`); ``sigmas`` must then be None.
+
     ``stats`` records ``compile_s`` (first call through the compiled network), ``capture_s``,
     ``captures`` and ``replays``.
     """
@@ -265,7 +270,10 @@ class Sampler:
         seeds: Any = None,
         guidance_scale: Any = None,
         guidance_rescale: Any = None,
+        callback: Callable[[dict], Any] | None = None,
     ) -> torch.Tensor:
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
         with torch.no_grad():
             call = self._prepare(
                 noise, sigmas, cond, uncond, generator, seeds, guidance_scale, guidance_rescale
@@ -274,25 +282,28 @@ class Sampler:
             # (another thread, or this one re-entering from its denoiser) runs on its own buffers.
             shared = self._lock.acquire(blocking=False)
             try:
-                key = self._graph_key(call) if shared else None
+                # a callback runs between the steps: the eager loop (a graph replays all at once)
+                key = self._graph_key(call) if shared and callback is None else None
                 if key is not None and (self.opts.cuda_graph is True or self._graphs.should_capture(key)):
                     buf = self._replay(key, call)  # static buffers, captured once, refilled, replayed
                 else:
                     buf = self._eager_buffers(call, shared)
-                    self._run_eager(call, buf)
+                    self._run_eager(call, buf, callback)
                 return self._finish(buf, call)  # the one host sync: the flags, then the result
             finally:
                 if shared:
                     self._lock.release()
 
-    def _run_eager(self, call: _Call, buf: _Buffers) -> None:
+    def _run_eager(self, call: _Call, buf: _Buffers, callback: Callable[[dict], Any] | None = None) -> None:
         self._set_guidance(buf, call)
         start = call.noise  # the first pass reads the caller's noise directly when it can
         if start.dtype != torch.float32 or not start.is_contiguous():
             start = start.float().contiguous()
         device = start.device
         coef, sigma = call.plan.rows(device), call.plan.sigma_rows(device, call.rows)
-        self._loop(call, buf, coef, sigma, start, call.seeds, call.kwargs, self.opts.progress)
+        self._loop(
+            call, buf, coef, sigma, start, call.seeds, call.kwargs, self.opts.progress, callback=callback
+        )
 
     def _prepare(
         self, noise, sigmas, cond, uncond, generator, seeds, guidance_scale, guidance_rescale
@@ -488,11 +499,14 @@ class Sampler:
         cond: dict,
         progress: bool,
         graph: bool = False,
+        callback: Callable[[dict], Any] | None = None,
     ) -> None:
         """The whole sampling loop on static buffers: capturable as one CUDA graph.
 
         ``coef`` / ``sigma``: per-pass rows and per-evaluation network sigma / c_noise tensors.
-        In eager exact-noise mode step i's churn noise is drawn when the loop reaches it.
+        In eager exact-noise mode step i's churn noise is drawn when the loop reaches it. With a
+        ``callback`` (eager only) each step also copies x_hat and writes D(x_hat; sigma_hat) with
+        one more pass into fresh tensors: the state and the passes are those of a run without.
         """
         plan, k = call.plan, call.kernels
         n, step_fn, cfg_fn = plan.n, k.step, k.cfg
@@ -560,9 +574,14 @@ class Sampler:
             from tqdm import tqdm
 
             steps = tqdm(steps, desc="edmfast")
+        den_rows = plan.denoise_rows(device) if callback is not None else []
         for i in steps:
             next_net = net if i + 1 < n else None  # the last pass feeds no network
             f = evaluate(2 * i)
+            if callback is not None:
+                x_i = x_hat.clone()
+                denoised = torch.empty_like(x_hat)
+                step_fn(x_hat, den_rows[i], f=f, k=kk, guidance_scale=w, out=denoised)
             if correct[i]:
                 step_fn(
                     x_hat, coef[1 + 2 * i], f=f, k=kk, guidance_scale=w,
@@ -578,6 +597,13 @@ class Sampler:
                     x_hat, coef[1 + 2 * i], f=f, k=kk, guidance_scale=w,
                     out=x_hat, out_net=next_net, bad=bad, bad_step=i + 1, **churn_args(i + 1),
                 )  # fmt: skip
+            if callback is not None:
+                st = plan.steps[i]
+                callback({
+                    "x": x_i, "i": i, "denoised": denoised,
+                    "sigma": torch.tensor(st.sigma, dtype=torch.float64),
+                    "sigma_hat": torch.tensor(st.sigma_hat, dtype=torch.float64),
+                })  # fmt: skip
 
     def release(self) -> None:
         """Drop every captured graph and its memory pool, the eager buffers and the cached plans
@@ -644,6 +670,7 @@ def sample(
     uncond: dict | None = None,
     generator: Any = None,
     seeds: Any = None,
+    callback: Callable[[dict], Any] | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Sample with EDM's stochastic Heun sampler (Algorithm 2; Algorithm 1 when s_churn = 0).
@@ -658,6 +685,12 @@ def sample(
     Repeated calls with the same denoiser and options reuse one cached `Sampler` (its plans,
     buffers and, on CUDA, captured graphs): at most 8, each dropped with its denoiser or by
     `edmfast.sampler.clear_sample_cache`; with compile=True each call builds a fresh one.
+
+    ``callback(info)``, k-diffusion's convention, runs after each step i with ``info`` = {"x":
+    x_hat_i (the state the step started from, after churn), "i", "sigma": sigma_i, "sigma_hat",
+    "denoised": D(x_hat_i; sigma_hat_i) (guided)}, fresh tensors (sigma / sigma_hat float64 0-d,
+    on the CPU). A callback forces the eager loop (no CUDA graph; one copy and one extra pass per
+    step) and never changes the result.
     """
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
@@ -670,7 +703,7 @@ def sample(
         s = _cached_sampler(denoiser, opts, options)
     return s(
         noise, sigmas, cond=cond, uncond=uncond, generator=generator, seeds=seeds,
-        guidance_scale=w, guidance_rescale=phi,
+        guidance_scale=w, guidance_rescale=phi, callback=callback,
     )  # fmt: skip
 
 
@@ -701,6 +734,7 @@ def ablation_sample(
     seeds: Any = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
+    callback: Callable[[dict], Any] | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """EDM's general sampler over the whole design space, on the fused engine.
@@ -712,7 +746,8 @@ def ablation_sample(
     cuda_graph, compile, progress). ``d = (sigma'/sigma + s'/s) x - (sigma' s/sigma) D(x/s; sigma)``
     is affine in (x, F), so every step runs as the same fused passes as `sample`. Returns x(t=0)
     typed like ``noise``. The paper's baselines: VP ``discretization="vp", schedule="vp",
-    scaling="vp"``; VE ``discretization="ve", schedule="ve"``.
+    scaling="vp"``; VE ``discretization="ve", schedule="ve"``. ``callback`` as in `sample`
+    (``x`` is the scaled state, ``denoised`` D(x_hat / s; sigma_hat)).
     """
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
@@ -757,7 +792,7 @@ def ablation_sample(
     )
     return s(
         noise, cond=cond, uncond=uncond, generator=generator, seeds=seeds,
-        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, callback=callback,
     )  # fmt: skip
 
 
