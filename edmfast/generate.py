@@ -1,6 +1,6 @@
 """Large-scale generation to disk (``edmfast generate``): one PNG per seed, resumable, multi-process.
 
-Guarantees (SPEC §4, §6):
+Guarantees (docs/design.md §7, §8):
 
 * **Per-seed images.** Sample b's latents and churn noise come from its own
   ``torch.Generator().manual_seed(seed)`` (`edmfast.PerSampleGenerator`), as in EDM's generate

@@ -377,3 +377,22 @@ def test_quality_verdict_thresholds():
     assert cli.quality_verdict(1.0, 23, 64, 32).startswith("sharp but low variety")
     assert cli.quality_verdict(0.5, 28, 64, 32).startswith("blurred")
     assert cli.quality_verdict(1.0, 1, 1, 32).startswith("exact")
+
+
+def test_bench_sampler_without_k_diffusion_skips_it(tmp_path, monkeypatch, capsys):
+    """benchmarks/bench_sampler.py: a missing optional peer is a skipped row, not an "## Errors" entry."""
+    bench = ROOT / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    import bench_sampler
+    import peers
+
+    def missing():
+        raise ImportError("k-diffusion is not installed")
+
+    monkeypatch.setattr(peers, "load_k_diffusion_sampling", missing)
+    assert bench_sampler.main(["--quick", "--mode", "cpu", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert "k_diffusion_sample_heun" not in record.get("errors", {})
+    assert record["skipped"]["k_diffusion_sample_heun"].startswith("install k-diffusion to compare")
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "## Errors" not in md and "install k-diffusion to compare" in md
