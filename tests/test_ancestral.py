@@ -322,3 +322,71 @@ def test_non_finite_model_output_is_reported_with_its_step():
 
     with pytest.raises(FloatingPointError, match="step"):
         sample_ancestral(bad, torch.randn(1, C, HW, HW), ddpm_betas(1000), num_steps=4, backend="torch")
+
+
+class _FakeGraph:
+    def __init__(self, run):
+        self.run = run
+
+    def replay(self):
+        self.run()
+
+
+class _CPUGraphSampler(AncestralSampler):
+    """The graph path (static buffers, pre-drawn exact noise, refill, replay) on the CPU: a "graph"
+    that re-runs the captured loop stands in for torch.cuda.CUDAGraph."""
+
+    def _graph_key(self, call):
+        return ("cpu-graph", tuple(call.noise.shape), call.plan.num_steps, call.use_cfg, call.rescale)
+
+
+def test_graph_path_refills_static_buffers_and_predraws_exact_noise(monkeypatch):
+    import edmfast.ancestral as anc
+
+    def fake_capture(run, device):
+        run()  # the warm-up run, as graphs.capture does
+        return _FakeGraph(run), 0.0
+
+    monkeypatch.setattr(anc, "capture", fake_capture)
+    net = Net(True, seed=4)
+    betas = ddpm_betas(1000, "cosine")
+    kw = dict(num_steps=6, guidance_scale=2.0, guidance_rescale=0.5, backend="torch")
+    s = _CPUGraphSampler(net, betas, **kw)
+    cond, uncond = {"label": torch.tensor([1.0, 2.0])}, {"label": torch.zeros(2)}
+    # "auto": the first call runs eagerly, the second captures and replays, the third replays
+    for seed in (1, 2, 3):
+        noise = torch.randn(2, C, HW, HW, generator=torch.Generator().manual_seed(seed))
+        got = s(noise, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(seed))
+        expect = R.sample_ancestral(
+            net, noise, betas, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(seed), **kw
+        )
+        torch.testing.assert_close(got, expect, atol=5e-5, rtol=5e-5)
+    assert s.stats["captures"] == 1 and s.stats["replays"] == 2
+
+
+def test_engine_equals_diffusers_with_a_random_unet2d():
+    """A 2C-output diffusers UNet2DModel (random weights, tiny), learned_range, cosine, respaced."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=C, out_channels=2 * C, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()  # fmt: skip
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, t):
+            return self.unet(x, t).sample
+
+    net = Wrapped()
+    noise = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(1))
+    expect = _diffusers_ddpm(
+        net, noise, "squaredcos_cap_v2", "learned_range", True, 10, torch.Generator().manual_seed(2)
+    )
+    got = sample_ancestral(
+        net, noise, ddpm_betas(1000, "cosine"), num_steps=10, generator=torch.Generator().manual_seed(2)
+    )
+    torch.testing.assert_close(got, expect, atol=2e-4, rtol=2e-4)
