@@ -111,8 +111,10 @@ AncestralArgs ancestral_args(uintptr_t x, uintptr_t f, uintptr_t k, uintptr_t no
 }
 
 CfgArgs cfg_args(uintptr_t cond, uintptr_t uncond, int64_t batch, int64_t numel, int dtype, double guidance_scale,
-                 double guidance_rescale, uintptr_t guidance_scale_ptr = 0, uintptr_t guidance_rescale_ptr = 0) {
+                 double guidance_rescale, uintptr_t guidance_scale_ptr = 0, uintptr_t guidance_rescale_ptr = 0,
+                 int64_t row_stride = 0) {
   CfgArgs a;
+  a.row_stride = row_stride;
   a.cond = ptr<const void>(cond);
   a.uncond = ptr<const void>(uncond);
   a.batch = batch;
@@ -246,9 +248,9 @@ PYBIND11_MODULE(_C, m) {
       "cfg_rescale_factors_cpu",
       [](uintptr_t cond, uintptr_t uncond, uintptr_t k_out, int64_t batch, int64_t numel, int dtype,
          double guidance_scale, double guidance_rescale, int num_threads, uintptr_t guidance_scale_ptr,
-         uintptr_t guidance_rescale_ptr) {
+         uintptr_t guidance_rescale_ptr, int64_t row_stride) {
         const CfgArgs a = cfg_args(cond, uncond, batch, numel, dtype, guidance_scale, guidance_rescale,
-                                   guidance_scale_ptr, guidance_rescale_ptr);
+                                   guidance_scale_ptr, guidance_rescale_ptr, row_stride);
         int status;
         {
           py::gil_scoped_release release;
@@ -257,7 +259,7 @@ PYBIND11_MODULE(_C, m) {
         raise_on_error(status, "cfg_rescale_factors");
       },
       "cond"_a, "uncond"_a, "k_out"_a, "batch"_a, "numel"_a, "dtype"_a, "guidance_scale"_a, "guidance_rescale"_a,
-      "num_threads"_a, "guidance_scale_ptr"_a = 0, "guidance_rescale_ptr"_a = 0);
+      "num_threads"_a, "guidance_scale_ptr"_a = 0, "guidance_rescale_ptr"_a = 0, "row_stride"_a = 0);
   m.def(
       "cfg_rescale_cpu",
       [](uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int64_t numel, int dtype,
@@ -274,16 +276,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("cfg_rescale_factors_cuda", [](uintptr_t cond, uintptr_t uncond, uintptr_t k_out, int64_t batch,
                                        int64_t numel, int dtype, double guidance_scale, double guidance_rescale,
                                        uintptr_t workspace, int64_t workspace_floats, int device, uintptr_t stream,
-                                       uintptr_t guidance_scale_ptr, uintptr_t guidance_rescale_ptr) {
+                                       uintptr_t guidance_scale_ptr, uintptr_t guidance_rescale_ptr,
+                                       int64_t row_stride) {
     const CfgArgs a = cfg_args(cond, uncond, batch, numel, dtype, guidance_scale, guidance_rescale,
-                               guidance_scale_ptr, guidance_rescale_ptr);
+                               guidance_scale_ptr, guidance_rescale_ptr, row_stride);
     raise_on_error(edmfast::cfg_rescale_factors_cuda(a, ptr<float>(k_out), ptr<float>(workspace), workspace_floats,
                                                      device, ptr<void>(stream)),
                    "cfg_rescale_factors");
   },
   "cond"_a, "uncond"_a, "k_out"_a, "batch"_a, "numel"_a, "dtype"_a, "guidance_scale"_a, "guidance_rescale"_a,
   "workspace"_a, "workspace_floats"_a, "device"_a, "stream"_a, "guidance_scale_ptr"_a = 0,
-  "guidance_rescale_ptr"_a = 0);
+  "guidance_rescale_ptr"_a = 0, "row_stride"_a = 0);
   m.def("cfg_rescale_cuda", [](uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int64_t numel,
                                int dtype, double guidance_scale, double guidance_rescale, uintptr_t workspace,
                                int64_t workspace_floats, int device, uintptr_t stream) {

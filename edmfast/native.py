@@ -335,20 +335,22 @@ def workspace(f: Tensor) -> Tensor:
     return torch.zeros(size, dtype=torch.float32, device=f.device)
 
 
-def _launch_cfg_factors(f, w, w_tensor, phi, phi_tensor, out, ws) -> None:
+def _launch_cfg_factors(f, w, w_tensor, phi, phi_tensor, out, ws, numel=None) -> None:
     batch = f.shape[0] // 2
-    numel = f.numel() // f.shape[0]
+    row = f.numel() // f.shape[0]
     cond = f.data_ptr()
-    uncond = cond + batch * numel * f.element_size()
-    args = (cond, uncond, out.data_ptr(), batch, numel, _DTYPE_CODE[f.dtype], w, phi)
+    uncond = cond + batch * row * f.element_size()
+    # numel < row: the first numel elements of each row count, read in place (stride = row)
+    count = row if numel is None else numel
+    args = (cond, uncond, out.data_ptr(), batch, count, _DTYPE_CODE[f.dtype], w, phi)
     if f.is_cuda:
         if ws is None:
             ws = workspace(f)
         _C.cfg_rescale_factors_cuda(
-            *args, ws.data_ptr(), ws.numel(), *_stream(f), _addr(w_tensor), _addr(phi_tensor)
+            *args, ws.data_ptr(), ws.numel(), *_stream(f), _addr(w_tensor), _addr(phi_tensor), row
         )
     else:
-        _C.cfg_rescale_factors_cpu(*args, torch.get_num_threads(), _addr(w_tensor), _addr(phi_tensor))
+        _C.cfg_rescale_factors_cpu(*args, torch.get_num_threads(), _addr(w_tensor), _addr(phi_tensor), row)
 
 
 @torch.library.custom_op("edmfast::cfg_rescale_factors", mutates_args=("out", "workspace"))
@@ -360,9 +362,17 @@ def _cfg_rescale_factors_op(
     guidance_scale_tensor: Tensor | None = None,
     guidance_rescale_tensor: Tensor | None = None,
     workspace: Tensor | None = None,
+    numel: int | None = None,
 ) -> None:
     _launch_cfg_factors(
-        f, guidance_scale, guidance_scale_tensor, guidance_rescale, guidance_rescale_tensor, out, workspace
+        f,
+        guidance_scale,
+        guidance_scale_tensor,
+        guidance_rescale,
+        guidance_rescale_tensor,
+        out,
+        workspace,
+        numel,
     )
 
 
@@ -405,20 +415,22 @@ def cfg_rescale_factors(
     *,
     out: Tensor,
     workspace: Tensor | None = None,
+    numel: int | None = None,
 ) -> None:
     """k[b] = phi std(cond_b)/std(cfg_b) + (1 - phi) into float32 ``out`` [B]; f: [2B, ...], cond rows first.
 
     One reduction pass over f, one launch on every device (CUDA: the last block of each sample
     finalizes it); unbiased stds; ratio 1 where std(cfg) = 0 or M < 2
     (`edmfast.reference.cfg_rescale_factors`). The guidance values are floats or float32 [1]
-    tensors on f's device; ``workspace`` from `workspace` (allocated here when None). Unchecked.
+    tensors on f's device; ``workspace`` from `workspace` (allocated here when None); ``numel``:
+    count only the first numel (>= 1) elements of each row (None: all). Unchecked.
     """
     w, w_tensor = _scalar(guidance_scale)
     phi, phi_tensor = _scalar(guidance_rescale)
     if torch.compiler.is_compiling():
-        torch.ops.edmfast.cfg_rescale_factors(f, w, phi, out, w_tensor, phi_tensor, workspace)
+        torch.ops.edmfast.cfg_rescale_factors(f, w, phi, out, w_tensor, phi_tensor, workspace, numel)
     else:  # see _EAGER_NOTE
-        _launch_cfg_factors(f, w, w_tensor, phi, phi_tensor, out, workspace)
+        _launch_cfg_factors(f, w, w_tensor, phi, phi_tensor, out, workspace, numel)
 
 
 def cfg_rescale(

@@ -543,9 +543,11 @@ def _torch_cfg_rescale_factors(
     *,
     out: torch.Tensor,
     workspace: torch.Tensor | None = None,
+    numel: int | None = None,
 ) -> None:
     """The torch backend of `cfg_rescale_factors` (no workspace needed)."""
-    out.copy_(_torch_cfg_factors(f.float(), guidance_scale, guidance_rescale))
+    rows = _flat(f) if numel is None else _flat(f)[:, :numel]  # a view: the prediction half
+    out.copy_(_torch_cfg_factors(rows.float(), guidance_scale, guidance_rescale))
 
 
 def _float32(value: float) -> float:
@@ -620,7 +622,7 @@ def raw_churn(backend: str) -> Callable[..., None]:
 def raw_cfg_rescale_factors(backend: str) -> Callable[..., None]:
     """`cfg_rescale_factors`'s kernel for ``backend``, unchecked (see `raw_heun_step`).
 
-    Signature ``(f, guidance_scale, guidance_rescale, *, out, workspace=None)``; with the
+    Signature ``(f, guidance_scale, guidance_rescale, *, out, workspace=None, numel=None)``; with the
     workspace from `cfg_workspace` every backend is one launch and allocates nothing.
     """
     _require(backend)
@@ -804,6 +806,7 @@ def cfg_rescale_factors(
     *,
     out: torch.Tensor,
     workspace: torch.Tensor | None = None,
+    numel: int | None = None,
     backend: str = "torch",
 ) -> torch.Tensor:
     """Per-sample CFG-rescale factors k [B] (float32) from the batched prediction f [2B, ...].
@@ -811,8 +814,12 @@ def cfg_rescale_factors(
     One reduction pass (four sums per sample). See `edmfast.reference.cfg_rescale_factors`. The
     guidance values are floats or float32 one-element tensors on f's device (read at run time);
     with ``workspace`` from `cfg_workspace` the op is one launch that allocates nothing.
+    ``numel``: only the first ``numel`` elements of each row of f count (the prediction half of a
+    model output with a variance half), read in place; None: the whole row.
     """
     _check_f(f)
+    if numel is not None:
+        _check_int("numel", numel, 0, f.numel() // f.shape[0])
     _check_guidance(guidance_scale, guidance_rescale, f.device, "f")
     _check_tensor("out", out, f.device, (torch.float32,), like="f")
     _check_out("out", out, f.shape[0] // 2, 1)
@@ -832,10 +839,11 @@ def cfg_rescale_factors(
         [("out", out), ("workspace", workspace)],
         [("f", f)] + [(n, v if isinstance(v, torch.Tensor) else None) for n, v in tensors],
     )
-    if f.numel() == 0:
+    if f.numel() == 0 or numel == 0:
         return out.fill_(1.0)  # no elements: the unbiased std is undefined, the ratio is 1
+    kwargs = {} if numel is None else {"numel": int(numel)}  # older raw entries take no numel
     _entry(backend, "cfg_rescale_factors")(
-        f.contiguous(), guidance_scale, guidance_rescale, out=out, workspace=workspace
+        f.contiguous(), guidance_scale, guidance_rescale, out=out, workspace=workspace, **kwargs
     )
     return out
 

@@ -249,3 +249,37 @@ def test_overlap_rejected() -> None:
         _call(noise=noise, out=noise)
     out = torch.empty(2, 3, 4)
     _call(x=out, out=out)  # out may be x exactly
+
+
+# ----------------------------------------------------------------------------- CFG factors, prediction half
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, n", [(1, 7), (2, 1030), (3, 1)])
+def test_cfg_factors_prediction_half(backend_device, dtype, batch, n) -> None:
+    """``numel=n`` over [2B, 2n] rows equals the factors of the prediction half alone, and the same
+    workspace then serves a whole-row call (its counters sit where the whole-row layout has them)."""
+    backend, device = backend_device
+    f = torch.randn(2 * batch, 2 * n, device=device).to(dtype)
+    f[:, n:] *= 40  # a variance half that would change k if it were counted
+    ws = ops.cfg_workspace(f, backend)
+    for _ in range(2):  # twice: the finalizing program reset the counters it used
+        k = poisoned((batch,), torch.float32, device)
+        ops.cfg_rescale_factors(f, 4.0, 0.7, out=k, workspace=ws, numel=n, backend=backend)
+        ref = reference.cfg_rescale_factors(f[:, :n].double().cpu(), 4.0, 0.7)
+        torch.testing.assert_close(k.double().cpu(), ref, rtol=1e-5, atol=1e-6)
+    k_full = poisoned((batch,), torch.float32, device)
+    ops.cfg_rescale_factors(f, 4.0, 0.7, out=k_full, workspace=ws, backend=backend)
+    ref_full = reference.cfg_rescale_factors(f.double().cpu(), 4.0, 0.7)
+    torch.testing.assert_close(k_full.double().cpu(), ref_full, rtol=1e-5, atol=1e-6)
+
+
+def test_cfg_factors_numel_validation() -> None:
+    f = torch.randn(4, 6)
+    k = torch.empty(2)
+    with pytest.raises(ValueError, match="numel must be in"):
+        ops.cfg_rescale_factors(f, 2.0, 0.5, out=k, numel=7)
+    with pytest.raises(TypeError, match="numel must be an int"):
+        ops.cfg_rescale_factors(f, 2.0, 0.5, out=k, numel=3.0)
+    ops.cfg_rescale_factors(f, 2.0, 0.5, out=k, numel=0)
+    assert k.tolist() == [1.0, 1.0]

@@ -49,7 +49,7 @@ void factors(const CfgArgs& a, float* k_out, int num_threads) {
   const int64_t chunks = (a.numel + kChunk - 1) / kChunk;
   std::vector<Sums> partial(static_cast<size_t>(a.batch * chunks));
   for_each_chunk(a.batch, a.numel, kChunk, num_threads, [&](int64_t item, int64_t b, int64_t begin, int64_t n) {
-    const int64_t row = b * a.numel;
+    const int64_t row = b * a.row();
     partial[item] = chunk_sums(cond + row + begin, uncond + row + begin, n, to_float(cond[row]),
                                to_float(uncond[row]), a.guidance_scale);
   });
@@ -120,6 +120,7 @@ int cfg_rescale_factors_cpu(const CfgArgs& args, float* k_out, int num_threads) 
 
 int cfg_rescale_cpu(const CfgArgs& args, void* out, int num_threads) {
   if (validate(args) != kOk || !out) return kBadArgument;
+  if (args.row_stride != 0 && args.row_stride != args.numel) return kBadArgument;  // the apply pass has no stride
   const CfgArgs a = resolved(args);
   if (a.numel == 0) return kOk;
   switch (a.dtype) {

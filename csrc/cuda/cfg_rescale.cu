@@ -55,8 +55,8 @@ __global__ void __launch_bounds__(kThreads)
   const float w = a.guidance_scale_ptr ? *a.guidance_scale_ptr : a.guidance_scale;
   __shared__ bool last;
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
-    const T* cond = cond_all + b * a.numel;
-    const T* uncond = uncond_all + b * a.numel;
+    const T* cond = cond_all + b * a.row();
+    const T* uncond = uncond_all + b * a.row();
     // numel == 0 leaves all sums 0 and k = 1 (the n < 2 rule); never read element 0 then.
     const float pivot_c = a.numel > 0 ? to_float(cond[0]) : 0.0f;
     const float pivot_u = a.numel > 0 ? to_float(uncond[0]) : 0.0f;
@@ -122,9 +122,11 @@ __global__ void __launch_bounds__(kThreads) cfg_apply_kernel(const CfgArgs a, co
   }
 }
 
-// Workspace layout (ops.h): partials [batch][chunks][4], k [batch], counters [batch] (uint32).
+// Workspace layout (ops.h), sized by the row: partials [batch][cfg_chunks(row)][4], k [batch],
+// counters [batch] (uint32). A launch over numel < row uses the first chunks of each sample's
+// partials (indexed with its own chunk count, which is never larger).
 inline unsigned* counters_of(float* workspace, const CfgArgs& a) {
-  return reinterpret_cast<unsigned*>(workspace + a.batch * (4 * cfg_chunks(a.numel) + 1));
+  return reinterpret_cast<unsigned*>(workspace + a.batch * (4 * cfg_chunks(a.row()) + 1));
 }
 
 template <typename T>
@@ -151,7 +153,7 @@ int launch_apply(const CfgArgs& a, const float* k, T* out, int device, cudaStrea
 // Entry checks shared by both launchers: the workspace must hold the partials and k.
 int check(const CfgArgs& a, const float* workspace, int64_t workspace_floats) {
   if (validate(a) != kOk || !workspace) return kBadArgument;
-  if (workspace_floats < cfg_workspace_floats(a.batch, a.numel)) return kBadArgument;
+  if (workspace_floats < cfg_workspace_floats(a.batch, a.row())) return kBadArgument;
   if (a.numel > static_cast<int64_t>(0x7FFFFFFF) * kCfgChunk) return kBadArgument;  // grid.x limit
   return kOk;
 }
@@ -182,6 +184,7 @@ int cfg_rescale_cuda(const CfgArgs& a, void* out, float* workspace, int64_t work
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.row_stride != 0 && a.row_stride != a.numel) return kBadArgument;  // the apply pass has no stride
   float* k = workspace + a.batch * 4 * cfg_chunks(a.numel);  // the k slot of the workspace
   int err = kBadArgument;
   switch (a.dtype) {

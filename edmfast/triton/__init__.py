@@ -203,17 +203,19 @@ def cfg_rescale_factors(
     *,
     out: torch.Tensor,
     workspace: torch.Tensor | None = None,
+    numel: int | None = None,
 ) -> None:
     """k[b] = phi std(cond_b) / std(cfg_b) + (1 - phi) into ``out`` (float32 [B]); f is [2B, ...].
 
     One launch; the guidance values are floats or float32 [1] tensors read at run time;
-    ``workspace`` from `workspace` (a fresh zeroed one is allocated when None).
+    ``workspace`` from `workspace` (a fresh zeroed one is allocated when None); ``numel``: count
+    only the first numel (>= 1) elements of each row (None: all).
     """
     w_t = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
     phi_t = guidance_rescale if isinstance(guidance_rescale, torch.Tensor) else None
     w = 1.0 if w_t is not None else float(guidance_scale)
     phi = 1.0 if phi_t is not None else float(guidance_rescale)
-    _ops().cfg_rescale_factors(f, w, phi, out, w_t, phi_t, workspace)
+    _ops().cfg_rescale_factors(f, w, phi, out, w_t, phi_t, workspace, numel)
 
 
 def cfg_rescale(

@@ -35,29 +35,33 @@ from .heun_step import MAX_BATCH, block_config
 N_SUMS = 4  # sum c', sum c'^2, sum cfg', sum cfg'^2
 
 
-def reduction_config(numel: int, batch: int) -> tuple[int, int, int, int]:
+def reduction_config(numel: int, batch: int, max_programs: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK, tiles per program, programs per sample, num_warps) for the partial-sum pass.
 
     GPU: about 2048 programs over the whole batch (an H200 has 132 SMs; ~16 resident 4-warp
     programs each keep enough loads in flight), at most 1024 per sample so the finalize kernel
     reduces them in one block. Interpreter: one fixed small config (at most 16 programs).
+    ``max_programs`` caps the programs per sample (a workspace laid out for a longer row).
     """
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     block = max(16, min(1024 if interpret else 2048, triton.next_power_of_2(numel)))
     tiles = triton.cdiv(numel, block)
     wanted = 16 if interpret else min(1024, triton.cdiv(2048, batch))
     per_program = triton.cdiv(tiles, min(wanted, tiles))
+    if max_programs is not None:
+        per_program = max(per_program, triton.cdiv(tiles, max_programs))
     return block, per_program, triton.cdiv(tiles, per_program), 4 if block <= 1024 else 8
 
 
 @triton.jit
 def _cfg_factors_kernel(
-    cond_ptr, uncond_ptr, ws_ptr, count_ptr, k_ptr, w_ptr, phi_ptr, M, P, guidance_scale, guidance_rescale,
-    TILES, W_FROM_PTR: tl.constexpr, PHI_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
+    cond_ptr, uncond_ptr, ws_ptr, count_ptr, k_ptr, w_ptr, phi_ptr, M, ROW, P, guidance_scale,
+    guidance_rescale, TILES, W_FROM_PTR: tl.constexpr, PHI_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    P_BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    base = b * M
+    base = b * ROW  # rows are ROW >= M elements apart; the first M of each count
     if W_FROM_PTR:
         w = tl.load(w_ptr)
     else:
@@ -143,17 +147,23 @@ def new_workspace(f: torch.Tensor) -> torch.Tensor:
 
 def _launch_factors(
     cond: torch.Tensor, uncond: torch.Tensor, w: float, w_t: torch.Tensor | None, phi: float,
-    phi_t: torch.Tensor | None, k: torch.Tensor, ws: torch.Tensor,
+    phi_t: torch.Tensor | None, k: torch.Tensor, ws: torch.Tensor, numel: int | None = None,
 ) -> None:  # fmt: skip
-    """k (float32 [B]) from contiguous cond / uncond rows, one launch; ``ws`` from `new_workspace`."""
+    """k (float32 [B]) from contiguous cond / uncond rows, one launch; ``ws`` from `new_workspace`.
+
+    ``numel``: count the first numel elements of each row only (None: the whole row). The
+    workspace layout (where the counters sit) is always that of the whole row.
+    """
     batch = cond.shape[0]
-    numel = cond.numel() // batch
+    row = cond.numel() // batch
+    count = row if numel is None else numel
     if batch > MAX_BATCH:
         raise ValueError(f"the triton backend handles at most {MAX_BATCH} samples per call, got {batch}")
-    block, tiles, programs, num_warps = reduction_config(numel, batch)
-    counts = ws[batch * N_SUMS * programs :].view(torch.int32)
+    layout_programs = reduction_config(row, batch)[2]
+    block, tiles, programs, num_warps = reduction_config(count, batch, layout_programs)
+    counts = ws[batch * N_SUMS * layout_programs :].view(torch.int32)
     wrap_triton(_cfg_factors_kernel)[(programs, batch)](
-        cond, uncond, ws, counts, k, k if w_t is None else w_t, k if phi_t is None else phi_t, numel,
+        cond, uncond, ws, counts, k, k if w_t is None else w_t, k if phi_t is None else phi_t, count, row,
         programs, float(w), float(phi), tiles, W_FROM_PTR=w_t is not None, PHI_FROM_PTR=phi_t is not None,
         BLOCK=block, P_BLOCK=triton.next_power_of_2(programs), num_warps=num_warps,
     )  # fmt: skip
@@ -168,11 +178,12 @@ def cfg_rescale_factors(
     guidance_scale_tensor: torch.Tensor | None = None,
     guidance_rescale_tensor: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    numel: int | None = None,
 ) -> None:
     batch = f.shape[0] // 2
     ws = new_workspace(f) if workspace is None else workspace
     w_t, phi_t = guidance_scale_tensor, guidance_rescale_tensor
-    _launch_factors(f[:batch], f[batch:], guidance_scale, w_t, guidance_rescale, phi_t, out, ws)
+    _launch_factors(f[:batch], f[batch:], guidance_scale, w_t, guidance_rescale, phi_t, out, ws, numel)
 
 
 @_triton_op("edmfast_triton::cfg_rescale", mutates_args=("out",))

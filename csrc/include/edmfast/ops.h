@@ -76,6 +76,13 @@ struct CfgArgs {
   // A value read at run time cannot be range-checked here; the Python layer checks host floats.
   const float* guidance_scale_ptr = nullptr;
   const float* guidance_rescale_ptr = nullptr;
+  // Elements between consecutive rows of cond / uncond, >= numel (0: numel). The factors then
+  // count the first numel elements of each row only: the prediction half of a [2B, 2C, ...]
+  // model output, read in place. The CUDA workspace layout follows the row (cfg_workspace_floats
+  // of row()), so one workspace serves any numel <= row().
+  int64_t row_stride = 0;
+
+  EDMFAST_HD int64_t row() const { return row_stride > 0 ? row_stride : numel; }
 };
 
 // Checks shared by both backends (sizes, flags and required pointers), so a bad call from the
@@ -107,6 +114,7 @@ inline int validate(const CfgArgs& a) {
   const bool dtype_ok = a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16;
   if (!dtype_ok || a.batch < 1 || a.numel < 0 || !a.cond || !a.uncond) return kBadArgument;
   if (!a.guidance_rescale_ptr && !(a.guidance_rescale >= 0.0f && a.guidance_rescale <= 1.0f)) return kBadArgument;
+  if (a.row_stride < 0 || (a.row_stride > 0 && a.row_stride < a.numel)) return kBadArgument;
   return kOk;
 }
 
