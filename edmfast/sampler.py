@@ -201,7 +201,8 @@ class Sampler:
         if self.opts.solver == "2nd" and self.opts.alpha < ALPHA_MIN:
             raise ValueError(
                 f"alpha={self.opts.alpha} is below {ALPHA_MIN}: the fused float32 engine loses accuracy "
-                "like 1/alpha^2 there (use edmfast.reference.sample for such ablations)"
+                "like 1/alpha^2 there (use edmfast.reference.sample or reference.ablation_sample for "
+                "such ablations)"
             )
         self._check_guidance(self.opts.guidance_scale, self.opts.guidance_rescale)
         if ablation is not None and not isinstance(ablation, AblationOptions):

@@ -15,7 +15,7 @@ from torch import nn
 import edmfast
 from edmfast import precond, reference
 from edmfast.edm import OfficialUNet, from_edm, load_network
-from tests.conftest import rel_err
+from tests.conftest import TOL, rel_err
 
 RUN_TOL = 2e-5
 
@@ -199,6 +199,18 @@ def test_from_edm_settings_and_fp16():
     dd = from_edm(_official("iDDPMPrecond", C_1=0.002, C_2=0.01, M=300))
     assert dd.M == 300 and dd.model.unet is not None
     assert isinstance(dd.model, OfficialUNet)
+
+
+def test_from_edm_fp16_network_samples():
+    # use_fp16: the engine hands the network float16 inputs; the official forward does that on
+    # CUDA only, so on the CPU the budget is the fp16 one against the float32 module
+    net = _official("EDMPrecond", label_dim=5, use_fp16=True)
+    pre = from_edm(net)
+    noise = torch.randn(2, 3, 8, 8)
+    cond = {"class_labels": torch.eye(5)[:2]}
+    a = edmfast.sample(pre, noise, num_steps=8, cond=cond, backend="cpu")
+    b = edmfast.sample(net, noise, num_steps=8, cond=cond, backend="cpu")
+    assert rel_err(a, b) < TOL[torch.float16]
 
 
 def test_from_edm_rejects_other_objects():
