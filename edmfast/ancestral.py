@@ -302,7 +302,6 @@ class _Buffers:
     bad: torch.Tensor  # int32 [B]
     gs: torch.Tensor  # float32 [1]
     phi: torch.Tensor  # float32 [1]
-    pred: torch.Tensor | None  # [2B, n] prediction half for the rescale factors (learned + rescale)
     workspace: torch.Tensor | None
     eps: torch.Tensor  # float32 [S | 1 | 0, B, ...] exact noise
     start: torch.Tensor  # float32 [8] the start pass's heun_step row: x = noise, net = x
@@ -485,21 +484,19 @@ class AncestralSampler:
         S = plan.num_steps
         with torch.inference_mode(False):
             net = torch.empty((call.rows, *shape[1:]), dtype=call.net_dtype, device=dev)
-            learned = plan.op_variance != "fixed"
-            pred = (
-                torch.empty(call.rows, n, dtype=call.net_dtype, device=dev)
-                if call.rescale and learned
-                else None
-            )
             ws = None
             if call.rescale:
-                ws = ops.cfg_workspace(pred if pred is not None else net, call.backend)
+                # the workspace follows the model output's whole rows (2n with a variance half)
+                m = 2 * n if self.opts.learned else n
+                ws = ops.cfg_workspace(
+                    torch.empty(call.rows, m, dtype=call.net_dtype, device=dev), call.backend
+                )
             slots = (S if graph else 1) if call.exact else 0
             start = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], **f32)
             buf = _Buffers(
                 x=torch.empty(shape, **f32), net=net, k=torch.ones(shape[0], **f32),
                 bad=torch.empty(shape[0], dtype=torch.int32, device=dev), gs=torch.ones(1, **f32),
-                phi=torch.zeros(1, **f32), pred=pred, workspace=ws,
+                phi=torch.zeros(1, **f32), workspace=ws,
                 eps=torch.zeros((slots, *shape), **f32), start=start,
             )  # fmt: skip
             if graph:
@@ -627,8 +624,9 @@ class AncestralSampler:
         want = (rows, 2 * C if plan.op_variance != "fixed" or self.opts.learned else C, *shape[2:])
         w, phi = buf.gs, buf.phi
         kk = buf.k if call.rescale else None
-        pred, ws = buf.pred, buf.workspace
+        ws = buf.workspace
         n = x[0].numel()
+        part = {"numel": n} if self.opts.learned else {}  # the factors see the prediction half only
         variance, clip = plan.op_variance, self.opts.clip_denoised
         S = plan.num_steps
 
@@ -661,11 +659,7 @@ class AncestralSampler:
             if not f.is_contiguous():
                 f = f.contiguous()
             if kk is not None:
-                if pred is not None:
-                    pred.copy_(f.reshape(rows, -1)[:, :n])  # the factors see the prediction half only
-                    cfg_fn(pred, w, phi, out=kk, workspace=ws)
-                else:
-                    cfg_fn(f, w, phi, out=kk, workspace=ws)
+                cfg_fn(f, w, phi, out=kk, workspace=ws, **part)
             noise_args: dict[str, Any] = {}
             if call.exact:
                 if graph:
