@@ -11,6 +11,11 @@ net = c out`` with a float32 row ``[p, q, r, std, c, 0, 0, 0]``:
 * row 0: the start, ``x_hat_0 = sigma_0 noise + std_0 eps`` (the noise itself when sigma_0 = inf);
 * row 1 + 2i (pass A): the Euler point x' (or the step's result when step i takes no correction);
 * row 2 + 2i (pass B): ``x_{i+1}`` from x_hat, x' and F', already churned for step i + 1.
+
+An `AblationOptions` plan (EDM's design space: time steps, sigma(t), scaling s(t)) fills the same
+rows: its derivative ``d = (sigma'/sigma + s'/s) x - (sigma' s/sigma) D(x/s; sigma)`` is affine in
+(x, F) too, and the churn's rescale s(t_hat)/s(t) folds into the pass ending the step before.
+Each plan also carries per-step rows for ``D(x_hat)`` (``denoise``), run only for callbacks.
 """
 
 from __future__ import annotations
