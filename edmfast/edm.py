@@ -21,14 +21,16 @@ from .precond import EDMPrecond, Precond, VEPrecond, VPPrecond, iDDPMPrecond
 
 __all__ = ["OfficialUNet", "from_edm", "load_network"]
 
-# the attributes each official preconditioner sets in its __init__ (besides `model`)
+# the attributes each official preconditioner sets in its __init__ (the inner network is `model`,
+# EDM2's `Precond` calls it `unet`)
 _KINDS: dict[str, tuple[str, ...]] = {
-    "EDMPrecond": ("sigma_data", "sigma_min", "sigma_max"),
-    "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t"),
-    "VEPrecond": ("sigma_min", "sigma_max"),
-    "iDDPMPrecond": ("C_1", "C_2", "M"),
+    "EDMPrecond": ("sigma_data", "sigma_min", "sigma_max", "model"),
+    "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t", "model"),
+    "VEPrecond": ("sigma_min", "sigma_max", "model"),
+    "iDDPMPrecond": ("C_1", "C_2", "M", "model"),
+    "Precond": ("sigma_data", "unet"),  # NVlabs/edm2 (EDM's coefficients, sigma in [0, inf))
 }
-_COMMON = ("label_dim", "use_fp16", "model")
+_COMMON = ("label_dim", "use_fp16")
 
 
 class OfficialUNet(nn.Module):
@@ -67,11 +69,12 @@ def _kind(net: Any) -> str:
             )
         return name
     # recognised by attributes alone (a renamed subclass): the most specific set first
-    for kind in ("iDDPMPrecond", "VPPrecond", "EDMPrecond", "VEPrecond"):
+    for kind in ("iDDPMPrecond", "VPPrecond", "EDMPrecond", "VEPrecond", "Precond"):
         if all(hasattr(net, a) for a in _KINDS[kind] + _COMMON):
             return kind
     raise TypeError(
-        f"net must be an official NVlabs/edm EDMPrecond, VPPrecond, VEPrecond or iDDPMPrecond "
+        f"net must be an official NVlabs/edm EDMPrecond, VPPrecond, VEPrecond or iDDPMPrecond, or an "
+        "NVlabs/edm2 Precond "
         f"(or the dict of a network pickle holding one under 'ema'), got {name}"
     )
 
@@ -92,7 +95,8 @@ def _adopt_levels(pre: iDDPMPrecond, u: Any) -> None:
 
 
 def from_edm(net: Any, dtype: torch.dtype | None = None) -> Precond:
-    """The edmfast preconditioner equivalent to an official NVlabs/edm preconditioner ``net``.
+    """The edmfast preconditioner equivalent to an official NVlabs/edm preconditioner ``net``
+    (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond; or NVlabs/edm2's ``Precond``, as an EDMPrecond).
 
     Same coefficients, range (sigma_min / sigma_max), round_sigma (iDDPM), label plumbing
     (``cond={"class_labels": labels}``, float32 [B, label_dim] or one-hot) and network dtype:
@@ -110,9 +114,11 @@ def from_edm(net: Any, dtype: torch.dtype | None = None) -> Precond:
     label_dim = int(net.label_dim)
     if label_dim < 0:
         raise ValueError(f"net.label_dim must be >= 0, got {label_dim}")
-    model = OfficialUNet(net.model, label_dim)
+    model = OfficialUNet(net.unet if kind == "Precond" else net.model, label_dim)
     pre: Precond
-    if kind == "EDMPrecond":
+    if kind == "Precond":
+        pre = EDMPrecond(model, sigma_data=float(net.sigma_data), dtype=dtype)
+    elif kind == "EDMPrecond":
         pre = EDMPrecond(
             model,
             sigma_data=float(net.sigma_data),

@@ -136,6 +136,31 @@ class iDDPMPrecond(_Official):  # noqa: N801
         )
 
 
+class Precond(nn.Module):
+    """Shaped like NVlabs/edm2's preconditioner: EDM's coefficients, the inner network is `unet`,
+    no sigma range attributes, log-variance head ignored here."""
+
+    def __init__(self, res, ch, label_dim=0, use_fp16=True, sigma_data=0.5):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim, self.use_fp16 = res, ch, label_dim, use_fp16
+        self.sigma_data = sigma_data
+        self.unet = TinyUNet(ch, label_dim)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False):
+        x = x.to(torch.float32)
+        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim])
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        sd = self.sigma_data
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in, c_noise = 1 / (sd**2 + sigma**2).sqrt(), sigma.flatten().log() / 4
+        return c_skip * x + c_out * self.unet(c_in * x, c_noise, class_labels).to(torch.float32)
+
+
 KINDS = {
     "EDMPrecond": (EDMPrecond, precond.EDMPrecond),
     "VPPrecond": (VPPrecond, precond.VPPrecond),
@@ -176,6 +201,19 @@ def test_from_edm_matches_official_module(kind, label_dim):
         d_off = net(noise, torch.full((4,), s), **cond)
         d_ours = pre(noise, s, **cond)
         assert rel_err(d_ours, d_off) < 1e-5, s
+
+
+@pytest.mark.parametrize("label_dim", [0, 5])
+def test_from_edm2_precond(label_dim):
+    torch.manual_seed(3)
+    net = Precond(8, 3, label_dim=label_dim, sigma_data=0.5).eval().requires_grad_(False)
+    pre = from_edm(net, dtype=torch.float32)
+    assert type(pre) is precond.EDMPrecond and pre.sigma_data == 0.5 and from_edm(net).dtype == torch.float16
+    noise = torch.randn(3, 3, 8, 8)
+    cond = {"class_labels": torch.eye(5)[[0, 2, 4]]} if label_dim else {}
+    sig = edmfast.karras_sigmas(8)
+    ref = reference.sample(net, noise.double(), sig, cond=cond)
+    assert rel_err(edmfast.sample(pre, noise, sig, cond=cond, backend="cpu"), ref) < RUN_TOL
 
 
 def test_from_edm_labels_missing_uses_zero_row():
