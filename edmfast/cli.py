@@ -367,7 +367,12 @@ def native_note() -> str | None:
     from . import native
 
     why = native.why_unavailable("cpu")
-    return None if why is None else f"note: {why}; edmfast was imported from {where_imported()}"
+    if why is None:
+        return None
+    # edmfast.native may name the folder itself; say it once
+    return f"note: {why}" + (
+        "" if "imported from" in why else f"; edmfast was imported from {where_imported()}"
+    )
 
 
 def quality_verdict(landed: float, distinct: int, n: int, k: int) -> str:
@@ -772,7 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, BackendUnavailable) as e:
         # bad options (e.g. --alpha with --solver heun, --backend cuda without a GPU) come back from
         # edmfast's validation with the option named; a traceback would only bury that
-        where = f" (edmfast imported from {where_imported()})" if isinstance(e, BackendUnavailable) else ""
+        where = ""
+        if isinstance(e, BackendUnavailable) and "imported from" not in str(e):
+            where = f" (edmfast imported from {where_imported()})"
         print(f"edmfast {args.command}: error: {_one_line(e)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -237,6 +237,9 @@ def test_missing_native_kernels_name_the_imported_path(tmp_path, capsys, monkeyp
     assert cli.main(["info"]) == 0
     assert f"native cpu kernels: no: {why}" in capsys.readouterr().out
     assert cli.native_note() == f"note: {why}; edmfast was imported from {ROOT / 'edmfast'}"
+    # edmfast.native naming the folder itself: said once
+    monkeypatch.setattr(native, "why_unavailable", lambda kind: why + "; edmfast was imported from /x")
+    assert cli.native_note() == f"note: {why}; edmfast was imported from /x"
 
     from edmfast.ops import BackendUnavailable
 
