@@ -421,3 +421,72 @@ def test_engine_half_precision_model_equals_reference(backend, dtype):
     )
     # the network input is rounded to the model dtype in both; what differs is float32 vs float64 state
     torch.testing.assert_close(got, expect, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_exact_noise_consumes_the_generator_like_diffusers(spacing):
+    """diffusers draws on every step with t > 0 (with trailing spacing also on the last step, where
+    edmfast adds no noise): the generator must end in the same state, and the images agree."""
+    net = Net(False)
+    noise = torch.randn(2, C, HW, HW, generator=torch.Generator().manual_seed(1))
+    s = diffusers.DDPMScheduler(beta_schedule="linear", variance_type="fixed_small", timestep_spacing=spacing)
+    s.set_timesteps(7)
+    ts = torch.as_tensor(s.timesteps)
+    full = sample_ancestral(
+        net, noise, ddpm_betas(), num_steps=7, spacing=spacing, variance="fixed_small",
+        generator=torch.Generator().manual_seed(3), backend="torch",
+    )  # fmt: skip
+    g3 = torch.Generator().manual_seed(3)
+    sample_ancestral(net, noise, ddpm_betas(), ts, variance="fixed_small", generator=g3, backend="torch")
+    g4 = torch.Generator().manual_seed(3)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in s.timesteps:
+            x = s.step(net(x, t.expand(2)), t, x, generator=g4).prev_sample
+    assert torch.equal(g3.get_state(), g4.get_state())
+    if int(ts[-1]) == 0:  # no noise on the last step in either: the same images
+        torch.testing.assert_close(full, x, atol=2e-4, rtol=2e-4)
+
+
+def test_spacing_strings_run_end_to_end():
+    net = Net(True)
+    noise = torch.randn(1, C, HW, HW, generator=torch.Generator().manual_seed(1))
+    betas = ddpm_betas(1000, "cosine")
+    for spacing in ("ddim10", "4,3,3"):
+        a = sample_ancestral(net, noise, betas, spacing=spacing, generator=torch.Generator().manual_seed(0))
+        b = R.sample_ancestral(
+            net, noise, betas, space_timesteps(1000, spacing), generator=torch.Generator().manual_seed(0)
+        )
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+
+
+def test_reference_ancestral_step_against_the_formula():
+    """The op contract in float64 against the formula written out here (learned_range, CFG, clip)."""
+    g = torch.Generator().manual_seed(0)
+    x, f, z = torch.randn(2, 3, generator=g), torch.randn(4, 6, generator=g), torch.randn(2, 3, generator=g)
+    coef = torch.tensor([1.3, -0.8, 0.6, 0.35, -2.0, -3.0, 0.9, 1.0])
+    out = R.ancestral_step(x, f, coef, variance="learned_range", clip=True, guidance_scale=2.0, noise=z)
+    F = f[2:, :3] + 2.0 * (f[:2, :3] - f[2:, :3])
+    x0 = (1.3 * x - 0.8 * F).clamp(-1, 1)
+    frac = (f[:2, 3:] + 1) / 2
+    std = 0.9 * torch.exp((frac * -2.0 + (1 - frac) * -3.0) / 2)
+    torch.testing.assert_close(out, (0.6 * x0 + 0.35 * x + std * z).double(), atol=1e-6, rtol=1e-6)
+    coef[R.ANC_S] = 0  # the last step: the mean only
+    out = R.ancestral_step(x, f[:2, :3], coef, variance="fixed", clip=False, noise=z)
+    torch.testing.assert_close(
+        out, (0.6 * (1.3 * x - 0.8 * f[:2, :3]) + 0.35 * x).double(), atol=1e-6, rtol=1e-6
+    )
+
+
+def test_the_function_cache_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    net = Net(False)
+    ref = weakref.ref(net)
+    sample_ancestral(
+        net, torch.randn(1, C, HW, HW), ddpm_betas(), num_steps=2, variance="fixed_small", backend="torch"
+    )
+    del net
+    gc.collect()
+    assert ref() is None
