@@ -384,12 +384,12 @@ def test_engine_equals_diffusers_with_a_random_unet2d():
             return self.unet(x, t).sample
 
     net = Wrapped()
-    noise = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, C, 8, 8, generator=torch.Generator().manual_seed(1))
     expect = _diffusers_ddpm(
-        net, noise, "squaredcos_cap_v2", "learned_range", True, 10, torch.Generator().manual_seed(2)
+        net, noise, "squaredcos_cap_v2", "learned_range", True, 4, torch.Generator().manual_seed(2)
     )
     got = sample_ancestral(
-        net, noise, ddpm_betas(1000, "cosine"), num_steps=10, generator=torch.Generator().manual_seed(2)
+        net, noise, ddpm_betas(1000, "cosine"), num_steps=4, generator=torch.Generator().manual_seed(2)
     )
     torch.testing.assert_close(got, expect, atol=2e-4, rtol=2e-4)
 
