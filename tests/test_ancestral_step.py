@@ -283,3 +283,48 @@ def test_cfg_factors_numel_validation() -> None:
         ops.cfg_rescale_factors(f, 2.0, 0.5, out=k, numel=3.0)
     ops.cfg_rescale_factors(f, 2.0, 0.5, out=k, numel=0)
     assert k.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_learned_variance_range_ends(backend_device) -> None:
+    """std = exp(V / 2) across float32's range: tiny, huge but finite, and overflowing to inf (a bad row)."""
+    backend, device = backend_device
+    v = torch.tensor([-300.0, -180.0, -20.0, 0.0, 1.5, 60.0, 170.0, 177.0, 177.4], dtype=torch.float64)
+    n = v.numel()
+    x = torch.zeros(2, n, device=device)
+    f = torch.zeros(2, 2 * n, device=device)
+    f[0, n:] = v.float()
+    f[1, n:] = 178.0  # exp(89) overflows float32
+    coef = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0], device=device)
+    out = poisoned((2, n), torch.float32, device)
+    bad = torch.full((2,), ops.BAD_NONE, dtype=torch.int32, device=device)
+    noise = torch.ones(2, n, device=device)
+    ops.ancestral_step(
+        x, f, coef, out=out, variance="learned", noise=noise, bad=bad, bad_step=1, backend=backend
+    )  # fmt: skip
+    expected = torch.exp(v.float().double() / 2)  # of the float32 V the kernels read
+    # atol: results in float32's subnormal range (exp(-90) = 8e-40) may flush to 0
+    torch.testing.assert_close(out[0].double().cpu(), expected, rtol=3e-6, atol=1.2e-38)
+    assert torch.isinf(out[1]).all()
+    assert bad.tolist() == [ops.BAD_NONE, 1]
+
+
+def test_cpu_parallel_chunks() -> None:
+    """The cpu backend's multi-chunk, multi-thread path (past the 2048-element chunk and the
+    parallel threshold) against the torch backend."""
+    if ops.backend_status("cpu", torch.device("cpu")) is not None:
+        pytest.skip("the native extension is not built")
+    shape = (3, 3, 61, 67)
+    x, f, k = make_inputs(shape, "learned_range", "cfg_k", torch.bfloat16, "cpu")
+    coef = make_coef("cpu")
+    seeds = torch.tensor([3, 1, 4])
+    outs = []
+    for backend in ("cpu", "torch"):
+        out = poisoned(shape, torch.float32, "cpu")
+        net = poisoned((6, *shape[1:]), torch.bfloat16, "cpu")
+        ops.ancestral_step(
+            x, f, coef, out=out, variance="learned_range", clip=True, k=k, guidance_scale=2.0, seeds=seeds,
+            step=11, out_net=net, backend=backend,
+        )  # fmt: skip
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-5)

@@ -5,6 +5,7 @@
 // prediction F, and the noise term std z (Philox normals or the noise tensor, times s or
 // s exp(logvar / 2)); the final loop is mean + term, the bad-row bit and the stores. The
 // learned-variance exp runs in the staging pass only when the step has noise (s != 0).
+// The exp's polynomial reaches the 16-bit half of a 2C row through to_float, in registers.
 #include <algorithm>
 
 #include "cpu_common.h"
@@ -18,6 +19,56 @@ namespace {
 
 constexpr int64_t kChunk = kPhiloxFillMax;  // a multiple of 4: chunks start on a Philox group
 const float kZeros[kChunk] = {};
+
+// term[i] = s exp(logvar(v[i]) / 2) z[i] for the learned variances: the one transcendental of
+// the pass (exp_poly, branch-free so it vectorizes). On x86-64 it is compiled once more for
+// AVX2 and AVX-512F and picked from the CPU's features at run time, as heun_step.cpp does for
+// Philox: the baseline build has 4 SSE2 lanes, where the polynomial barely beats a libm call.
+// setup.py builds with -ffp-contract=off, so every variant computes bit-identical terms.
+template <typename T, Variance V>
+inline __attribute__((always_inline)) void learned_terms(const AncCoef& c, const T* v, const float* z, float* term,
+                                                         int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) term[i] = ancestral_std(c, to_float(v[i]), V) * z[i];
+}
+
+template <typename T, Variance V>
+void learned_terms_generic(const AncCoef& c, const T* v, const float* z, float* term, int64_t n) {
+  learned_terms<T, V>(c, v, z, term, n);
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+template <typename T, Variance V>
+__attribute__((target("avx2"))) void learned_terms_avx2(const AncCoef& c, const T* v, const float* z, float* term,
+                                                        int64_t n) {
+  learned_terms<T, V>(c, v, z, term, n);
+}
+
+template <typename T, Variance V>
+__attribute__((target("avx512f"))) void learned_terms_avx512(const AncCoef& c, const T* v, const float* z,
+                                                             float* term, int64_t n) {
+  learned_terms<T, V>(c, v, z, term, n);
+}
+#endif
+
+template <typename T, Variance V>
+using LearnedTerms = void (*)(const AncCoef&, const T*, const float*, float*, int64_t);
+
+template <typename T, Variance V>
+LearnedTerms<T, V> select_learned_terms() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return learned_terms_avx512<T, V>;
+  if (__builtin_cpu_supports("avx2")) return learned_terms_avx2<T, V>;
+#endif
+  return learned_terms_generic<T, V>;
+}
+
+template <typename T, Variance V>
+void fill_learned_terms(const AncCoef& c, const T* v, const float* z, float* term, int64_t n) {
+  static const LearnedTerms<T, V> impl = select_learned_terms<T, V>();
+  impl(c, v, z, term, n);
+}
 
 template <typename T, bool kClip>
 void ancestral_chunk(const AncestralArgs& a, const AncCoef& c, bool noisy, int64_t b, int64_t begin, int64_t n) {
@@ -47,13 +98,18 @@ void ancestral_chunk(const AncestralArgs& a, const AncCoef& c, bool noisy, int64
     } else {
       fill_philox_normals(term_buf, static_cast<uint64_t>(a.seeds[b]), a.step, begin, n);
     }
-    const Variance variance = static_cast<Variance>(a.variance);
-    if (variance == Variance::kFixed) {
+    const T* v = cond + a.numel;  // variance half of the cond row (learned variants)
+    switch (static_cast<Variance>(a.variance)) {
+      case Variance::kFixed:
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) term_buf[i] = c.s * z[i];
-    } else {
-      const T* v = cond + a.numel;  // variance half of the cond row
-      for (int64_t i = 0; i < n; ++i) term_buf[i] = ancestral_std(c, to_float(v[i]), variance) * z[i];
+        for (int64_t i = 0; i < n; ++i) term_buf[i] = c.s * z[i];
+        break;
+      case Variance::kLearned:
+        fill_learned_terms<T, Variance::kLearned>(c, v, z, term_buf, n);
+        break;
+      case Variance::kLearnedRange:
+        fill_learned_terms<T, Variance::kLearnedRange>(c, v, z, term_buf, n);
+        break;
     }
     term = term_buf;
   }
