@@ -311,15 +311,30 @@ def ancestral_step(
     float32 [8] on the device (read by the kernel). All contiguous, on one device; out may alias x.
     Unchecked (see the module docstring).
     """
-    w, w_tensor = _scalar(guidance_scale)
+    if isinstance(guidance_scale, Tensor):
+        w, w_tensor = 1.0, guidance_scale
+    else:
+        w, w_tensor = float(guidance_scale), None
     if torch.compiler.is_compiling():
         torch.ops.edmfast.ancestral_step(
             x, f, coef, out, variance, clip, k, w, w_tensor, noise, seeds, step, out_net, bad, bad_step
         )
-    else:  # see _EAGER_NOTE
-        _launch_ancestral(
-            x, f, coef, out, variance, clip, k, w, w_tensor, noise, seeds, step, out_net, bad, bad_step
-        )
+        return
+    # The eager launch written out inline, as in heun_step: the inner loop's per-call cost.
+    batch = x.shape[0]
+    args = (
+        x.data_ptr(), f.data_ptr(), 0 if k is None else k.data_ptr(),
+        0 if noise is None else noise.data_ptr(), 0 if seeds is None else seeds.data_ptr(), coef.data_ptr(),
+        out.data_ptr(),
+        0 if out_net is None else out_net.data_ptr(), batch, x.numel() // batch, f.shape[0],
+        0 if out_net is None else out_net.shape[0] // batch, _DTYPE_CODE[f.dtype], _VARIANCE_CODE[variance],
+        clip, w, 0 if w_tensor is None else w_tensor.data_ptr(), step, 0 if bad is None else bad.data_ptr(),
+        bad_step,
+    )  # fmt: skip
+    if x.is_cuda:
+        _C.ancestral_step_cuda(*args, *_stream(x))
+    else:
+        _C.ancestral_step_cpu(*args, torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------- CFG rescale
