@@ -17,6 +17,7 @@ from torch import nn
 from .schedules import _check_eps_s, _check_iddpm, _check_int, _finite, _real, iddpm_u, vp_sigma
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+INTERPOLATIONS = ("log", "linear")
 
 
 def _model_output(out: Any) -> torch.Tensor:
@@ -273,10 +274,14 @@ class DiscreteVPDenoiser(Precond):
     """A discrete-time VP model ``model(x_t, timestep, **cond)`` (diffusers style) as an EDM denoiser.
 
     ``sigma_t = sqrt((1 - abar_t) / abar_t)``; the model sees ``x_t = x / sqrt(sigma^2 + 1)`` and a
-    fractional timestep found by linear interpolation in log sigma. Prediction types:
+    fractional timestep found by linear interpolation of the index in log sigma
+    (``interpolation="log"``, diffusers' ``_sigma_to_t``) or in sigma (``"linear"``: the inverse of
+    diffusers' ``np.interp(t, arange(T), sigmas)``, which its linspace spacing uses). Prediction types:
     epsilon (``c_skip=1, c_out=-s``), v_prediction (``c_skip=1/(s^2+1), c_out=-s/sqrt(s^2+1)``),
-    sample (``D = F``). A schedule with abar_T = 0 (zero terminal SNR) has sigma_T = inf; sampling
-    from there needs v_prediction or sample (see `limit_coefficients`).
+    sample (``D = F``; diffusers' "original_sample" is accepted as its alias).
+    `from_diffusers` reads all of this from a diffusers scheduler. A schedule with abar_T = 0
+    (zero terminal SNR) has sigma_T = inf; sampling from there needs v_prediction or sample (see
+    `limit_coefficients`).
 
     ``alphas_cumprod`` [T] must be what diffusers produces: finite, non-increasing, in (0, 1], with
     only the last entry allowed to be 0 (zero terminal SNR) and at least two entries in (0, 1).
@@ -284,6 +289,7 @@ class DiscreteVPDenoiser(Precond):
 
     sigmas: torch.Tensor
     log_sigmas: torch.Tensor
+    interp_table: torch.Tensor
 
     def __init__(
         self,
@@ -291,22 +297,31 @@ class DiscreteVPDenoiser(Precond):
         alphas_cumprod: torch.Tensor,
         prediction_type: str = "epsilon",
         dtype: torch.dtype | None = None,
+        interpolation: str = "log",
     ):
         super().__init__(model, dtype)
+        if prediction_type == "original_sample":  # diffusers' older name for "sample"
+            prediction_type = "sample"
         if not isinstance(prediction_type, str) or prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if not isinstance(interpolation, str) or interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         abar = _check_alphas_cumprod(alphas_cumprod)
         self.prediction_type = prediction_type
+        self.interpolation = interpolation
         sigmas = ((1 - abar) / abar).sqrt()  # inf where abar = 0 (last), 0 where abar = 1 (first)
         # The interpolation table: the positive finite levels, timesteps first..last (a run of
         # abar = 1 at the start is sigma = 0, which has no log; the model is never asked there)
         inner = (sigmas > 0) & torch.isfinite(sigmas)
         self._first = int(inner.nonzero()[0])
         log_sigmas = sigmas[inner].log()
-        self._sigmas_host, self._log_sigmas_host = sigmas, log_sigmas
+        # what the timestep is interpolated in: log sigma, or sigma itself
+        table = log_sigmas if interpolation == "log" else sigmas[inner].clone()
+        self._sigmas_host, self._log_sigmas_host, self._table_host = sigmas, log_sigmas, table
         self._zero_terminal = bool(abar[-1] == 0)
         self.register_buffer("sigmas", sigmas.clone(), persistent=False)
         self.register_buffer("log_sigmas", log_sigmas.clone(), persistent=False)
+        self.register_buffer("interp_table", table.clone(), persistent=False)
         self.sigma_min = float(sigmas[self._first])
         self.sigma_max = float(sigmas[-1])
 
@@ -329,20 +344,53 @@ class DiscreteVPDenoiser(Precond):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}]")
         return torch.cat([self._sigmas_host[t], torch.zeros(1, dtype=torch.float64)])
 
+    @classmethod
+    def from_diffusers(cls, unet, scheduler, dtype: torch.dtype | None = None) -> DiscreteVPDenoiser:
+        """The denoiser a diffusers discrete-time scheduler assumes for ``unet``, from its config.
+
+        Takes the scheduler's own ``alphas_cumprod`` (so every ``beta_schedule``, ``trained_betas``
+        and ``rescale_betas_zero_snr`` variant is what the scheduler computed, including
+        EulerDiscrete's 2^-24 stand-in for abar_T = 0), its ``prediction_type`` ("original_sample"
+        included) and the timestep interpolation it uses: log sigma with Karras / exponential /
+        beta sigmas (``_sigma_to_t``), sigma otherwise (``np.interp`` over the train levels). The
+        model is called as ``unet(x, t, **cond)``; a diffusers output object is unwrapped.
+        """
+        cfg = getattr(scheduler, "config", None)
+        abar = getattr(scheduler, "alphas_cumprod", None)
+        if cfg is None or not isinstance(abar, torch.Tensor):
+            raise TypeError(
+                f"scheduler must be a diffusers discrete-time scheduler with config and alphas_cumprod, "
+                f"got {type(scheduler).__name__}"
+            )
+        name = type(scheduler).__name__
+        for key, ok in (("timestep_type", "discrete"), ("interpolation_type", "linear")):
+            value = cfg.get(key, ok)
+            if value != ok:
+                raise ValueError(f"{name} with {key}={value!r} is not supported (only {ok!r})")
+        pred = cfg.get("prediction_type", "epsilon")
+        if pred not in (*PREDICTION_TYPES, "original_sample"):
+            raise ValueError(f"{name} with prediction_type={pred!r} is not supported")
+        spaced = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+        log = any(cfg.get(k, False) for k in spaced)
+        return cls(unet, abar.detach(), pred, dtype=dtype, interpolation="log" if log else "linear")
+
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep for sigma: linear interpolation of the index in log sigma.
+        """Fractional timestep for sigma: linear interpolation of the index in log sigma (or in
+        sigma, ``interpolation="linear"``).
 
         Below sigma_min it is the first timestep with a positive sigma; above the largest finite
         level, the last; sigma = inf (zero terminal SNR) is the last timestep, T - 1."""
-        log_sigmas = _on(self.log_sigmas, self._log_sigmas_host, sigma.device)
-        n = log_sigmas.numel()
-        ls = sigma.to(torch.float64).clamp(min=self.sigma_min).log()
+        table = _on(self.interp_table, self._table_host, sigma.device)
+        n = table.numel()
+        ls = sigma.to(torch.float64).clamp(min=self.sigma_min)
+        if self.interpolation == "log":
+            ls = ls.log()
         flat = ls.reshape(-1)
-        hi = torch.searchsorted(log_sigmas, flat).clamp_(1, n - 1)
+        hi = torch.searchsorted(table, flat).clamp_(1, n - 1)
         lo = hi - 1
-        l_lo = log_sigmas.take(lo)
+        l_lo = table.take(lo)
         # equal neighbours (a flat stretch of abar) would divide 0 by 0 at their left end: w = 0 there
-        w = (flat - l_lo).div_(log_sigmas.take(hi).sub_(l_lo).clamp_(min=1e-300)).clamp_(0, 1)
+        w = (flat - l_lo).div_(table.take(hi).sub_(l_lo).clamp_(min=1e-300)).clamp_(0, 1)
         t = w.add_(lo)  # lo + w (int64 promoted exactly), in w's memory
         if self._first:
             t += self._first

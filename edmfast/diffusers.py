@@ -1,0 +1,468 @@
+"""diffusers pipelines on edmfast: exact schedules, and a one-line switch for a pipeline's loop.
+
+``pipe = edmfast.diffusers.accelerate(pipe)`` makes a `StableDiffusionPipeline` or
+`StableDiffusionXLPipeline` run its denoising loop on edmfast's fused passes (one `Sampler` per
+configuration, cached on the pipe) and return what the stock pipeline returns, within float32
+rounding. Supported schedulers: `EulerDiscreteScheduler` (any spacing, Karras sigmas),
+`HeunDiscreteScheduler`, `DDIMScheduler` (eta = 0, no clipping / thresholding) and
+`EDMEulerScheduler`; anything else, or an option whose math edmfast does not reproduce, raises a
+ValueError naming it (never a silent switch to different math).
+
+How the switch works: during a call the pipeline sees a scheduler shim with a single timestep
+and a UNet proxy. The pipeline encodes the prompt, prepares the latents (``noise *
+init_noise_sigma``), batches cond / uncond for classifier-free guidance and calls the proxy once;
+the proxy runs the whole edmfast loop on that input (guidance scale / rescale read from the pipe
+per call) and the shim's ``step`` returns the result, which the pipeline decodes as usual.
+
+One deliberate difference: `DDIMScheduler` steps from t to ``t - T // N`` whatever the spacing,
+so with "linspace" spacing, or "trailing" when N does not divide T (e.g. 30 of 1000 steps), it
+leaves the timesteps it announced. edmfast steps between the announced timesteps, i.e. it
+integrates DDIM's ODE on the schedule that ``scheduler.timesteps`` shows (tested against a
+float64 reference); where diffusers is consistent (leading spacing, trailing with N | T) the two
+agree.
+
+Importing this module does not import diffusers; the functions do.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .precond import DiscreteVPDenoiser, EDMPrecond, _model_output
+from .sampler import Sampler
+
+SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "DDIMScheduler", "EDMEulerScheduler")
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a diffusers scheduler does for ``num_inference_steps``, in edmfast's terms.
+
+    ``sigmas``: float64 [N + 1] VE noise levels the loop visits (Heun's repeats removed, the final
+    level included: 0, or sigma(t=0) for DDIM with ``set_alpha_to_one=False`` / ``final_sigmas_type
+    ="sigma_min"``). ``timesteps``: float64 [N], what the model is told at each level.
+    ``init_noise_sigma``: the factor the pipeline multiplies unit noise by (``scheduler.
+    init_noise_sigma``; "leading" spacing uses sqrt(sigma_0^2 + 1), EDMEuler sqrt(sigma_max^2 + 1),
+    DDIM 1). ``noise_scale``: pipeline latents times this is edmfast's ``noise`` (the start state is
+    sigmas[0] * noise). ``output_scale``: edmfast's result times this is the scheduler's final
+    latents (DDIM returns VP-scaled latents, sqrt(abar_final) x). ``solver``: "euler" or "heun".
+    """
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    init_noise_sigma: float
+    noise_scale: float
+    output_scale: float
+    solver: str
+
+
+def _name(scheduler: Any) -> str:
+    name = type(scheduler).__name__
+    if name not in SCHEDULERS or getattr(scheduler, "config", None) is None:
+        raise ValueError(
+            f"scheduler {name} is not supported by edmfast.diffusers (supported: {', '.join(SCHEDULERS)})"
+        )
+    return name
+
+
+def _refuse(name: str, cfg: Any, key: str, ok: Any) -> None:
+    value = cfg.get(key, ok)
+    if value != ok:
+        raise ValueError(f"{name} with {key}={value!r} is not supported by edmfast.diffusers (only {ok!r})")
+
+
+def _train_sigmas(scheduler: Any) -> np.ndarray:
+    abar = scheduler.alphas_cumprod.detach().to("cpu", torch.float64).numpy()
+    with np.errstate(divide="ignore"):
+        return np.sqrt((1 - abar) / abar)
+
+
+def _spaced(cfg: Any, n: int, integer: bool) -> np.ndarray:
+    """The spaced train timesteps, descending, as diffusers computes them (float32 / int64)."""
+    T, spacing = int(cfg.num_train_timesteps), cfg.get("timestep_spacing", "leading")
+    t: np.ndarray
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, n) if integer else np.linspace(0, T - 1, n, dtype=np.float32)
+        t = t.round()[::-1].astype(np.int64) if integer else t[::-1]
+    elif spacing == "leading":
+        t = (np.arange(0, n) * (T // n)).round()[::-1] + int(cfg.get("steps_offset", 0))
+    elif spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / n)) - 1
+    else:
+        raise ValueError(f"timestep_spacing={spacing!r} is not supported")
+    t = np.ascontiguousarray(t).astype(np.int64 if integer else np.float32).astype(np.float64)
+    if len(t) != n or t.min() < 0 or t.max() > T - 1:
+        raise ValueError(f"timestep_spacing={spacing!r} gives invalid timesteps for {n} of {T} steps")
+    return t
+
+
+def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """diffusers' ``_sigma_to_t`` (index interpolated linearly in log sigma), in float64."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _karras(lo: float, hi: float, n: int, rho: float, ramp: np.ndarray | None = None) -> np.ndarray:
+    ramp = np.linspace(0, 1, n) if ramp is None else ramp
+    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+
+def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
+    """The exact schedule ``scheduler`` runs for ``num_inference_steps`` (see `Schedule`), in float64."""
+    name = _name(scheduler)
+    if (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, int)
+        or num_inference_steps < 1
+    ):
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    n, cfg = num_inference_steps, scheduler.config
+    if name == "EDMEulerScheduler":
+        lo, hi, rho = float(cfg.sigma_min), float(cfg.sigma_max), float(cfg.rho)
+        ramp = np.linspace(0, 1, n)
+        if cfg.sigma_schedule == "karras":
+            s = _karras(lo, hi, n, rho, ramp)
+        elif cfg.sigma_schedule == "exponential":
+            s = torch.linspace(math.log(lo), math.log(hi), n, dtype=torch.float64).exp().flip(0).numpy()
+        else:
+            raise ValueError(f"{name} with sigma_schedule={cfg.sigma_schedule!r} is not supported")
+        last = s[-1] if cfg.final_sigmas_type == "sigma_min" else 0.0
+        sig = np.append(s, last)
+        return Schedule(
+            torch.from_numpy(sig.copy()),
+            torch.from_numpy(0.25 * np.log(s)),
+            math.sqrt(hi**2 + 1),
+            1 / float(s[0]),
+            1.0,
+            "euler",
+        )
+    train = _train_sigmas(scheduler)
+    if name == "DDIMScheduler":
+        for key, ok in (("clip_sample", False), ("thresholding", False)):
+            _refuse(name, cfg, key, ok)
+        t = _spaced(cfg, n, integer=True)
+        s = train[t.astype(np.int64)]
+        last = 0.0 if cfg.set_alpha_to_one else float(train[0])
+        # DDIM ending on t = 0 with set_alpha_to_one=False takes an identity step (abar_prev =
+        # abar_0 = abar_t): the level is not repeated
+        sig = np.append(s, last) if last < s[-1] else s.copy()
+        s0 = float(sig[0])
+        return Schedule(
+            torch.from_numpy(sig),
+            torch.from_numpy(t),
+            1.0,
+            1.0 if math.isinf(s0) else math.sqrt(1 + 1 / s0**2),
+            1 / math.sqrt(1 + float(sig[-1]) ** 2),
+            "euler",
+        )
+    # EulerDiscrete / HeunDiscrete
+    _refuse(name, cfg, "interpolation_type", "linear")
+    _refuse(name, cfg, "timestep_type", "discrete")
+    _refuse(name, cfg, "use_exponential_sigmas", False)
+    _refuse(name, cfg, "use_beta_sigmas", False)
+    if not np.isfinite(train).all():
+        raise ValueError(f"{name} with alphas_cumprod ending in 0 (sigma = inf) is not supported")
+    t = _spaced(cfg, n, integer=False)
+    s = np.interp(t, np.arange(len(train)), train)
+    if cfg.get("use_karras_sigmas", False):
+        lo = cfg.get("sigma_min", None)
+        hi = cfg.get("sigma_max", None)
+        lo = float(s[-1]) if lo is None else float(lo)  # the range of the spaced levels
+        hi = float(s[0]) if hi is None else float(hi)
+        s = _karras(lo, hi, n, 7.0)
+        t = _sigma_to_t(s, np.log(train))
+    last = float(train[0]) if cfg.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
+    # a final step from sigma(t=0) to itself (linspace ends on t = 0) has dt = 0: not repeated
+    sig = np.append(s, last) if last < s[-1] else s.copy()
+    spacing = cfg.get("timestep_spacing", "leading")
+    s_max = float(s.max())
+    init = s_max if spacing in ("linspace", "trailing") else math.sqrt(s_max**2 + 1)
+    solver = "heun" if name == "HeunDiscreteScheduler" else "euler"
+    return Schedule(
+        torch.from_numpy(sig),
+        torch.from_numpy(np.asarray(t, np.float64)),
+        init,
+        1 / float(s[0]),
+        1.0,
+        solver,
+    )
+
+
+def sigmas(scheduler: Any, num_inference_steps: int) -> torch.Tensor:
+    """The float64 [N + 1] VE sigmas ``scheduler`` visits for ``num_inference_steps`` (`Schedule`).
+
+    All spacings (diffusers' default "linspace" with its fractional timesteps, "leading" with
+    ``steps_offset``, "trailing"), Karras sigmas over the range of the spaced levels, the final
+    level (0 or sigma(t=0)); Heun's repeated levels appear once; EDMEuler's own Karras /
+    exponential schedule. The pipeline's initial latents are ``noise * init_noise_sigma``, which
+    is not ``sigmas[0] * noise`` for "leading" spacing, EDMEuler and DDIM: see
+    ``schedule(...).init_noise_sigma`` / ``noise_scale``.
+    """
+    return schedule(scheduler, num_inference_steps).sigmas
+
+
+class _EDMVPrecond(EDMPrecond):
+    """EDMEuler's v_prediction: EDM's coefficients with c_out negated."""
+
+    def coefficients(self, sigma):
+        c_skip, c_out, c_in, c_noise = super().coefficients(sigma)
+        return c_skip, -c_out, c_in, c_noise
+
+
+class _UNetCall(nn.Module):
+    """Calls a diffusers UNet with flat keyword tensors, rebuilding ``added_cond_kwargs`` (whose
+    entries the engine batches for guidance like any other tensor)."""
+
+    PREFIX = "added_cond_kwargs."
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        added = {k[len(self.PREFIX) :]: cond.pop(k) for k in list(cond) if k.startswith(self.PREFIX)}
+        if added:
+            cond["added_cond_kwargs"] = added
+        return _model_output(self.unet(x, t, return_dict=False, **cond))
+
+
+def denoiser(unet: nn.Module, scheduler: Any) -> nn.Module:
+    """The edmfast denoiser (preconditioner) that ``scheduler`` assumes for ``unet``."""
+    name = _name(scheduler)
+    model = _UNetCall(unet)
+    if name == "EDMEulerScheduler":
+        pred = scheduler.config.prediction_type
+        if pred not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{name} with prediction_type={pred!r} is not supported")
+        cls = EDMPrecond if pred == "epsilon" else _EDMVPrecond
+        return cls(model, sigma_data=float(scheduler.config.sigma_data))
+    return DiscreteVPDenoiser.from_diffusers(model, scheduler)
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+class _SchedulerShim:
+    """What the pipeline sees as its scheduler during an accelerated call: one timestep; the
+    latents the pipeline prepares are the real scheduler's; ``step`` hands back edmfast's result."""
+
+    order = 1
+
+    def __init__(self, real: Any):
+        self.real = real
+        self.result: torch.Tensor | None = None
+        self.schedule: Schedule | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    @property
+    def config(self) -> Any:
+        return self.real.config
+
+    @property
+    def init_noise_sigma(self) -> Any:
+        return self.real.init_noise_sigma
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, **kw: Any) -> None:
+        if kw or num_inference_steps is None:
+            raise ValueError(f"accelerated pipelines take num_inference_steps only, not {sorted(kw)}")
+        sched = schedule(self.real, num_inference_steps)
+        self.real.set_timesteps(num_inference_steps, device=device)
+        _check_against(self.real, sched)
+        self.schedule = sched
+        self.timesteps = self.real.timesteps[:1]
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        pass
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: Any, timestep: Any, sample: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        if self.result is None:
+            raise RuntimeError("edmfast.diffusers: the pipeline stepped before the accelerated UNet ran")
+        out = self.result.to(sample.dtype)
+        if kw.get("return_dict", True):
+            from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+            return SchedulerOutput(prev_sample=out)
+        return (out,)
+
+
+def _check_against(real: Any, sched: Schedule) -> None:
+    """Refuse (never run different math) if edmfast's schedule is not the scheduler's."""
+    name = type(real).__name__
+    if name == "DDIMScheduler":
+        ok = torch.equal(real.timesteps.cpu().double(), sched.timesteps)
+    else:
+        theirs = real.sigmas.cpu().double()
+        if name == "HeunDiscreteScheduler":
+            theirs = torch.cat([theirs[:1], theirs[1:-1:2], theirs[-1:]])
+        if len(theirs) > 2 and theirs[-1] == theirs[-2]:
+            theirs = theirs[:-1]  # final_sigmas_type="sigma_min" after t = 0: a dt = 0 step
+        ok = theirs.shape == sched.sigmas.shape and torch.allclose(theirs, sched.sigmas, rtol=1e-5, atol=1e-7)
+    if not ok:
+        raise ValueError(
+            f"edmfast.diffusers does not reproduce this {name} configuration's schedule: {dict(real.config)}"
+        )
+
+
+class _UNetProxy:
+    """The pipeline's UNet during an accelerated call: its one call runs the whole edmfast loop."""
+
+    def __init__(self, pipe: Any, unet: nn.Module, shim: _SchedulerShim):
+        self._pipe = weakref.ref(pipe)
+        self._unet = unet
+        self._shim = shim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._unet, name)
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor | None = None,
+        timestep_cond: Any = None,
+        cross_attention_kwargs: dict | None = None,
+        added_cond_kwargs: dict | None = None,
+        return_dict: bool = True,
+        **extra: Any,
+    ) -> Any:
+        pipe = self._pipe()
+        if timestep_cond is not None or extra:
+            what = "timestep_cond" if timestep_cond is not None else sorted(extra)
+            raise ValueError(f"accelerated pipelines do not support {what}")
+        sched = self._shim.schedule
+        assert pipe is not None and sched is not None
+        flat: dict[str, Any] = {}
+        if encoder_hidden_states is not None:
+            flat["encoder_hidden_states"] = encoder_hidden_states
+        for key, value in (added_cond_kwargs or {}).items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"added_cond_kwargs[{key!r}] must be a tensor in an accelerated pipeline")
+            flat[_UNetCall.PREFIX + key] = value
+        if cross_attention_kwargs:
+            if any(isinstance(v, torch.Tensor) for v in cross_attention_kwargs.values()):
+                raise ValueError(
+                    "cross_attention_kwargs holding tensors are not supported by accelerated pipelines"
+                )
+            flat["cross_attention_kwargs"] = cross_attention_kwargs
+        cfg = bool(pipe.do_classifier_free_guidance)
+        rows = sample.shape[0]
+        batch = rows // 2 if cfg else rows
+        for key, value in flat.items():
+            if isinstance(value, torch.Tensor) and value.shape[0] != rows:
+                raise ValueError(f"{key} has batch {value.shape[0]}, the UNet input {rows}")
+        noise = sample[:batch].float() * sched.noise_scale
+        sampler = _sampler(pipe, self._unet, sched.solver)
+        if cfg:
+            # the pipeline batches [uncond, cond]; a row keeps its own conditioning, as in diffusers
+            cut = {
+                k: (v[batch:], v[:batch]) if isinstance(v, torch.Tensor) else (v, v) for k, v in flat.items()
+            }
+            x = sampler(
+                noise,
+                sched.sigmas,
+                cond={k: c for k, (c, _) in cut.items()},
+                uncond={k: u for k, (_, u) in cut.items()},
+                guidance_scale=float(pipe.guidance_scale),
+                guidance_rescale=float(getattr(pipe, "guidance_rescale", 0.0)),
+            )
+        else:
+            x = sampler(noise, sched.sigmas, cond=flat)
+        self._shim.result = x * sched.output_scale if sched.output_scale != 1.0 else x
+        # The pipeline forms its guidance from this and hands it to the shim's step, which ignores
+        # it: the input itself keeps that arithmetic finite (guidance rescale of zeros is 0/0).
+        out = sample.clone()
+        return (out,) if not return_dict else _Output(out)
+
+
+@dataclass
+class _Output:
+    sample: torch.Tensor
+
+
+def _sampler(pipe: Any, unet: nn.Module, solver: str) -> Sampler:
+    """One Sampler per (scheduler configuration, solver), cached on the pipe."""
+    real = pipe._edmfast_scheduler
+    key = (type(real).__name__, repr(sorted(dict(real.config).items())), id(unet), solver)
+    cache: dict = pipe.__dict__.setdefault("_edmfast_samplers", {})
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.pop(next(iter(cache)))
+        cache[key] = Sampler(denoiser(unet, real), solver=solver, s_churn=0.0)
+    return cache[key]
+
+
+_CALL_OPTIONS = {
+    # option: the value edmfast reproduces (anything else is refused, by name)
+    "timesteps": None,
+    "sigmas": None,
+    "denoising_end": None,
+    "callback_on_step_end": None,
+    "callback": None,
+    "callback_steps": None,
+}
+
+
+def _accelerated_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    real = self.scheduler
+    if isinstance(real, _SchedulerShim):
+        raise RuntimeError("an accelerated pipeline cannot be called from inside its own call")
+    _name(real)
+    for key, ok in _CALL_OPTIONS.items():
+        if kwargs.get(key, ok) is not ok:
+            raise ValueError(f"{key}= is not supported by an accelerated pipeline (edmfast.diffusers)")
+    eta = kwargs.get("eta", 0.0)
+    if type(real).__name__ == "DDIMScheduler" and eta != 0:
+        raise ValueError(f"eta={eta!r} is not supported by an accelerated pipeline (DDIM with eta = 0 only)")
+    unet = self.unet
+    shim = _SchedulerShim(real)
+    self.__dict__["_edmfast_scheduler"] = real
+    self.__dict__["scheduler"] = shim
+    self.__dict__["unet"] = _UNetProxy(self, unet, shim)
+    try:
+        return type(self).__mro__[1].__call__(self, *args, **kwargs)
+    finally:
+        self.__dict__["scheduler"] = real
+        self.__dict__["unet"] = unet
+        self.__dict__.pop("_edmfast_scheduler", None)
+
+
+def accelerate(pipe: Any) -> Any:
+    """Run ``pipe``'s denoising loop on edmfast from now on; returns ``pipe`` (changed in place).
+
+    ``pipe(prompt, num_inference_steps=..., guidance_scale=..., guidance_rescale=...,
+    generator=..., latents=..., output_type=...)`` then equals the stock pipeline within float32
+    rounding. The scheduler is read at each call (swap ``pipe.scheduler`` freely); unsupported
+    schedulers, scheduler options and call options (custom timesteps / sigmas, DDIM eta != 0,
+    denoising_end, step callbacks) raise ValueError naming them.
+    """
+    import diffusers
+
+    classes = tuple(getattr(diffusers, n) for n in PIPELINES)
+    if not isinstance(pipe, classes):
+        raise TypeError(f"pipe must be one of {', '.join(PIPELINES)}, got {type(pipe).__name__}")
+    if getattr(type(pipe), "_edmfast_accelerated", False):
+        return pipe
+    base = type(pipe)
+    pipe.__class__ = type(
+        base.__name__,
+        (base,),
+        {"__call__": _accelerated_call, "_edmfast_accelerated": True, "__module__": base.__module__},
+    )
+    return pipe

@@ -1,0 +1,340 @@
+"""`edmfast.diffusers.accelerate` against the stock diffusers pipelines.
+
+Tiny random-weight Stable Diffusion and SDXL pipelines are built here (UNet, CLIP text encoders
+with an offline byte-level tokenizer, VAE; no downloads). Each test runs the stock pipeline,
+then the same pipeline after ``accelerate`` on the same generator, and compares the results.
+Skipped without diffusers / transformers (``pip install diffusers transformers``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+import edmfast.diffusers as edd  # noqa: E402
+
+TOL = 1e-5  # relative L2, float32 on both sides
+SD_SCHED = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+}
+PROMPT = ["a photo of a cat", "an astronaut"]
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return float((a - b).norm() / b.norm())
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2 / CLIP's byte-to-unicode table: a tokenizer vocabulary covering every byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in cs]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    chars = _byte_chars()
+    vocab = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=8)
+
+
+def _text_config(**kw):
+    return transformers.CLIPTextConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=514,
+        max_position_embeddings=8,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        **kw,
+    )
+
+
+def _vae():
+    return diffusers.AutoencoderKL(
+        block_out_channels=[8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=8,
+    ).eval()
+
+
+def _unet(**kw):
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        **kw,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def sd(tokenizer):
+    torch.manual_seed(0)
+    return diffusers.StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=transformers.CLIPTextModel(_text_config()).eval(),
+        tokenizer=tokenizer,
+        unet=_unet(cross_attention_dim=16),
+        scheduler=diffusers.EulerDiscreteScheduler(**SD_SCHED),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def sdxl(tokenizer):
+    torch.manual_seed(1)
+    unet = _unet(
+        cross_attention_dim=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=4 * 6 + 8,
+    )
+    return diffusers.StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=transformers.CLIPTextModel(_text_config()).eval(),
+        text_encoder_2=transformers.CLIPTextModelWithProjection(_text_config(projection_dim=8)).eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler(**SD_SCHED),
+    )
+
+
+def _copy(pipe, scheduler):
+    """A stock and an accelerated pipeline sharing the components, with this scheduler."""
+    comps = {**pipe.components, "scheduler": scheduler}
+    stock = type(pipe)(**comps)
+    fast = edd.accelerate(type(pipe)(**comps))
+    return stock, fast
+
+
+def _both(pipe, scheduler, **kw):
+    stock, fast = _copy(pipe, scheduler)
+    # 5 of 1000 steps: DDIM's t - T // N is then the next announced timestep for every spacing
+    kw = {"prompt": PROMPT, "num_inference_steps": 5, "output_type": "latent", "height": 8, "width": 8, **kw}
+    a = stock(generator=torch.Generator().manual_seed(7), **kw).images
+    b = fast(generator=torch.Generator().manual_seed(7), **kw).images
+    return a, b
+
+
+EULER = diffusers.EulerDiscreteScheduler
+SCHEDULERS = {
+    "euler-linspace": lambda: EULER(**SD_SCHED),
+    "euler-leading-offset": lambda: EULER(**SD_SCHED, timestep_spacing="leading", steps_offset=1),
+    "euler-trailing": lambda: EULER(**SD_SCHED, timestep_spacing="trailing"),
+    "euler-karras": lambda: EULER(**SD_SCHED, use_karras_sigmas=True),
+    "euler-sigma-min-v": lambda: EULER(
+        **SD_SCHED, final_sigmas_type="sigma_min", prediction_type="v_prediction"
+    ),
+    "euler-zero-snr-v": lambda: EULER(
+        **SD_SCHED, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"
+    ),
+    "heun": lambda: diffusers.HeunDiscreteScheduler(**SD_SCHED),
+    "heun-karras": lambda: diffusers.HeunDiscreteScheduler(**SD_SCHED, use_karras_sigmas=True),
+    "ddim-sd": lambda: diffusers.DDIMScheduler(
+        **SD_SCHED, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    ),
+    "ddim-alpha-one": lambda: diffusers.DDIMScheduler(
+        **SD_SCHED, clip_sample=False, set_alpha_to_one=True, steps_offset=1
+    ),
+    "ddim-zero-snr-v": lambda: diffusers.DDIMScheduler(
+        **SD_SCHED,
+        clip_sample=False,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        prediction_type="v_prediction",
+    ),
+    "ddim-sample": lambda: diffusers.DDIMScheduler(**SD_SCHED, clip_sample=False, prediction_type="sample"),
+    "edm-euler": lambda: diffusers.EDMEulerScheduler(),
+    "edm-euler-exp-v": lambda: diffusers.EDMEulerScheduler(
+        sigma_schedule="exponential", prediction_type="v_prediction"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_sd_matches_stock(sd, name):
+    a, b = _both(sd, SCHEDULERS[name](), guidance_scale=7.5)
+    # observed 0.7e-6 .. 4e-6; diffusers' own float32 arithmetic loses more where it cancels:
+    # x ~ 4096 noise at EulerDiscrete's zero-SNR start, eps = (x - sqrt(abar) x0) / sqrt(1 - abar)
+    # from a sample prediction near t = 0 (both 2.2e-5)
+    tol = 5e-5 if name in ("euler-zero-snr-v", "ddim-sample") else TOL
+    assert _rel(b, a) < tol
+
+
+def test_sd_guidance_rescale_and_images_per_prompt(sd):
+    a, b = _both(
+        sd, SCHEDULERS["euler-trailing"](), guidance_scale=5.0, guidance_rescale=0.7, num_images_per_prompt=2
+    )
+    assert a.shape[0] == 4
+    assert _rel(b, a) < TOL
+    c, _ = _both(sd, SCHEDULERS["euler-trailing"](), guidance_scale=5.0, num_images_per_prompt=2)
+    assert _rel(c, a) > 1e-3  # the rescale acts
+
+
+def test_sd_no_guidance_and_decoded_output(sd):
+    a, b = _both(sd, SCHEDULERS["euler-leading-offset"](), guidance_scale=1.0, output_type="np")
+    assert a.shape == (2, 8, 8, 3)
+    assert _rel(b, a) < TOL
+
+
+def test_sd_given_latents_and_per_call_guidance(sd):
+    stock, fast = _copy(sd, SCHEDULERS["euler-karras"]())
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for w in (3.0, 9.0):  # one cached Sampler serves both values
+        kw = dict(
+            prompt=PROMPT, num_inference_steps=5, guidance_scale=w, output_type="latent", latents=latents
+        )
+        assert _rel(fast(**kw).images, stock(**kw).images) < TOL
+    assert len(fast._edmfast_samplers) == 1
+
+
+@pytest.mark.parametrize("name", ["euler-linspace", "ddim-sd", "heun"])
+def test_sdxl_matches_stock(sdxl, name):
+    a, b = _both(sdxl, SCHEDULERS[name](), guidance_scale=6.0, guidance_rescale=0.5)
+    assert _rel(b, a) < TOL
+
+
+def test_sdxl_no_guidance(sdxl):
+    a, b = _both(sdxl, SCHEDULERS["euler-trailing"](), guidance_scale=1.0)
+    assert _rel(b, a) < TOL
+
+
+def _ddim_reference(unet, abar, timesteps, x, final_abar, text):
+    """DDIM (eta 0, epsilon) in float64 between the announced timesteps; CFG off."""
+    x = x.double()
+    abar = abar.double()
+    for i, t in enumerate(timesteps):
+        a = abar[t]
+        a_prev = (
+            abar[timesteps[i + 1]]
+            if i + 1 < len(timesteps)
+            else torch.tensor(final_abar, dtype=torch.float64)
+        )
+        eps = unet(x.float(), t, encoder_hidden_states=text).sample.double()
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+@torch.no_grad()
+def test_ddim_trailing_follows_the_math(sd):
+    """diffusers steps to t - T // N; at 30 trailing steps the announced timesteps are 33 or 34
+    apart, so it leaves them (here 7 steps: 142 or 143 apart, T // N = 142). edmfast integrates
+    between the announced timesteps."""
+    sched = diffusers.DDIMScheduler(
+        **SD_SCHED, clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=True
+    )
+    stock, fast = _copy(sd, sched)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    kw = dict(
+        prompt=PROMPT[:1], num_inference_steps=7, guidance_scale=1.0, output_type="latent", latents=latents
+    )
+    got = fast(**kw).images
+    theirs = stock(**kw).images
+    text = sd.encode_prompt(PROMPT[:1], "cpu", 1, False)[0]
+    sched.set_timesteps(7)
+    ref = _ddim_reference(sd.unet, sched.alphas_cumprod, sched.timesteps.tolist(), latents, 1.0, text)
+    assert _rel(got, ref) < TOL
+    assert _rel(theirs, ref) > 10 * TOL  # diffusers' own result is the different one
+
+
+def test_schedule_equals_scheduler():
+    for name in sorted(SCHEDULERS):
+        sched = SCHEDULERS[name]()
+        for n in (1, 7, 20):
+            s = edd.schedule(sched, n)
+            sched.set_timesteps(n)
+            if isinstance(sched, diffusers.DDIMScheduler):
+                assert torch.equal(s.timesteps, sched.timesteps.double()), name
+                continue
+            theirs = sched.sigmas.double()
+            if isinstance(sched, diffusers.HeunDiscreteScheduler):
+                theirs = torch.cat([theirs[:1], theirs[1:-1:2], theirs[-1:]])
+            if theirs[-1] == theirs[-2]:  # a final dt = 0 step (sigma_min after t = 0)
+                theirs = theirs[:-1]
+            # float32 storage (EDMEuler's exponential ramp is even a float32 linspace)
+            torch.testing.assert_close(s.sigmas, theirs, rtol=1e-6, atol=0, msg=name)
+            assert torch.equal(edd.sigmas(sched, n), s.sigmas)
+            assert s.init_noise_sigma == pytest.approx(float(sched.init_noise_sigma), rel=1e-6), name
+            assert s.sigmas.dtype == torch.float64
+
+
+def test_schedule_ddim_final_level():
+    one = edd.schedule(SCHEDULERS["ddim-alpha-one"](), 10)
+    sd = edd.schedule(SCHEDULERS["ddim-sd"](), 10)
+    assert one.sigmas[-1] == 0 and one.output_scale == 1.0
+    abar0 = float(SCHEDULERS["ddim-sd"]().alphas_cumprod[0])
+    assert float(sd.sigmas[-1]) == pytest.approx(math.sqrt((1 - abar0) / abar0), rel=1e-12)
+    assert sd.output_scale == pytest.approx(math.sqrt(abar0), rel=1e-12)
+    assert math.isinf(edd.schedule(SCHEDULERS["ddim-zero-snr-v"](), 10).sigmas[0])
+
+
+def test_refusals(sd):
+    with pytest.raises(ValueError, match="LMSDiscreteScheduler"):
+        edd.schedule(diffusers.LMSDiscreteScheduler(**SD_SCHED), 10)
+    with pytest.raises(ValueError, match="clip_sample"):
+        edd.schedule(diffusers.DDIMScheduler(**SD_SCHED), 10)
+    with pytest.raises(ValueError, match="use_exponential_sigmas"):
+        edd.schedule(EULER(**SD_SCHED, use_exponential_sigmas=True), 10)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        edd.sigmas(EULER(**SD_SCHED), 0)
+    with pytest.raises(TypeError, match="pipe must be"):
+        edd.accelerate(object())
+    _, fast = _copy(sd, diffusers.DPMSolverMultistepScheduler(**SD_SCHED))
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler"):
+        fast(PROMPT, num_inference_steps=2, output_type="latent")
+    _, fast = _copy(sd, SCHEDULERS["ddim-sd"]())
+    with pytest.raises(ValueError, match="eta"):
+        fast(PROMPT, num_inference_steps=2, eta=0.5, output_type="latent")
+    for kw in ({"timesteps": [999, 500]}, {"callback_on_step_end": lambda *a: {}}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            fast(PROMPT, num_inference_steps=2, output_type="latent", **kw)
+    # the pipe is usable again after a refused call, with its own scheduler and UNet
+    assert isinstance(fast.scheduler, diffusers.DDIMScheduler)
+    assert isinstance(fast.unet, diffusers.UNet2DConditionModel)
+
+
+def test_accelerate_is_idempotent(sd):
+    _, fast = _copy(sd, SCHEDULERS["euler-linspace"]())
+    cls = type(fast)
+    assert edd.accelerate(fast) is fast and type(fast) is cls
+    assert isinstance(fast, diffusers.StableDiffusionPipeline)
