@@ -438,6 +438,187 @@ inline std::string check_cfg(const CfgCase& c, const CfgInputs& in, const std::v
 
 // ------------------------------------------------------------------ the size matrix
 
+// ------------------------------------------------------------------ the ancestral pass (ancestral_step)
+
+struct AncCase {
+  int64_t B = 1, M = 1;
+  DType dtype = DType::kFloat32;
+  int variance = 0;        // edmfast::Variance: 0 fixed, 1 learned, 2 learned_range
+  bool clip = false;
+  FMode f = FMode::kB;     // kB, kCfg or kCfgK (f is required)
+  EpsMode eps = EpsMode::kNone;
+  bool last = false;       // s = 0: no noise even with eps, whatever exp(V / 2) is
+  bool alias = false;      // out == x
+  int net_rows = 0;
+  bool w_ptr = false;
+  bool bad = false;
+
+  int64_t f_rows() const { return f == FMode::kB ? B : 2 * B; }
+  int64_t m() const { return variance == 0 ? M : 2 * M; }
+  std::string name() const {
+    static const char* vn[] = {"fixed", "learned", "learned_range"};
+    static const char* fn[] = {"none", "B", "2B", "2B+k"};
+    static const char* en[] = {"none", "noise", "seeds"};
+    char buf[240];
+    std::snprintf(buf, sizeof(buf),
+                  "ancestral B=%lld M=%lld %s %s clip=%d f=%s eps=%s last=%d alias=%d net_rows=%d w_ptr=%d bad=%d",
+                  static_cast<long long>(B), static_cast<long long>(M), dtype_name(dtype), vn[variance], clip ? 1 : 0,
+                  fn[static_cast<int>(f)], en[static_cast<int>(eps)], last ? 1 : 0, alias ? 1 : 0, net_rows,
+                  w_ptr ? 1 : 0, bad ? 1 : 0);
+    return buf;
+  }
+};
+
+// variance x clip x f x eps (54 cases), the other switches spread over them.
+inline std::vector<AncCase> anc_feature_cases(int64_t B, int64_t M, DType dtype) {
+  std::vector<AncCase> cases;
+  int i = 0;
+  for (int v = 0; v < 3; ++v)
+    for (int clip = 0; clip < 2; ++clip)
+      for (int f = 1; f < 4; ++f)
+        for (int e = 0; e < 3; ++e, ++i) {
+          AncCase c;
+          c.B = B;
+          c.M = M;
+          c.dtype = dtype;
+          c.variance = v;
+          c.clip = clip != 0;
+          c.f = static_cast<FMode>(f);
+          c.eps = static_cast<EpsMode>(e);
+          c.last = i % 5 == 4;
+          c.alias = i % 2 == 1;
+          c.net_rows = i % 3;
+          c.w_ptr = i % 4 == 1;
+          c.bad = i % 2 == 0;
+          cases.push_back(c);
+        }
+  return cases;
+}
+
+// f buffers for the fixed (m = M) and learned (m = 2M) layouts, B and 2B rows, in dtype storage.
+// Predictions in [-2, 2]; the variance halves in [-1, 1] (a valid learned_range frac and a
+// plausible raw log variance both).
+struct AncInputs {
+  std::vector<float> x, noise, k;
+  std::vector<unsigned char> f_fixed1, f_fixed2, f_learn1, f_learn2;
+  std::vector<int64_t> seeds;
+  float w = 4.5f;
+  uint32_t step = 5;
+  const std::vector<unsigned char>& f(const AncCase& c) const {
+    if (c.variance == 0) return c.f == FMode::kB ? f_fixed1 : f_fixed2;
+    return c.f == FMode::kB ? f_learn1 : f_learn2;
+  }
+};
+
+inline AncInputs make_anc_inputs(int64_t B, int64_t M, DType dtype, uint64_t seed) {
+  AncInputs in;
+  Rng rng(seed);
+  const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
+  in.x.resize(n);
+  in.noise.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    in.x[i] = rng.uniform(-2.0f, 2.0f);
+    in.noise[i] = rng.uniform(-3.0f, 3.0f);
+  }
+  auto fill = [&](std::vector<unsigned char>& buf, int64_t rows, bool learned) {
+    buf.resize(static_cast<size_t>(rows * (learned ? 2 : 1) * M) * es);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t e = 0; e < (learned ? 2 : 1) * M; ++e) {
+        const float v = e < M ? rng.uniform(-2.0f, 2.0f) : rng.uniform(-1.0f, 1.0f);
+        store_elem(dtype, buf.data(), r * (learned ? 2 : 1) * M + e, v);
+      }
+  };
+  fill(in.f_fixed1, B, false);
+  fill(in.f_fixed2, 2 * B, false);
+  fill(in.f_learn1, B, true);
+  fill(in.f_learn2, 2 * B, true);
+  in.k.resize(static_cast<size_t>(B));
+  in.seeds.resize(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    in.k[static_cast<size_t>(b)] = 0.7f + 0.15f * static_cast<float>(b % 4);
+    in.seeds[static_cast<size_t>(b)] = static_cast<int64_t>(0x9E3779B97F4A7C15ull * static_cast<uint64_t>(b + 1));
+  }
+  return in;
+}
+
+constexpr float kAx = 1.3f, kAf = -0.6f, kCoef1 = 0.7f, kCoef2 = 0.4f, kLogBeta = -4.0f, kLogBetaTilde = -5.0f,
+                kS = 0.8f, kAncC = 0.25f;
+
+inline void anc_coef(const AncCase& c, float coef[8]) {
+  const float row[8] = {kAx, kAf, kCoef1, kCoef2, kLogBeta, kLogBetaTilde, c.last ? 0.0f : kS, kAncC};
+  for (int j = 0; j < 8; ++j) coef[j] = row[j];
+}
+
+// Checks out [B, M] and out_net [net_rows B, M] of one ancestral case against the double formula.
+inline std::string check_anc(const AncCase& c, const AncInputs& in, const float* out, const void* out_net) {
+  const int64_t B = c.B, M = c.M, m = c.m();
+  const std::vector<unsigned char>& f = in.f(c);
+  const double w = in.w, s = c.last ? 0.0 : kS;
+  const double out_eps = dtype_eps(c.dtype);
+  char msg[300];
+  for (int64_t b = 0; b < B; ++b) {
+    const double kb = c.f == FMode::kCfgK ? in.k[static_cast<size_t>(b)] : 1.0;
+    edmfast::float4x32 z4{0, 0, 0, 0};
+    for (int64_t e = 0; e < M; ++e) {
+      const int64_t i = b * M + e;
+      const double x = in.x[static_cast<size_t>(i)];
+      double F, F_scale;
+      const double cond = load_elem(c.dtype, f.data(), b * m + e);
+      if (c.f == FMode::kB) {
+        F = cond;
+        F_scale = std::fabs(F);
+      } else {
+        const double uncond = load_elem(c.dtype, f.data(), (B + b) * m + e);
+        F = kb * (uncond + w * (cond - uncond));
+        F_scale = std::fabs(kb) * (std::fabs(uncond) + w * (std::fabs(cond) + std::fabs(uncond)));
+      }
+      double x0 = kAx * x + kAf * F;
+      if (c.clip) x0 = x0 < -1.0 ? -1.0 : (x0 > 1.0 ? 1.0 : x0);
+      double want = kCoef1 * x0 + kCoef2 * x;
+      double scale = std::fabs(kCoef1) * (std::fabs(kAx * x) + std::fabs(kAf) * F_scale) + std::fabs(kCoef2 * x);
+      if (c.eps != EpsMode::kNone && s != 0.0) {
+        double z = 0;
+        if (c.eps == EpsMode::kNoise) {
+          z = in.noise[static_cast<size_t>(i)];
+        } else {
+          if (e % 4 == 0)
+            z4 = edmfast::philox_normal4(static_cast<uint64_t>(in.seeds[static_cast<size_t>(b)]), in.step,
+                                         static_cast<uint64_t>(e / 4));
+          const float n4[4] = {z4.n0, z4.n1, z4.n2, z4.n3};
+          z = n4[e % 4];
+        }
+        double sd = s;
+        if (c.variance != 0) {
+          const double v = load_elem(c.dtype, f.data(), b * m + M + e);
+          const double frac = (v + 1.0) / 2.0;
+          const double logvar = c.variance == 1 ? v : frac * kLogBeta + (1.0 - frac) * kLogBetaTilde;
+          sd = s * std::exp(logvar / 2.0);
+        }
+        want += sd * z;
+        scale += std::fabs(sd * z);
+      }
+      const double tol = 1e-5 * scale + 1e-6;
+      const double got = out[i];
+      if (!close(got, want, tol)) {
+        std::snprintf(msg, sizeof(msg), "out[%lld, %lld] = %.9g, want %.9g (tol %.3g)", static_cast<long long>(b),
+                      static_cast<long long>(e), got, want, tol);
+        return msg;
+      }
+      for (int64_t j = 0; j < c.net_rows; ++j) {
+        const double got_net = load_elem(c.dtype, out_net, (j * B + b) * M + e);
+        const double want_net = kAncC * want;
+        const double tol_net = out_eps * std::fabs(want_net) + kAncC * tol + 1e-6;
+        if (!close(got_net, want_net, tol_net)) {
+          std::snprintf(msg, sizeof(msg), "out_net[%lld, %lld] = %.9g, want %.9g (tol %.3g)",
+                        static_cast<long long>(j * B + b), static_cast<long long>(e), got_net, want_net, tol_net);
+          return msg;
+        }
+      }
+    }
+  }
+  return "";
+}
+
 constexpr int64_t kBatches[] = {1, 2, 3};
 constexpr int64_t kNumels[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 1023, 1025, 3 * 37 * 41};
 constexpr int64_t kNumelsQuick[] = {0, 1, 3, 4, 5, 9, 1025};

@@ -1,5 +1,5 @@
 // Standalone driver of the CPU kernels for AddressSanitizer / UBSan / valgrind (no Python, no
-// torch): calls heun_step_cpu, cfg_rescale_factors_cpu and cfg_rescale_cpu of edmfast/ops.h over
+// torch): calls heun_step_cpu, ancestral_step_cpu, cfg_rescale_factors_cpu and cfg_rescale_cpu of edmfast/ops.h over
 // odd sizes, every dtype, every feature combination and 1 and 2 threads. Every buffer is malloc'd
 // at exactly its size, so a one-past-the-end access is caught; outputs are NaN-poisoned before
 // each call and then compared element by element with the double formula (sanitize_common.h).
@@ -18,6 +18,7 @@
 #include "sanitize_common.h"
 
 using namespace sanitize;
+using edmfast::AncestralArgs;
 using edmfast::CfgArgs;
 using edmfast::kBadArgument;
 using edmfast::kOk;
@@ -116,6 +117,80 @@ void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
       continue;
     }
     std::string err = check_step(c, in, out_p, net_p);
+    if (err.empty() && c.bad) err = check_bad(bad.as<int32_t>(), B, M, true);
+    if (!err.empty()) report.fail(c.name() + " threads=" + std::to_string(threads) + ": " + err);
+  }
+}
+
+// The ancestral pass over its feature combinations of one (B, M, dtype) (every stride-th).
+void run_anc_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
+  const AncInputs in = make_anc_inputs(B, M, dtype, static_cast<uint64_t>(B * 7741 + M * 13 + int(dtype)));
+  const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
+  Buf x(n * 4), noise(n * 4), k(static_cast<size_t>(B) * 4), seeds(static_cast<size_t>(B) * 8), coef(8 * 4),
+      out(n * 4), aliased(n * 4), net1(n * es), net2(2 * n * es), w(4), bad(static_cast<size_t>(B) * 4);
+  Buf f_fixed1(in.f_fixed1.size()), f_fixed2(in.f_fixed2.size()), f_learn1(in.f_learn1.size()),
+      f_learn2(in.f_learn2.size());
+  f_fixed1.fill(in.f_fixed1.data());
+  f_fixed2.fill(in.f_fixed2.data());
+  f_learn1.fill(in.f_learn1.data());
+  f_learn2.fill(in.f_learn2.data());
+  w.fill(&in.w);
+  x.fill(in.x.data());
+  noise.fill(in.noise.data());
+  k.fill(in.k.data());
+  seeds.fill(in.seeds.data());
+  const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
+
+  const std::vector<AncCase> cases = anc_feature_cases(B, M, dtype);
+  for (size_t ci = 0; ci < cases.size(); ci += static_cast<size_t>(stride)) {
+    const AncCase& c = cases[ci];
+    ++report.cases;
+    float coef_host[8];
+    anc_coef(c, coef_host);
+    coef.fill(coef_host);
+    float* out_p = c.alias ? aliased.as<float>() : out.as<float>();
+    if (c.alias) {
+      aliased.fill(in.x.data());
+    } else {
+      poison(DType::kFloat32, out_p, static_cast<int64_t>(n));
+    }
+    void* net_p = c.net_rows == 1 ? net1.as() : (c.net_rows == 2 ? net2.as() : nullptr);
+    if (net_p) poison(dtype, net_p, static_cast<int64_t>(n) * c.net_rows);
+
+    AncestralArgs a;
+    a.x = c.alias ? aliased.as<float>() : x.as<float>();
+    a.f = c.variance == 0 ? (c.f == FMode::kB ? f_fixed1.as() : f_fixed2.as())
+                          : (c.f == FMode::kB ? f_learn1.as() : f_learn2.as());
+    a.k = c.f == FMode::kCfgK ? k.as<float>() : nullptr;
+    a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
+    a.seeds = c.eps == EpsMode::kSeeds ? seeds.as<int64_t>() : nullptr;
+    a.coef = coef.as<float>();
+    a.out = out_p;
+    a.out_net = net_p;
+    a.batch = B;
+    a.numel = M;
+    a.f_rows = c.f_rows();
+    a.net_rows = c.net_rows;
+    a.dtype = dtype;
+    a.variance = c.variance;
+    a.clip = c.clip;
+    a.guidance_scale = in.w;
+    a.step = in.step;
+    if (c.w_ptr) {
+      a.guidance = w.as<float>();
+      a.guidance_scale = NAN;
+    }
+    if (c.bad) {
+      bad.fill(bad_none.data());
+      a.bad = bad.as<int32_t>();
+      a.bad_step = kBadFirst;
+    }
+    const int rc = edmfast::ancestral_step_cpu(a, threads);
+    if (rc != kOk) {
+      report.fail(c.name() + " threads=" + std::to_string(threads) + ": status " + std::to_string(rc));
+      continue;
+    }
+    std::string err = check_anc(c, in, out_p, net_p);
     if (err.empty() && c.bad) err = check_bad(bad.as<int32_t>(), B, M, true);
     if (!err.empty()) report.fail(c.name() + " threads=" + std::to_string(threads) + ": " + err);
   }
@@ -291,6 +366,52 @@ void run_bad_arguments() {
     if (!std::isnan(out.as<float>()[0]) || !std::isnan(k.as<float>()[0]))
       report.fail(std::string("bad cfg (") + b.what + ") wrote its output");
   }
+  auto abase = [&] {
+    AncestralArgs g;
+    g.x = x.as<float>();
+    g.f = f.as();
+    g.coef = coef.as<float>();
+    g.out = out.as<float>();
+    g.batch = B;
+    g.numel = M;
+    g.f_rows = B;
+    return g;
+  };
+  struct BadAnc {
+    const char* what;
+    AncestralArgs a;
+  };
+  std::vector<BadAnc> bad_anc;
+  AncestralArgs g;
+  g = abase(), g.batch = 0, bad_anc.push_back({"batch 0", g});
+  g = abase(), g.numel = -1, bad_anc.push_back({"numel -1", g});
+  g = abase(), g.variance = 3, bad_anc.push_back({"variance 3", g});
+  g = abase(), g.variance = -1, bad_anc.push_back({"variance -1", g});
+  g = abase(), g.dtype = static_cast<DType>(5), bad_anc.push_back({"dtype 5", g});
+  g = abase(), g.f = nullptr, bad_anc.push_back({"no f", g});
+  g = abase(), g.x = nullptr, bad_anc.push_back({"no x", g});
+  g = abase(), g.coef = nullptr, bad_anc.push_back({"no coef", g});
+  g = abase(), g.f_rows = 0, bad_anc.push_back({"f_rows 0", g});
+  g = abase(), g.f_rows = 3 * B, bad_anc.push_back({"f_rows 3B", g});
+  g = abase(), g.k = k.as<float>(), bad_anc.push_back({"k with f_rows B", g});
+  g = abase(), g.noise = noise.as<float>(), g.seeds = seeds.as<int64_t>(), bad_anc.push_back({"noise and seeds", g});
+  g = abase(), g.out_net = net.as(), g.net_rows = 3, bad_anc.push_back({"net_rows 3", g});
+  g = abase(), g.net_rows = 1, bad_anc.push_back({"net_rows without out_net", g});
+  for (const BadAnc& b : bad_anc) {
+    ++report.cases;
+    poison(DType::kFloat32, out.as(), n);
+    const int rc = edmfast::ancestral_step_cpu(b.a, 1);
+    if (rc != kBadArgument)
+      report.fail(std::string("bad ancestral_step (") + b.what + "): status " + std::to_string(rc));
+    if (!std::isnan(out.as<float>()[0])) report.fail(std::string("bad ancestral_step (") + b.what + ") wrote out");
+  }
+  c = cbase(), c.row_stride = M - 1, bad_cfg.clear(), bad_cfg.push_back({"row_stride < numel", c});
+  for (const BadCfg& b : bad_cfg) {
+    ++report.cases;
+    if (edmfast::cfg_rescale_factors_cpu(b.a, k.as<float>(), 1) != kBadArgument)
+      report.fail(std::string("bad cfg factors (") + b.what + ")");
+  }
+
   ++report.cases;
   if (edmfast::cfg_rescale_factors_cpu(cbase(), nullptr, 1) != kBadArgument) report.fail("cfg factors without k_out");
   ++report.cases;
@@ -331,11 +452,13 @@ int main(int argc, char** argv) {
       for (const int64_t B : batches)
         for (const int64_t M : numels) {
           run_step_size(B, M, dtype, threads, 1);
+          run_anc_size(B, M, dtype, threads, 1);
           run_cfg_size(B, M, dtype, threads);
           if (dtype == DType::kFloat32) run_nonfinite(B, M, threads);
         }
       for (const Extra& e : extras) {
         run_step_size(e.B, e.M, dtype, threads, e.stride);
+        run_anc_size(e.B, e.M, dtype, threads, e.stride);
         run_cfg_size(e.B, e.M, dtype, threads);
         if (dtype == DType::kFloat32) run_nonfinite(e.B, e.M, threads);
       }
