@@ -264,6 +264,7 @@ class _SchedulerShim:
         self.real = real
         self.result: torch.Tensor | None = None
         self.schedule: Schedule | None = None
+        self.callback: Any = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
@@ -369,6 +370,7 @@ class _UNetProxy:
                 raise ValueError(f"{key} has batch {value.shape[0]}, the UNet input {rows}")
         noise = sample[:batch].float() * sched.noise_scale
         sampler = _sampler(pipe, self._unet, sched.solver)
+        steps = _StepCallback(pipe, self._shim, sample.dtype) if self._shim.callback is not None else None
         if cfg:
             # the pipeline batches [uncond, cond]; a row keeps its own conditioning, as in diffusers
             cut = {
@@ -381,14 +383,48 @@ class _UNetProxy:
                 uncond={k: u for k, (_, u) in cut.items()},
                 guidance_scale=float(pipe.guidance_scale),
                 guidance_rescale=float(getattr(pipe, "guidance_rescale", 0.0)),
+                callback=steps,
             )
         else:
-            x = sampler(noise, sched.sigmas, cond=flat)
+            x = sampler(noise, sched.sigmas, cond=flat, callback=steps)
         self._shim.result = x * sched.output_scale if sched.output_scale != 1.0 else x
+        if steps is not None:
+            steps.deliver(len(sched.timesteps) - 1, self._shim.result)
         # The pipeline forms its guidance from this and hands it to the shim's step, which ignores
         # it: the input itself keeps that arithmetic finite (guidance rescale of zeros is 0/0).
         out = sample.clone()
         return (out,) if not return_dict else _Output(out)
+
+
+class _StepCallback:
+    """diffusers' ``callback_on_step_end(pipe, i, t, {"latents": ...})`` from edmfast's callback.
+
+    edmfast reports the state a step starts from; the pipeline reports the latents after step i
+    (in the scheduler's scaling: VP for DDIM), i.e. edmfast's step i + 1 (the last one from the
+    result). The callback may read the latents, not replace them (refused: the loop cannot change
+    course without leaving edmfast's fused schedule)."""
+
+    def __init__(self, pipe: Any, shim: _SchedulerShim, dtype: torch.dtype):
+        self.pipe, self.shim, self.dtype = pipe, shim, dtype
+        self.vp = type(shim.real).__name__ == "DDIMScheduler"
+
+    def __call__(self, info: dict) -> None:
+        i = info["i"]
+        if i > 0:
+            x = info["x"]
+            if self.vp:
+                x = x / math.sqrt(1 + float(info["sigma"]) ** 2)
+            self.deliver(i - 1, x)
+
+    def deliver(self, i: int, x: torch.Tensor) -> None:
+        latents = x.to(self.dtype)
+        t = self.shim.schedule.timesteps[i] if self.shim.schedule is not None else i
+        t = self.shim.real.timesteps[i] if type(self.shim.real).__name__ != "HeunDiscreteScheduler" else t
+        out = self.shim.callback(self.pipe, i, t, {"latents": latents})
+        if isinstance(out, dict) and out.get("latents", latents) is not latents:
+            raise ValueError(
+                "callback_on_step_end returned new latents: not supported by an accelerated pipeline"
+            )
 
 
 @dataclass
@@ -413,7 +449,6 @@ _CALL_OPTIONS = {
     "timesteps": None,
     "sigmas": None,
     "denoising_end": None,
-    "callback_on_step_end": None,
     "callback": None,
     "callback_steps": None,
 }
@@ -430,8 +465,22 @@ def _accelerated_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     eta = kwargs.get("eta", 0.0)
     if type(real).__name__ == "DDIMScheduler" and eta != 0:
         raise ValueError(f"eta={eta!r} is not supported by an accelerated pipeline (DDIM with eta = 0 only)")
+    callback = kwargs.pop("callback_on_step_end", None)
+    inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None)
+    if callback is not None:
+        inputs = list(getattr(callback, "tensor_inputs", None) or inputs or ["latents"])
+        if inputs != ["latents"]:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs={inputs} is not supported by an accelerated pipeline "
+                "(only ['latents'])"
+            )
+        if type(real).__name__ == "HeunDiscreteScheduler":
+            raise ValueError(
+                "callback_on_step_end with HeunDiscreteScheduler is not supported by an accelerated pipeline"
+            )
     unet = self.unet
     shim = _SchedulerShim(real)
+    shim.callback = callback
     self.__dict__["_edmfast_scheduler"] = real
     self.__dict__["scheduler"] = shim
     self.__dict__["unet"] = _UNetProxy(self, unet, shim)

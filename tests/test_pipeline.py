@@ -325,8 +325,15 @@ def test_refusals(sd):
     _, fast = _copy(sd, SCHEDULERS["ddim-sd"]())
     with pytest.raises(ValueError, match="eta"):
         fast(PROMPT, num_inference_steps=2, eta=0.5, output_type="latent")
-    for kw in ({"timesteps": [999, 500]}, {"callback_on_step_end": lambda *a: {}}):
-        with pytest.raises(ValueError, match=next(iter(kw))):
+    for kw, what in (
+        ({"timesteps": [999, 500]}, "timesteps"),
+        ({"callback_on_step_end": lambda p, i, t, kw: {"latents": kw["latents"] + 1}}, "new latents"),
+        (
+            {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]},
+            "tensor",
+        ),
+    ):
+        with pytest.raises(ValueError, match=what):
             fast(PROMPT, num_inference_steps=2, output_type="latent", **kw)
     # the pipe is usable again after a refused call, with its own scheduler and UNet
     assert isinstance(fast.scheduler, diffusers.DDIMScheduler)
@@ -338,3 +345,30 @@ def test_accelerate_is_idempotent(sd):
     cls = type(fast)
     assert edd.accelerate(fast) is fast and type(fast) is cls
     assert isinstance(fast, diffusers.StableDiffusionPipeline)
+
+
+@pytest.mark.parametrize("name", ["euler-leading-offset", "ddim-sd"])
+def test_callback_on_step_end(sd, name):
+    """The accelerated loop reports the latents after each step as the stock loop does (DDIM's in
+    VP scaling), with the scheduler's timesteps; the result is unchanged by the callback."""
+    seen: dict = {"stock": [], "fast": []}
+
+    def record(key):
+        def cb(pipe, i, t, kw):
+            seen[key].append((i, float(t), kw["latents"].clone()))
+            return {}
+
+        return cb
+
+    stock, fast = _copy(sd, SCHEDULERS[name]())
+    kw = dict(
+        prompt=PROMPT, num_inference_steps=4, guidance_scale=4.0, output_type="latent", height=8, width=8
+    )
+    a = stock(generator=torch.Generator().manual_seed(2), callback_on_step_end=record("stock"), **kw).images
+    b = fast(generator=torch.Generator().manual_seed(2), callback_on_step_end=record("fast"), **kw).images
+    c = fast(generator=torch.Generator().manual_seed(2), **kw).images
+    assert torch.equal(b, c)
+    assert _rel(b, a) < TOL
+    assert [(i, t) for i, t, _ in seen["fast"]] == [(i, t) for i, t, _ in seen["stock"]]
+    for (_, _, x), (_, _, y) in zip(seen["fast"], seen["stock"], strict=True):
+        assert _rel(x, y) < TOL
