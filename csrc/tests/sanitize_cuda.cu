@@ -1,5 +1,5 @@
 // Standalone driver of the CUDA kernels for compute-sanitizer (memcheck, racecheck, initcheck,
-// synccheck): calls heun_step_cuda, cfg_rescale_factors_cuda and cfg_rescale_cuda of
+// synccheck): calls heun_step_cuda, ancestral_step_cuda, cfg_rescale_factors_cuda and cfg_rescale_cuda of
 // edmfast/ops.h on a created non-blocking stream over the size / dtype / feature matrix of
 // sanitize_cpu.cpp. Every device buffer is its own cudaMalloc of exactly its size (a 0-element
 // buffer gets 1 byte, so any access to it is still out of bounds); "offset" runs place every
@@ -23,6 +23,7 @@
 #include "sanitize_common.h"
 
 using namespace sanitize;
+using edmfast::AncestralArgs;
 using edmfast::CfgArgs;
 using edmfast::kBadArgument;
 using edmfast::kOk;
@@ -160,6 +161,88 @@ void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
   }
 }
 
+// The ancestral pass over the feature combinations of one (B, M, dtype, offset): every stride-th one.
+void run_anc_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
+  const AncInputs in = make_anc_inputs(B, M, dtype, static_cast<uint64_t>(B * 7741 + M * 13 + int(dtype)));
+  const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
+  const size_t o4 = offset ? 4 : 0, oe = offset ? es : 0;
+  DevBuf x(n * 4, o4), noise(n * 4, o4), k(static_cast<size_t>(B) * 4, o4),
+      seeds(static_cast<size_t>(B) * 8, offset ? 8 : 0), coef(8 * 4, o4), out(n * 4, o4), aliased(n * 4, o4),
+      net1(n * es, oe), net2(2 * n * es, oe), w(4, o4), bad(static_cast<size_t>(B) * 4, o4);
+  DevBuf f_fixed1(in.f_fixed1.size(), oe), f_fixed2(in.f_fixed2.size(), oe), f_learn1(in.f_learn1.size(), oe),
+      f_learn2(in.f_learn2.size(), oe);
+  f_fixed1.upload(in.f_fixed1.data());
+  f_fixed2.upload(in.f_fixed2.data());
+  f_learn1.upload(in.f_learn1.data());
+  f_learn2.upload(in.f_learn2.data());
+  w.upload(&in.w);
+  x.upload(in.x.data());
+  noise.upload(in.noise.data());
+  k.upload(in.k.data());
+  seeds.upload(in.seeds.data());
+  const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
+  std::vector<int32_t> host_bad(static_cast<size_t>(B));
+  const std::vector<unsigned char> nan_out = nan_bytes(DType::kFloat32, n), nan_net = nan_bytes(dtype, 2 * n);
+  std::vector<float> host_out(n);
+  std::vector<unsigned char> host_net(2 * n * es);
+
+  const std::vector<AncCase> cases = anc_feature_cases(B, M, dtype);
+  for (size_t ci = 0; ci < cases.size(); ci += static_cast<size_t>(stride)) {
+    const AncCase& c = cases[ci];
+    const std::string where = c.name() + (offset ? " offset" : "");
+    ++report.cases;
+    float coef_host[8];
+    anc_coef(c, coef_host);
+    coef.upload(coef_host);
+    const DevBuf& out_buf = c.alias ? aliased : out;
+    out_buf.upload(c.alias ? static_cast<const void*>(in.x.data()) : nan_out.data());
+    const DevBuf* net_buf = c.net_rows == 1 ? &net1 : (c.net_rows == 2 ? &net2 : nullptr);
+    if (net_buf) net_buf->upload(nan_net.data(), n * es * static_cast<size_t>(c.net_rows));
+
+    AncestralArgs a;
+    a.x = c.alias ? aliased.as<float>() : x.as<float>();
+    a.f = c.variance == 0 ? (c.f == FMode::kB ? f_fixed1.as() : f_fixed2.as())
+                          : (c.f == FMode::kB ? f_learn1.as() : f_learn2.as());
+    a.k = c.f == FMode::kCfgK ? k.as<float>() : nullptr;
+    a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
+    a.seeds = c.eps == EpsMode::kSeeds ? seeds.as<int64_t>() : nullptr;
+    a.coef = coef.as<float>();
+    a.out = out_buf.as<float>();
+    a.out_net = net_buf ? net_buf->as() : nullptr;
+    a.batch = B;
+    a.numel = M;
+    a.f_rows = c.f_rows();
+    a.net_rows = c.net_rows;
+    a.dtype = dtype;
+    a.variance = c.variance;
+    a.clip = c.clip;
+    a.guidance_scale = in.w;
+    a.step = in.step;
+    if (c.w_ptr) {
+      a.guidance = w.as<float>();
+      a.guidance_scale = NAN;  // the host value a case reading w from memory must ignore
+    }
+    if (c.bad) {
+      bad.upload(bad_none.data());
+      a.bad = bad.as<int32_t>();
+      a.bad_step = kBadFirst;
+    }
+    const int rc = edmfast::ancestral_step_cuda(a, g_device, g_stream);
+    if (rc != kOk) {
+      report.fail(where + ": status " + std::to_string(rc) + " (" + edmfast::cuda_error_string(rc) + ")");
+      sync_or_die(where);
+      continue;
+    }
+    out_buf.download(host_out.data(), n * 4);
+    if (net_buf) net_buf->download(host_net.data(), n * es * static_cast<size_t>(c.net_rows));
+    if (c.bad) bad.download(host_bad.data(), static_cast<size_t>(B) * 4);
+    sync_or_die(where);
+    std::string err = check_anc(c, in, host_out.data(), host_net.data());
+    if (err.empty() && c.bad) err = check_bad(host_bad.data(), B, M, true);
+    if (!err.empty()) report.fail(where + ": " + err);
+  }
+}
+
 // Non-finite rows are recorded in bad (atomicMin of the step), finite rows never.
 void run_nonfinite(int64_t B, int64_t M) {
   const size_t n = static_cast<size_t>(B * M);
@@ -278,6 +361,21 @@ void run_bad_arguments() {
   a.f_rows = 3 * B;
   ++report.cases;
   if (edmfast::heun_step_cuda(a, g_device, g_stream) != kBadArgument) report.fail("bad heun_step_cuda (f_rows 3B)");
+  AncestralArgs g;
+  g.x = x.as<float>();
+  g.f = f.as();
+  g.coef = coef.as<float>();
+  g.out = out.as<float>();
+  g.batch = B;
+  g.numel = M;
+  g.f_rows = 3 * B;
+  report.cases += 2;
+  if (edmfast::ancestral_step_cuda(g, g_device, g_stream) != kBadArgument)
+    report.fail("bad ancestral_step_cuda (f_rows 3B)");
+  g.f_rows = B;
+  g.variance = 3;
+  if (edmfast::ancestral_step_cuda(g, g_device, g_stream) != kBadArgument)
+    report.fail("bad ancestral_step_cuda (variance 3)");
   CfgArgs c;
   c.cond = f.as();
   c.uncond = f.as<float>() + n;
@@ -349,12 +447,14 @@ int main(int argc, char** argv) {
         for (const bool offset : {false, true}) {
           if (offset && !(M > 0 && M % 4 == 0)) continue;
           run_step_size(B, M, dtype, offset, stride);
+          run_anc_size(B, M, dtype, offset, stride);
           run_cfg_size(B, M, dtype, offset, true);
           if (dtype == DType::kFloat32 && !offset) run_nonfinite(B, M);
         }
       }
     for (const Extra& e : step_extras) {
       run_step_size(e.B, e.M, dtype, false, e.stride);
+      run_anc_size(e.B, e.M, dtype, false, e.stride);
       if (dtype == DType::kFloat32) run_nonfinite(e.B, e.M);
     }
     for (const Extra& e : cfg_extras) run_cfg_size(e.B, e.M, dtype, false, false);
