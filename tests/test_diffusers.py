@@ -209,3 +209,75 @@ def test_guidance_rescale_acts():
     a = edmfast.sample(den, _noise(), sigmas, solver="euler", **kw)
     b = edmfast.sample(den, _noise(), sigmas, solver="euler", guidance_rescale=0.7, **kw)
     assert _rel(a, b) > 1e-3
+
+
+# ----------------------------------------------------------------------------- from_diffusers
+
+
+def _loop(unet, sched, x):
+    """A diffusers pipeline's loop without text: scale_model_input, the model, step."""
+    for t in sched.timesteps:
+        x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+FROM_DIFFUSERS = {
+    # SD's EulerDiscrete config: diffusers' default linspace (fractional timesteps), steps_offset=1
+    "euler-linspace-sd": lambda: diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", **SD_BETAS, steps_offset=1
+    ),
+    "euler-karras": lambda: diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", **SD_BETAS, use_karras_sigmas=True, timestep_spacing="leading"
+    ),
+    "euler-original-sample": lambda: diffusers.EulerDiscreteScheduler(prediction_type="original_sample"),
+    "heun-linspace": lambda: diffusers.HeunDiscreteScheduler(beta_schedule="scaled_linear", **SD_BETAS),
+    "ddim-sd": lambda: diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear", **SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FROM_DIFFUSERS))
+@torch.no_grad()
+def test_from_diffusers_matches_scheduler_loop(name):
+    import edmfast.diffusers as edd
+
+    unet, sched, n = _unet(seed=6), FROM_DIFFUSERS[name](), 7
+    sched.set_timesteps(n)
+    latents = _noise(8) * sched.init_noise_sigma
+    want = _loop(unet, sched, latents)
+    s = edd.schedule(sched, n)
+    den = edmfast.DiscreteVPDenoiser.from_diffusers(unet, sched)
+    kw = dict(solver=s.solver)
+    fast = edmfast.sample(den, latents * s.noise_scale, s.sigmas, **kw) * s.output_scale
+    ref = edmfast.reference.sample(den, latents * s.noise_scale, s.sigmas, **kw) * s.output_scale
+    assert _rel(ref, want) < TOL
+    assert _rel(fast, want) < TOL
+
+
+@torch.no_grad()
+def test_old_recipe_misses_linspace():
+    """Guards the test above: truncated integer timesteps and sigma(t_int) (the README's former
+    recipe) miss diffusers' default linspace spacing by far more than float32 rounding."""
+    unet, sched = _unet(seed=6), FROM_DIFFUSERS["euler-linspace-sd"]()
+    sched.set_timesteps(7)
+    latents = _noise(8) * sched.init_noise_sigma
+    want = _loop(unet, sched, latents)
+    den = edmfast.DiscreteVPDenoiser(unet, sched.alphas_cumprod)
+    sigmas = den.sigmas_for(sched.timesteps.long())
+    got = edmfast.sample(den, latents / float(sigmas[0]), sigmas, solver="euler")
+    assert _rel(got, want) > 10 * TOL
+
+
+def test_linear_interpolation_inverts_np_interp():
+    import numpy as np
+
+    sched = FROM_DIFFUSERS["euler-linspace-sd"]()
+    t = np.linspace(0, 999, 23, dtype=np.float32).astype(np.float64)
+    train = ((1 - sched.alphas_cumprod.double()) / sched.alphas_cumprod.double()).sqrt().numpy()
+    s = torch.from_numpy(np.interp(t, np.arange(1000), train))
+    lin = edmfast.DiscreteVPDenoiser.from_diffusers(_unet(), sched)
+    assert lin.interpolation == "linear"
+    torch.testing.assert_close(lin.sigma_to_t(s), torch.from_numpy(t), rtol=0, atol=1e-9)
+    log = edmfast.DiscreteVPDenoiser(_unet(), sched.alphas_cumprod)  # _sigma_to_t's inverse
+    assert float((log.sigma_to_t(s) - torch.from_numpy(t)).abs().max()) > 1e-3

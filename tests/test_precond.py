@@ -162,3 +162,46 @@ def test_schedule_planning_reads_no_device_buffer():
     want = p.round_sigma(sig), p.coefficients(sig)[3]
     p.to("meta")
     assert torch.equal(p.round_sigma(sig), want[0]) and torch.equal(p.coefficients(sig)[3], want[1])
+
+
+def test_sigma_to_t_linear_interpolates_in_sigma():
+    abar = _abar()
+    den = edmfast.DiscreteVPDenoiser(_ident, abar, interpolation="linear")
+    s = den.sigmas[[10, 11]]
+    assert float(den.sigma_to_t(s.mean().reshape(1))) == pytest.approx(10.5, abs=1e-9)
+    assert den.sigma_to_t(den.sigmas).tolist() == pytest.approx(list(range(1000)), abs=1e-9)
+    with pytest.raises(ValueError, match="interpolation"):
+        edmfast.DiscreteVPDenoiser(_ident, abar, interpolation="cubic")
+
+
+def test_original_sample_is_sample():
+    abar = _abar()
+    den = edmfast.DiscreteVPDenoiser(_ident, abar, prediction_type="original_sample")
+    assert den.prediction_type == "sample"
+    c_skip, c_out, _, _ = den.coefficients(SIGMAS)
+    assert (c_skip == 0).all() and (c_out == 1).all()
+
+
+class _FakeScheduler:
+    """What from_diffusers reads: a config mapping and alphas_cumprod (no diffusers needed)."""
+
+    def __init__(self, **config):
+        self.config = {"prediction_type": "epsilon", **config}
+        self.alphas_cumprod = _abar().float()
+
+
+def test_from_diffusers_reads_the_config():
+    den = edmfast.DiscreteVPDenoiser.from_diffusers(_ident, _FakeScheduler(prediction_type="original_sample"))
+    assert den.prediction_type == "sample" and den.interpolation == "linear"
+    torch.testing.assert_close(den.sigmas, ((1 - _abar().float().double()) / _abar().float().double()).sqrt())
+    karras = edmfast.DiscreteVPDenoiser.from_diffusers(_ident, _FakeScheduler(use_karras_sigmas=True))
+    assert karras.interpolation == "log"
+    for config, what in (
+        ({"timestep_type": "continuous"}, "timestep_type"),
+        ({"interpolation_type": "log_linear"}, "interpolation_type"),
+        ({"prediction_type": "flow"}, "prediction_type"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            edmfast.DiscreteVPDenoiser.from_diffusers(_ident, _FakeScheduler(**config))
+    with pytest.raises(TypeError, match="scheduler"):
+        edmfast.DiscreteVPDenoiser.from_diffusers(_ident, object())
