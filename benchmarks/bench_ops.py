@@ -1,4 +1,4 @@
-"""Bandwidth of the fused ops (heun_step pass B, churn, cfg_rescale) per backend, vs measured copy.
+"""Bandwidth of the fused ops (heun_step pass B, churn, cfg_rescale, ancestral_step) per backend, vs copy.
 
 For every backend available on the device, at several sizes, reports the median time and two
 figures, kept apart on purpose:
@@ -102,6 +102,15 @@ def make_inputs(numel: int, batch: int, dtype: torch.dtype, device: torch.device
         out_net=torch.empty(batch, m, device=device, dtype=dtype),
         out_cfg=torch.empty(batch, m, device=device, dtype=dtype),
         k=torch.empty(batch, device=device),
+        # the ancestral pass of a 2C-output model: prediction half, then the variance half in [-1, 1]
+        f_anc=torch.cat(
+            [
+                torch.randn(batch, m, device=device, generator=g),
+                torch.rand(batch, m, device=device, generator=g),
+            ],
+            dim=1,
+        ).to(dtype),
+        coef_anc=torch.tensor([1.02, -0.2, 0.3, 0.7, -4.0, -5.0, 1.0, 0.98], device=device),
     )
 
 
@@ -121,7 +130,18 @@ def op_calls(backend: str, t: dict) -> dict[str, Callable[[], object]]:
     def cfg_rescale():
         ops.cfg_rescale(t["cond"], t["uncond"], 7.5, 0.7, out=t["out_cfg"], backend=backend)
 
-    return {"heun_step": heun_step, "churn": churn, "cfg_rescale": cfg_rescale}
+    def ancestral_step():
+        ops.ancestral_step(
+            x_hat, t["f_anc"], t["coef_anc"], out=out, variance="learned_range", clip=True, seeds=seeds,
+            step=3, out_net=out_net, backend=backend,
+        )  # fmt: skip
+
+    return {
+        "heun_step": heun_step,
+        "churn": churn,
+        "cfg_rescale": cfg_rescale,
+        "ancestral_step": ancestral_step,
+    }
 
 
 def torch_step(x_hat, x_prime, f, coef, eps, out, out_net):
@@ -129,6 +149,18 @@ def torch_step(x_hat, x_prime, f, coef, eps, out, out_net):
     x = coef[0] * x_hat + coef[1] * x_prime + coef[2] * f.float() + coef[3] * eps
     out.copy_(x)
     out_net.copy_(coef[4] * x)
+
+
+def torch_ancestral(x, f, coef, z, out, out_net):
+    """The learned_range ancestral step (clipped x0) as plain torch ops in fp32 (the baseline)."""
+    n = x.shape[1]
+    pred, v = f[:, :n].float(), f[:, n:].float()
+    x0 = (coef[0] * x + coef[1] * pred).clamp(-1.0, 1.0)
+    frac = (v + 1.0) * 0.5
+    logvar = frac * coef[4] + (1.0 - frac) * coef[5]
+    x_new = coef[2] * x0 + coef[3] * x + coef[6] * torch.exp(0.5 * logvar) * z
+    out.copy_(x_new)
+    out_net.copy_(coef[7] * x_new)
 
 
 def baseline_calls(device: torch.device, t: dict) -> tuple[str, dict[str, Callable[[], object]]]:
@@ -139,9 +171,14 @@ def baseline_calls(device: torch.device, t: dict) -> tuple[str, dict[str, Callab
         def step(x_hat, x_prime, f, coef, out, out_net):
             torch_step(x_hat, x_prime, f, coef, torch.randn_like(x_hat), out, out_net)
 
+        def ancestral(x, f, coef, out, out_net):
+            torch_ancestral(x, f, coef, torch.randn_like(x), out, out_net)
+
         step_fn = torch.compile(step)
+        anc_fn = torch.compile(ancestral)
         return "torch.compile", {
-            "heun_step": lambda: step_fn(t["x_hat"], t["x_prime"], t["f"], t["coef"], t["out"], t["out_net"])
+            "heun_step": lambda: step_fn(t["x_hat"], t["x_prime"], t["f"], t["coef"], t["out"], t["out_net"]),
+            "ancestral_step": lambda: anc_fn(t["x_hat"], t["f_anc"], t["coef_anc"], t["out"], t["out_net"]),
         }
 
     def eager_step():
@@ -159,7 +196,16 @@ def baseline_calls(device: torch.device, t: dict) -> tuple[str, dict[str, Callab
         k = 0.7 * c.std(dim=1, keepdim=True) / cfg.std(dim=1, keepdim=True) + 0.3
         t["out_cfg"].copy_(k * cfg)
 
-    return "eager", {"heun_step": eager_step, "churn": eager_churn, "cfg_rescale": eager_cfg}
+    def eager_ancestral():
+        z = torch.randn(t["x_hat"].shape, generator=g)
+        torch_ancestral(t["x_hat"], t["f_anc"], t["coef_anc"], z, t["out"], t["out_net"])
+
+    return "eager", {
+        "heun_step": eager_step,
+        "churn": eager_churn,
+        "cfg_rescale": eager_cfg,
+        "ancestral_step": eager_ancestral,
+    }
 
 
 def min_bytes(op: str, numel: int, dtype: torch.dtype) -> int:
@@ -171,13 +217,16 @@ def min_bytes(op: str, numel: int, dtype: torch.dtype) -> int:
         return numel * (4 + 4 + io)
     if op == "cfg_rescale":  # read cond, uncond; write out
         return numel * 3 * io
-    raise ValueError(f"op must be heun_step, churn or cfg_rescale, got {op!r}")
+    if op == "ancestral_step":  # read x, f (prediction and variance halves); write out, out_net
+        return numel * (4 + 2 * io + 4 + io)
+    raise ValueError(f"op must be heun_step, churn, cfg_rescale or ancestral_step, got {op!r}")
 
 
 def moved_bytes(op: str, numel: int, dtype: torch.dtype) -> int:
-    """Bytes edmfast's kernels move. heun_step and churn are one pass (the minimum; the Philox noise
-    is generated, never read). cfg_rescale is two: cfg_rescale_factors reads cond and uncond for the
-    per-sample sums, then the apply pass reads both again and writes out: 5 units, not 3."""
+    """Bytes edmfast's kernels move. heun_step, churn and ancestral_step are one pass (the minimum;
+    the Philox noise is generated, never read). cfg_rescale is two: cfg_rescale_factors reads cond
+    and uncond for the per-sample sums, then the apply pass reads both again and writes out: 5
+    units, not 3."""
     if op == "cfg_rescale":
         return numel * 5 * torch.empty((), dtype=dtype).element_size()
     return min_bytes(op, numel, dtype)
@@ -324,14 +373,14 @@ def main(argv: list[str] | None = None) -> None:
 def table(rows: list[dict]) -> list[str]:
     """GB/s and 'of copy' on the bytes moved; 'of bound': minimum-traffic time at copy GB/s / time."""
     header = (
-        f"{'op':<12}{'backend':<15}{'elements':>12}{'ms':>10}{'GB/s':>9}{'of copy':>9}"
+        f"{'op':<16}{'backend':<15}{'elements':>12}{'ms':>10}{'GB/s':>9}{'of copy':>9}"
         f"{'of bound':>10}{'speedup':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         speedup = next((f"{v:.2f}x" for k, v in r.items() if k.startswith("speedup")), "")
         lines.append(
-            f"{r['op']:<12}{r['backend']:<15}{r['numel']:>12}{r['ms']:>10.3f}{r['gbs']:>9.1f}"
+            f"{r['op']:<16}{r['backend']:<15}{r['numel']:>12}{r['ms']:>10.3f}{r['gbs']:>9.1f}"
             f"{r['frac']:>8.0%}{r['bound_frac']:>10.0%}{speedup:>9}"
         )
     return lines
