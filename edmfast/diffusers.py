@@ -26,6 +26,8 @@ Importing this module does not import diffusers; the functions do.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import weakref
 from dataclasses import dataclass
@@ -454,11 +456,23 @@ _CALL_OPTIONS = {
 }
 
 
-def _accelerated_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+def _accelerated_call(self: Any, base: type, *args: Any, **kwargs: Any) -> Any:
     real = self.scheduler
     if isinstance(real, _SchedulerShim):
         raise RuntimeError("an accelerated pipeline cannot be called from inside its own call")
     _name(real)
+    # positional arguments by name, so that every option is checked whichever way it came
+    params = inspect.signature(base.__call__).parameters
+    bound = inspect.signature(base.__call__).bind(self, *args, **kwargs).arguments
+    kwargs = {}
+    for key, value in bound.items():
+        if params[key].kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        elif params[key].kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{base.__name__}.__call__ takes no extra positional arguments")
+        elif key != "self":
+            kwargs[key] = value
     for key, ok in _CALL_OPTIONS.items():
         if kwargs.get(key, ok) is not ok:
             raise ValueError(f"{key}= is not supported by an accelerated pipeline (edmfast.diffusers)")
@@ -485,7 +499,7 @@ def _accelerated_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     self.__dict__["scheduler"] = shim
     self.__dict__["unet"] = _UNetProxy(self, unet, shim)
     try:
-        return type(self).__mro__[1].__call__(self, *args, **kwargs)
+        return base.__call__(self, **kwargs)
     finally:
         self.__dict__["scheduler"] = real
         self.__dict__["unet"] = unet
@@ -497,9 +511,12 @@ def accelerate(pipe: Any) -> Any:
 
     ``pipe(prompt, num_inference_steps=..., guidance_scale=..., guidance_rescale=...,
     generator=..., latents=..., output_type=...)`` then equals the stock pipeline within float32
-    rounding. The scheduler is read at each call (swap ``pipe.scheduler`` freely); unsupported
-    schedulers, scheduler options and call options (custom timesteps / sigmas, DDIM eta != 0,
-    denoising_end, step callbacks) raise ValueError naming them.
+    rounding. The scheduler is read at each call (swap ``pipe.scheduler`` freely); guidance
+    values may change per call (one cached Sampler serves them all). ``callback_on_step_end``
+    sees the latents after each step, as in the stock loop (it runs the eager loop; it may not
+    replace the latents; not with Heun). Unsupported schedulers, scheduler options and call
+    options (custom timesteps / sigmas, DDIM eta != 0, denoising_end, the deprecated ``callback``,
+    a UNet with ``time_cond_proj_dim``) raise ValueError naming them.
     """
     import diffusers
 
@@ -509,9 +526,11 @@ def accelerate(pipe: Any) -> Any:
     if getattr(type(pipe), "_edmfast_accelerated", False):
         return pipe
     base = type(pipe)
-    pipe.__class__ = type(
-        base.__name__,
-        (base,),
-        {"__call__": _accelerated_call, "_edmfast_accelerated": True, "__module__": base.__module__},
-    )
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _accelerated_call(self, base, *args, **kwargs)
+
+    functools.update_wrapper(__call__, base.__call__)  # the stock signature and docstring
+    attrs = {"__call__": __call__, "_edmfast_accelerated": True, "__module__": base.__module__}
+    pipe.__class__ = type(base.__name__, (base,), attrs)
     return pipe

@@ -8,6 +8,7 @@ Skipped without diffusers / transformers (``pip install diffusers transformers``
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -325,6 +326,10 @@ def test_refusals(sd):
     _, fast = _copy(sd, SCHEDULERS["ddim-sd"]())
     with pytest.raises(ValueError, match="eta"):
         fast(PROMPT, num_inference_steps=2, eta=0.5, output_type="latent")
+    with pytest.raises(
+        ValueError, match="timesteps"
+    ):  # positional: (prompt, height, width, steps, timesteps)
+        fast(PROMPT, 8, 8, 2, [999, 500], output_type="latent")
     for kw, what in (
         ({"timesteps": [999, 500]}, "timesteps"),
         ({"callback_on_step_end": lambda p, i, t, kw: {"latents": kw["latents"] + 1}}, "new latents"),
@@ -344,6 +349,8 @@ def test_accelerate_is_idempotent(sd):
     _, fast = _copy(sd, SCHEDULERS["euler-linspace"]())
     cls = type(fast)
     assert edd.accelerate(fast) is fast and type(fast) is cls
+    sig = inspect.signature(cls.__call__)
+    assert sig == inspect.signature(diffusers.StableDiffusionPipeline.__call__)  # the stock signature
     assert isinstance(fast, diffusers.StableDiffusionPipeline)
 
 
