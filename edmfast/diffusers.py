@@ -520,11 +520,11 @@ def accelerate(pipe: Any) -> Any:
     """
     import diffusers
 
-    classes = tuple(getattr(diffusers, n) for n in PIPELINES)
-    if not isinstance(pipe, classes):
-        raise TypeError(f"pipe must be one of {', '.join(PIPELINES)}, got {type(pipe).__name__}")
     if getattr(type(pipe), "_edmfast_accelerated", False):
         return pipe
+    # exactly these classes: a subclass may run another loop around the same scheduler calls
+    if type(pipe) not in tuple(getattr(diffusers, n) for n in PIPELINES):
+        raise TypeError(f"pipe must be one of {', '.join(PIPELINES)}, got {type(pipe).__name__}")
     base = type(pipe)
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
