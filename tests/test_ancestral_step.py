@@ -328,3 +328,92 @@ def test_cpu_parallel_chunks() -> None:
         )  # fmt: skip
         outs.append(out)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- compile and graphs
+
+
+def test_compiles_in_one_graph_on_cpu() -> None:
+    """CFG factors over the prediction half + the ancestral pass trace through torch.compile
+    (fullgraph: the registered custom ops, no break) and give the eager results."""
+    if ops.backend_status("cpu", torch.device("cpu")) is not None:
+        pytest.skip("the native extension is not built")
+    factors, step = ops.raw_cfg_rescale_factors("cpu"), ops.raw_ancestral_step("cpu")
+    x, f, _ = make_inputs((2, 5, 7), "learned_range", "cfg", torch.float32, "cpu")
+    coef = make_coef("cpu")
+    seeds = torch.tensor([8, 9])
+
+    def body(x, f, w, out, net, k, bad):
+        factors(f, w, 0.6, out=k, numel=35)
+        step(
+            x, f, coef, out=out, variance="learned_range", clip=True, k=k, guidance_scale=w, noise=None,
+            seeds=seeds, step=6, out_net=net, bad=bad, bad_step=4,
+        )  # fmt: skip
+        return out * 2
+
+    compiled = torch.compile(body, fullgraph=True, backend="aot_eager")
+    w = torch.tensor([3.0])
+    results = []
+    for fn in (body, compiled):
+        out, net, k = torch.empty(2, 5, 7), torch.empty(4, 5, 7), torch.empty(2)
+        bad = torch.full((2,), ops.BAD_NONE, dtype=torch.int32)
+        results.append((fn(x, f, w, out, net, k, bad), out, net, k, bad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_one_graph_serves_every_step(backend) -> None:
+    """One captured graph (CFG factors over the prediction half on a static workspace, then the
+    ancestral pass) replays any row of a coefficient table (copied into the static coef, incl. a
+    last step with s = 0) and any guidance value; the results match the reference each time."""
+    dev = torch.device("cuda")
+    if ops.backend_status(backend, dev) is not None:
+        pytest.skip(ops.backend_status(backend, dev))
+    factors, step = ops.raw_cfg_rescale_factors(backend), ops.raw_ancestral_step(backend)
+    batch, n = 3, 3 * 37 * 41 * 8
+    x0 = torch.randn(batch, n, device=dev)
+    x = x0.clone()
+    f = torch.cat([torch.randn(2 * batch, n, device=dev), torch.rand(2 * batch, n, device=dev) * 2 - 1], 1)
+    f = f.to(torch.bfloat16)
+    table = torch.stack([make_coef(dev) for _ in range(3)])
+    table[2, 6] = 0.0  # the last step: no noise
+    coef = torch.empty(8, device=dev)
+    w, k = torch.empty(1, device=dev), torch.empty(batch, device=dev)
+    seeds = torch.tensor([1, 2, 3], device=dev)
+    out, net = torch.empty(batch, n, device=dev), torch.empty(2 * batch, n, device=dev, dtype=torch.bfloat16)
+    bad = torch.full((batch,), ops.BAD_NONE, dtype=torch.int32, device=dev)
+    ws = ops.cfg_workspace(f, backend)
+
+    def body():
+        factors(f, w, 0.7, out=k, workspace=ws, numel=n)
+        step(
+            x, f, coef, out=out, variance="learned_range", clip=True, k=k, guidance_scale=w, noise=None,
+            seeds=seeds, step=9, out_net=net, bad=bad, bad_step=1,
+        )  # fmt: skip
+
+    coef.copy_(table[0])
+    w.fill_(2.0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()  # warm-up (Triton compiles here, not during capture)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    for i, wv in enumerate([7.5, 1.5, 3.0]):
+        coef.copy_(table[i])
+        w.fill_(wv)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_k = reference.cfg_rescale_factors(f[:, :n], wv, 0.7)
+        ref = reference.ancestral_step(
+            x, f, table[i], variance="learned_range", clip=True, k=ref_k, guidance_scale=wv, seeds=seeds,
+            step=9,
+        )  # fmt: skip
+        torch.testing.assert_close(k.double(), ref_k.to(dev), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.double(), ref.to(dev), rtol=2e-5, atol=5e-5)
+        assert bad.tolist() == [ops.BAD_NONE] * batch
