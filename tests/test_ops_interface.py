@@ -6,7 +6,7 @@
 * cfg_rescale_factors with a static workspace from ops.cfg_workspace: repeated launches on one
   workspace stay correct (the CUDA / Triton arrival counters reset themselves) and bitwise stable.
 * raw_heun_step / raw_churn / raw_cfg_rescale_factors: the unchecked entries give the public ops'
-  results, and trace under torch.compile.
+  results, and trace under torch.compile (raw_ancestral_step: tests/test_ancestral_step.py).
 """
 
 from __future__ import annotations
@@ -179,6 +179,8 @@ def test_raw_entry_of_an_unavailable_backend_says_why():
         ops.raw_heun_step("gpu")
     with pytest.raises(ValueError, match="backend"):
         ops.raw_cfg_rescale_factors("auto")
+    with pytest.raises(ValueError, match="backend"):
+        ops.raw_ancestral_step("gpu")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
