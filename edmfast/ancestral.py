@@ -356,7 +356,8 @@ class AncestralSampler:
         self._plans: OrderedDict[tuple, AncestralPlan] = OrderedDict()
         self._graphs = GraphCache(max_graphs)
         self._eager: tuple[tuple, _Buffers] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the call that uses the cached buffers / graphs
+        self._plan_lock = threading.Lock()
         self._backends: dict[torch.device, str] = {}
         self._compiled: Callable[..., Any] | None = None
         if self.opts.compile:
@@ -383,13 +384,16 @@ class AncestralSampler:
             else resolve_timesteps(timesteps, self.betas.numel(), self.opts)
         )
         key = tuple(t.tolist())
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = make_plan(self.betas, t, self.opts)
+        with self._plan_lock:  # calls from several threads share the cache
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = make_plan(self.betas, t, self.opts)
+        with self._plan_lock:
+            self._plans[key] = plan
             while len(self._plans) > 16:
                 self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
         return plan
 
     def _net_dtype(self) -> torch.dtype:
