@@ -841,10 +841,10 @@ def cfg_rescale_factors(
     )
     if f.numel() == 0 or numel == 0:
         return out.fill_(1.0)  # no elements: the unbiased std is undefined, the ratio is 1
-    kwargs = {} if numel is None else {"numel": int(numel)}  # older raw entries take no numel
     _entry(backend, "cfg_rescale_factors")(
-        f.contiguous(), guidance_scale, guidance_rescale, out=out, workspace=workspace, **kwargs
-    )
+        f.contiguous(), guidance_scale, guidance_rescale, out=out, workspace=workspace,
+        numel=None if numel is None else int(numel),
+    )  # fmt: skip
     return out
 
 
