@@ -16,6 +16,7 @@ Argument meaning and math: `edmfast.reference` (the contracts).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -36,9 +37,14 @@ def why_unavailable(kind: str) -> str | None:
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
     if _C is None:
+        # say where edmfast came from: a source checkout in the current folder (never built)
+        # shadows an installed package, and the fix differs (build it, or run from elsewhere)
+        where = os.path.dirname(os.path.abspath(__file__))
         return (
-            f"the native extension edmfast._C is not built ({_IMPORT_ERROR}); "
-            "build it with `pip install -e . --no-build-isolation`"
+            f"the native extension edmfast._C is not built ({_IMPORT_ERROR}); edmfast was imported "
+            f'from {where}: build it there with `pip install -e .` (or `pip install "setuptools>=77" '
+            "wheel pybind11 && pip install -e . --no-build-isolation`), or run from another folder "
+            "if an installed edmfast is meant"
         )
     return None if kind == "cpu" else _why_no_cuda()
 
