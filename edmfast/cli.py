@@ -3,6 +3,7 @@
 edmfast sample --out grid.png                       # built-in shapes data set, no download
 edmfast generate --seeds 0-49999 --batch 64 --outdir out/
 edmfast generate --seeds 0-49999 --outdir out/ --network edm-cifar10-32x32-cond-vp.pkl
+edmfast generate --sampler ancestral --model my_adm:load --steps 250 --outdir out/   # iDDPM / ADM / DiT
 torchrun --standalone --nproc_per_node 8 -m edmfast generate --seeds 0-49999 --outdir out/
 edmfast bench                                       # about a minute on a 2-core CPU
 edmfast info                                        # which edmfast, which kernels are built
@@ -69,9 +70,10 @@ def _sampler_parent() -> _Parser:
     g.add_argument(
         "--steps",
         type=int,
-        default=18,
+        default=None,
         metavar="N",
-        help="number of noise levels N (Heun uses 2N-1 network evaluations) [default: 18]",
+        help="number of noise levels N (Heun uses 2N-1 network evaluations) [default: 18; with "
+        "generate --sampler ancestral: respaced steps, 250]",
     )
     g.add_argument(
         "--solver",
@@ -141,7 +143,7 @@ def _sampler_parent() -> _Parser:
 def _options(args: argparse.Namespace) -> dict:
     """argparse namespace -> `edmfast.sample` keyword arguments."""
     return {
-        "num_steps": args.steps,
+        "num_steps": HEUN_STEPS if args.steps is None else args.steps,
         "solver": args.solver,
         "alpha": args.alpha,
         "sigma_min": args.sigma_min,
@@ -158,6 +160,54 @@ def _options(args: argparse.Namespace) -> dict:
             if "guidance" in args
             else {}
         ),
+    }
+
+
+HEUN_STEPS = 18
+# options of the Heun sampler only, with their defaults: --sampler ancestral refuses a changed one
+HEUN_ONLY = {
+    "--solver": ("solver", "heun"),
+    "--alpha": ("alpha", 1.0),
+    "--sigma-min": ("sigma_min", 0.002),
+    "--sigma-max": ("sigma_max", 80.0),
+    "--rho": ("rho", 7.0),
+    "--churn": ("s_churn", 0.0),
+    "--s-tmin": ("s_tmin", 0.0),
+    "--s-tmax": ("s_tmax", math.inf),
+    "--s-noise": ("s_noise", 1.0),
+}
+ANCESTRAL_ONLY = {
+    "--spacing": "spacing",
+    "--variance": "variance",
+    "--prediction-type": "prediction_type",
+    "--clip/--no-clip": "clip",
+    "--eta": "eta",
+}
+
+
+def _generate_options(args: argparse.Namespace) -> dict:
+    """argparse namespace -> `edmfast.sample` or `edmfast.sample_ancestral` keyword arguments, with a
+    one-line refusal of an option that belongs to the other sampler."""
+    if args.sampler != "ancestral":
+        given = [flag for flag, dest in ANCESTRAL_ONLY.items() if getattr(args, dest) is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to --sampler ancestral only (this run uses --sampler heun)")
+        return _options(args)
+    changed = [flag for flag, (dest, default) in HEUN_ONLY.items() if getattr(args, dest) != default]
+    if changed:
+        raise ValueError(f"{changed[0]} applies to --sampler heun only (this run uses --sampler ancestral)")
+    # None: the model's attribute (variance, prediction_type, clip_denoised) or the default
+    return {
+        "num_steps": args.steps,
+        "spacing": args.spacing or "leading",
+        "variance": args.variance,
+        "prediction_type": args.prediction_type,
+        "clip_denoised": args.clip,
+        "eta": args.eta,
+        "noise_mode": args.noise_mode,
+        "backend": args.backend,
+        "guidance_scale": args.guidance,
+        "guidance_rescale": args.guidance_rescale,
     }
 
 
@@ -277,6 +327,55 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="CFG rescale phi in [0, 1] (Lin et al. 2023) [default: 0]",
+    )
+    g.add_argument(
+        "--sampler",
+        choices=("heun", "ancestral"),
+        default="heun",
+        help="heun: EDM's sampler on a denoiser D(x, sigma); ancestral: DDPM / iDDPM / ADM / DiT "
+        "ancestral sampling of an epsilon model(x_t, t) with its betas and (learned) variance "
+        "[default: heun]",
+    )
+    anc = g.add_argument_group(
+        "--sampler ancestral (--model's FUNCTION returns (model, image_shape) or a model with "
+        "image_shape; model(x_t, t, **cond) gets the VP state and integer training timesteps [B] and "
+        "returns 2C channels (prediction, variance) or C; optional model attributes: betas (float "
+        "[T]) or num_train_timesteps (1000) + beta_schedule (linear|cosine, default linear), "
+        "variance, prediction_type, clip_denoised. Without --model: the built-in shapes as an exact "
+        "epsilon model, cosine betas, fixed_small)"
+    )
+    anc.add_argument(
+        "--spacing",
+        default=None,
+        help="which training timesteps the --steps respaced steps keep: leading, linspace, trailing, "
+        "ddimN (even stride, N steps) or iDDPM section counts such as 10,10,20 (these two ignore "
+        "--steps) [default: leading]",
+    )
+    anc.add_argument(
+        "--variance",
+        choices=("learned_range", "learned", "fixed_small", "fixed_large"),
+        default=None,
+        help="reverse-process variance: learned_range / learned read the model's second C channels; "
+        "fixed_small (beta tilde) / fixed_large (beta) need C channels [default: the model's "
+        "variance attribute, else learned_range]",
+    )
+    anc.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction", "sample"),
+        default=None,
+        help="what the model's first C channels predict [default: the model's prediction_type, else epsilon]",
+    )
+    anc.add_argument(
+        "--clip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clip the x0 estimate to [-1, 1] each step [default: the model's clip_denoised, else on]",
+    )
+    anc.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="DDIM with this eta >= 0 instead of DDPM (0: deterministic DDIM) [default: DDPM]",
     )
     g.set_defaults(func=cmd_generate)
 
@@ -497,12 +596,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.outdir,
             batch=args.batch,
             model=args.model,
-            options=_options(args),
+            options=_generate_options(args),
             device=args.device,
             npz=args.npz,
             progress=not args.no_progress,
             class_idx=args.class_idx,
             network=args.network,
+            sampler=args.sampler,
         )
     except (ManifestMismatch, OutputError) as e:
         print(f"edmfast generate: error: {_one_line(e)}", file=sys.stderr)

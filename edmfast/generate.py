@@ -19,6 +19,10 @@ Guarantees (docs/design.md §7, §8):
 * **Resume.** Seeds whose PNG exists and decodes to the right size and mode are skipped; a missing,
   empty or truncated PNG is generated again. Rerunning after a kill finishes the job without
   losing or duplicating a seed.
+* **Two samplers.** ``sampler="heun"`` (default) runs EDM's sampler on a denoiser
+  ``D(x, sigma, **cond)``; ``sampler="ancestral"`` runs `edmfast.sample_ancestral` on a DDPM / iDDPM /
+  ADM / DiT-style model ``model(x_t, t, **cond)`` (see `ancestral_setup` for what the model's factory
+  provides). Both draw each seed's latents, class label and step noise from that seed's generator.
 * **No silent mixing.** ``manifest.json`` records what determines the images (model, image
   shape, sampler options, edmfast version); a rerun into the same folder with anything different is
   refused with the differing entries named. It is written once the first batch has been sampled,
@@ -53,11 +57,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import to_uint8
+from .ancestral import AncestralOptions, AncestralSampler, check_betas
+from .data import IMAGE_SHAPE, ShapesDenoiser, to_uint8
 from .rng import PerSampleGenerator
 from .sampler import Sampler
+from .schedules import ddpm_betas
 
 DEFAULT_MODEL = "edmfast.data:default_model"
+# what --sampler ancestral runs when no --model is given (the same shapes, as an epsilon model)
+DEFAULT_ANCESTRAL_MODEL = "edmfast.generate:default_ancestral_model"
+SAMPLERS = ("heun", "ancestral")
+ANCESTRAL_STEPS = 250  # --steps default of --sampler ancestral (ADM's usual respaced count)
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".edmfast-tmp-"
 TMP_SUFFIX = ".part"
@@ -94,6 +104,31 @@ IMAGE_OPTIONS = (
     "guidance_scale",
     "guidance_rescale",
 )
+ANCESTRAL_IMAGE_OPTIONS = (
+    "num_steps",
+    "spacing",
+    "steps_offset",
+    "variance",
+    "prediction_type",
+    "clip_denoised",
+    "eta",
+    "noise_mode",
+    "guidance_scale",
+    "guidance_rescale",
+)
+# AncestralOptions names -> the CLI flags that set them (for error messages)
+_ANCESTRAL_FLAGS = {
+    "num_steps": "--steps",
+    "spacing": "--spacing",
+    "variance": "--variance",
+    "prediction_type": "--prediction-type",
+    "clip_denoised": "--clip",
+    "eta": "--eta",
+    "noise_mode": "--noise-mode",
+    "guidance_scale": "--guidance",
+    "guidance_rescale": "--guidance-rescale",
+    "backend": "--backend",
+}
 
 
 class ManifestMismatch(RuntimeError):
@@ -360,24 +395,45 @@ def _jsonable(v: Any) -> Any:
 
 
 def make_manifest(
-    model_spec: str, image_shape: Sequence[int], options: dict[str, Any], class_idx: int | None = None
+    model_spec: str,
+    image_shape: Sequence[int],
+    options: dict[str, Any],
+    class_idx: int | None = None,
+    betas: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """What determines the images. Options are validated and completed with their defaults first, so
     ``{}`` and the CLI's explicit defaults give the same manifest, and a bad option fails here,
-    before anything is written."""
+    before anything is written. With ``betas`` (the training betas of ``--sampler ancestral``) the
+    options are `sample_ancestral`'s and the sampler entry says ``"kind": "ancestral"`` and which
+    betas; a Heun manifest is as it always was, so older folders still resume."""
     from dataclasses import asdict
 
     from . import __version__
     from .options import SamplerOptions
 
-    options = asdict(SamplerOptions.create(**options))
+    if betas is None:
+        options = asdict(SamplerOptions.create(**options))
+        sampler = {k: _jsonable(options[k]) for k in IMAGE_OPTIONS}
+        noise = "per seed: torch.Generator().manual_seed(seed); latents randn [C, H, W] float32, then churn"
+    else:
+        options = asdict(AncestralOptions.create(**options))
+        b = check_betas(betas)
+        digest = hashlib.sha256(b.numpy().tobytes()).hexdigest()[:16]
+        sampler = {
+            "kind": "ancestral",
+            "betas": f"float64 [{b.numel()}] sha256={digest}",
+            **{k: _jsonable(options[k]) for k in ANCESTRAL_IMAGE_OPTIONS},
+        }
+        noise = (
+            "per seed: torch.Generator().manual_seed(seed); latents randn [C, H, W] float32, then step noise"
+        )
     return {
         "edmfast_version": __version__,
         "model": model_spec,
         "image_shape": [int(s) for s in image_shape],
         "class_idx": class_idx,
-        "sampler": {k: _jsonable(options[k]) for k in IMAGE_OPTIONS},
-        "noise": "per seed: torch.Generator().manual_seed(seed); latents randn [C, H, W] float32, then churn",
+        "sampler": sampler,
+        "noise": noise,
         "pixels": "uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1]",
     }
 
@@ -561,6 +617,78 @@ def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
     if not callable(denoiser):
         raise ValueError(f"--model {spec!r} returned a {type(denoiser).__name__}, which is not callable")
     return denoiser, shape
+
+
+class ShapesEpsilon(torch.nn.Module):
+    """The shapes data set's exact denoiser as a DDPM epsilon model (``--sampler ancestral``'s default).
+
+    Training index t has abar_t (cosine betas, T = 1000). ``x_t / sqrt(abar_t)`` is a VE-noised image
+    at sigma_t = sqrt((1 - abar_t) / abar_t), so with D = `ShapesDenoiser` in VE scaling
+    ``eps = (x_ve - D(x_ve; sigma_t)) / sigma_t``, computed as the equal
+    ``(x_t - sqrt(abar_t) D) / sqrt(1 - abar_t)`` (no difference of two huge terms near t = T).
+    It returns C channels: ``variance = "fixed_small"``. An exact epsilon, so a converged sampler
+    lands on training images, as the Heun default does.
+    """
+
+    image_shape = IMAGE_SHAPE
+    variance = "fixed_small"
+    prediction_type = "epsilon"
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.denoiser = ShapesDenoiser()
+        self.betas = ddpm_betas(num_train_timesteps, "cosine")  # float64 [T], read by ancestral_setup
+        self.abar = torch.cumprod(1 - self.betas, 0)  # float64 [T], moved per call (tiny)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
+        a = self.abar.to(x.device)[t.long()].reshape(-1, *([1] * (x.dim() - 1)))  # float64 [B, 1, 1, 1]
+        sigma = ((1 - a) / a).sqrt().reshape(-1)
+        d = self.denoiser((x.double() / a.sqrt()).to(x.dtype), sigma.to(x.dtype))
+        return ((x.double() - a.sqrt() * d.double()) / (1 - a).sqrt()).to(x.dtype)
+
+
+def default_ancestral_model() -> ShapesEpsilon:
+    """``--sampler ancestral``'s default model factory (the built-in shapes, no download)."""
+    return ShapesEpsilon()
+
+
+def ancestral_setup(model: Any, spec: str, options: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The training betas and the completed `sample_ancestral` options of a ``--model`` for
+    ``--sampler ancestral``.
+
+    The model's factory returns ``(model, (C, H, W))`` or a model with ``image_shape``, as for Heun;
+    ``model(x_t, t, **cond)`` gets the VP state and the integer training timesteps [B]. Optional
+    attributes of the model: ``betas`` (float [T]) or ``num_train_timesteps`` (default 1000) and
+    ``beta_schedule`` ("linear", the default, or "cosine"); ``variance`` (default "learned_range":
+    2C output channels), ``prediction_type`` (default "epsilon") and ``clip_denoised`` (default True).
+    An option given in ``options`` (not None) wins over the attribute.
+    """
+    opts = {k: v for k, v in options.items() if not (v is None and k != "eta")}
+    for key, default in (
+        ("variance", "learned_range"),
+        ("prediction_type", "epsilon"),
+        ("clip_denoised", True),
+    ):
+        if key not in opts:
+            opts[key] = getattr(model, key, default)
+    opts.setdefault("num_steps", ANCESTRAL_STEPS)
+    try:
+        betas = getattr(model, "betas", None)
+        if betas is None:
+            T = getattr(model, "num_train_timesteps", 1000)
+            betas = ddpm_betas(T, getattr(model, "beta_schedule", "linear"))
+        betas = check_betas(betas)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--model {spec!r}: its training betas: {e}") from None
+    return betas, opts
+
+
+def ancestral_option_error(e: Exception) -> ValueError:
+    """An option error of `AncestralSampler` as a ValueError that names the CLI flag."""
+    text = str(e)
+    names = [n for n in _ANCESTRAL_FLAGS if re.search(rf"\b{n}\b", text)]
+    flag = _ANCESTRAL_FLAGS[min(names, key=text.index)] if names else "--sampler ancestral"
+    return ValueError(f"{flag}: {text}")
 
 
 def _file_digest(path: Path) -> str:
@@ -803,7 +931,13 @@ def plan_text(
     solver = getattr(o, "solver", None)
     todo = mine - done
     what = ""
-    if steps is not None and solver is not None:
+    if isinstance(sampler, AncestralSampler):
+        n = int(sampler._default_t.numel())
+        what = (
+            f"; ancestral ({sampler.opts.variance}), {n} step{'s' if n != 1 else ''} "
+            f"({n} network evaluations per image)"
+        )
+    elif steps is not None and solver is not None:
         nfe = steps if solver == "euler" else 2 * steps - 1
         what = f"; {solver}, {steps} step{'s' if steps != 1 else ''} ({nfe} network evaluations per image)"
     return (
@@ -826,14 +960,25 @@ def generate(
     class_idx: int | None = None,
     network: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
+    sampler: str = "heun",
 ) -> dict[str, Any]:
     """Write ``{seed:06d}.png`` for every seed into ``outdir``; see the module docstring.
 
     ``options`` are `edmfast.sample` keyword arguments (num_steps, solver, s_churn, ...). Returns
     counts and timings for this process. Raises ManifestMismatch when ``outdir`` was made with
     different settings, OutputError when it cannot be written. ``network`` (an official EDM
-    network pickle, see `load_network`) takes the place of ``model``.
+    network pickle, see `load_network`) takes the place of ``model``. ``sampler="ancestral"``: the
+    model is a DDPM-style ``model(x_t, t, **cond)`` (see `ancestral_setup`; default: the shapes as
+    `ShapesEpsilon`) and ``options`` are `edmfast.sample_ancestral` keyword arguments.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {SAMPLERS}, got {sampler!r}")
+    ancestral = sampler == "ancestral"
+    if ancestral and network is not None:
+        raise ValueError(
+            "--network is an EDM denoiser: sample it with --sampler heun; --sampler ancestral needs a "
+            "--model epsilon / v model(x_t, t)"
+        )
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"--batch must be an integer >= 1, got {batch!r}")
     seeds = _check_seeds(list(seeds))
@@ -848,6 +993,8 @@ def generate(
             denoiser, image_shape = load_network(network, dist.device)
             model = network_spec(network)
         else:
+            if ancestral and model == DEFAULT_MODEL:
+                model = DEFAULT_ANCESTRAL_MODEL  # the same shapes, as an epsilon model
             denoiser, image_shape = load_model(model)
         if isinstance(denoiser, torch.nn.Module):
             denoiser = denoiser.to(dist.device)
@@ -862,8 +1009,17 @@ def generate(
                 "--guidance needs a class-conditional model (label_dim > 0): this model is "
                 "unconditional, drop --guidance"
             )
-        manifest = make_manifest(model, image_shape, options, class_idx)
-        sampler = Sampler(denoiser, **options)
+        engine: Any
+        if ancestral:
+            betas, options = ancestral_setup(denoiser, model, options)
+            try:
+                engine = AncestralSampler(denoiser, betas, **options)
+            except (TypeError, ValueError) as e:
+                raise ancestral_option_error(e) from None
+            manifest = make_manifest(model, image_shape, options, class_idx, betas=betas)
+        else:
+            manifest = make_manifest(model, image_shape, options, class_idx)
+            engine = Sampler(denoiser, **options)
         prepare_outdir(out)
         # Every rank and every job checks (and refuses) alike; nothing is written before the
         # barrier, so all ranks see the same folder. Any job may clean up: only dead writers' files.
@@ -885,7 +1041,7 @@ def generate(
                 f"{image_path(out, first).name}: {damaged[first]}"
             )
         if dist.rank == 0:
-            log(plan_text(seeds, dist.world, len(mine), len(done), batch, sampler, dist.device, out))
+            log(plan_text(seeds, dist.world, len(mine), len(done), batch, engine, dist.device, out))
         bar = None
         if progress and dist.rank == 0:
             from tqdm import tqdm
@@ -898,7 +1054,16 @@ def generate(
         with ThreadPoolExecutor(WRITERS, thread_name_prefix="edmfast-png") as pool:
             pending: list[Future[None]] = []
             for index, batch_seeds in enumerate(_batches(todo, batch)):
-                x = sample_seeds(sampler, image_shape, batch_seeds, dist.device, label_dim, class_idx)
+                try:
+                    x = sample_seeds(engine, image_shape, batch_seeds, dist.device, label_dim, class_idx)
+                except ValueError as e:
+                    if ancestral and str(e).startswith("the model returned shape"):
+                        raise ValueError(
+                            f"--variance {options['variance']}: {e}; a model that returns C channels "
+                            "needs --variance fixed_small or fixed_large, one that returns 2C "
+                            "learned_range or learned"
+                        ) from None
+                    raise
                 if index == 0 and dist.rank == 0 and len(todo) > len(batch_seeds):
                     first_s = time.perf_counter() - t0
                     rest = math.ceil(len(todo) / batch) - 1
