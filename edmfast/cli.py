@@ -337,12 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         "[default: heun]",
     )
     anc = g.add_argument_group(
-        "--sampler ancestral (--model's FUNCTION returns (model, image_shape) or a model with "
+        "--sampler ancestral",
+        "--model's FUNCTION returns (model, image_shape) or a model with "
         "image_shape; model(x_t, t, **cond) gets the VP state and integer training timesteps [B] and "
         "returns 2C channels (prediction, variance) or C; optional model attributes: betas (float "
         "[T]) or num_train_timesteps (1000) + beta_schedule (linear|cosine, default linear), "
         "variance, prediction_type, clip_denoised. Without --model: the built-in shapes as an exact "
-        "epsilon model, cosine betas, fixed_small)"
+        "epsilon model, cosine betas, fixed_small)",
     )
     anc.add_argument(
         "--spacing",

@@ -120,6 +120,27 @@ def two_c():
 
 def one_c():
     return TwoC(False), (3, 32, 32)
+
+
+class Labelled(torch.nn.Module):
+    # class-conditional in name only: the labels arrive (cond and uncond rows) and are ignored
+    label_dim = 3
+    image_shape = (3, 32, 32)
+    variance = "fixed_small"
+    calls = []
+
+    def __init__(self):
+        super().__init__()
+        self.inner = ShapesEpsilon()
+        self.betas = self.inner.betas
+
+    def forward(self, x, t, class_labels):
+        Labelled.calls.append(tuple(class_labels.shape))
+        return self.inner(x, t)
+
+
+def labelled():
+    return Labelled()
 """
 
 
@@ -150,6 +171,28 @@ def test_c_channel_model_needs_a_fixed_variance(user_model, capsys):
     assert "--variance learned_range:" in err and "fixed_small" in err
     assert not (out / "manifest.json").exists()  # nothing is written before the first batch
     assert _run(out, "0-1", 2, "--model", "anc_user_model:one_c", "--variance", "fixed_small") == 0
+
+
+def test_class_labels_and_guidance(user_model):
+    # the labels are drawn from each seed's generator after its latents, as on the Heun path; a
+    # model that ignores them gives the same images with and without guidance (cond == uncond)
+    a, b = user_model / "a", user_model / "b"
+    assert _run(a, "0-2", 3, "--model", "anc_user_model:labelled") == 0
+    assert _run(b, "0-2", 3, "--model", "anc_user_model:labelled", "--guidance", "3") == 0
+    assert _files(a) == _files(b)
+    assert json.loads((b / "manifest.json").read_text())["sampler"]["guidance_scale"] == 3.0
+    import anc_user_model  # type: ignore[import-not-found]
+
+    assert (3, 3) in anc_user_model.Labelled.calls and (6, 3) in anc_user_model.Labelled.calls
+
+
+def test_fused_noise_is_batch_invariant(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(a, "0-3", 4, "--noise-mode", "fused") == 0
+    assert _run(b, "0-3", 1, "--noise-mode", "fused") == 0
+    assert _files(a) == _files(b)
+    rms = nearest_rms(_images(a), shapes_dataset(32))
+    assert float(rms.max()) <= 2.0, rms
 
 
 @pytest.mark.parametrize(
