@@ -15,7 +15,6 @@ Run: ``python benchmarks/bench_ancestral.py`` (writes benchmarks/results/<date>-
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -146,16 +145,8 @@ def markdown(record: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats (smoke test)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="result directory")
-    parser.add_argument("--no-save", action="store_true", help="print only")
-    args = parser.parse_args()
-    record = run(args.quick)
-    md = markdown(record)
-    print(md)
-    if not args.no_save:
-        common.write_results(args.out, f"{record['date']}-{common.machine_tag()}-ancestral", record, md)
+    assert __doc__ is not None
+    common.host_bench_main(__doc__, run, markdown, "ancestral")
 
 
 if __name__ == "__main__":

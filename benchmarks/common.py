@@ -366,3 +366,22 @@ def md_problems(record: dict[str, Any]) -> str:
             f"- {k}: `{v.splitlines()[0] if v else ''}`\n" for k, v in record["errors"].items()
         )
     return out
+
+
+def host_bench_main(
+    doc: str, run: Callable[[bool], dict[str, Any]], markdown: Callable[[dict], str], kind: str
+) -> None:
+    """The command line of the small host-path benchmarks: ``--quick``, ``--out DIR``, ``--no-save``;
+    prints the Markdown and writes ``<date>-<machine>-<kind>.{json,md}``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats (smoke test)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="result directory")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    args = parser.parse_args()
+    record = run(args.quick)
+    md = markdown(record)
+    print(md)
+    if not args.no_save:
+        write_results(args.out, f"{record['date']}-{machine_tag()}-{kind}", record, md)
