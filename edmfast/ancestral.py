@@ -39,7 +39,7 @@ from .options import (
     merge_cond,
 )
 from .reference import ANC_AF, ANC_AX, ANC_COEF1, ANC_COEF2, ANC_LOG_BETA, ANC_LOG_BETA_TILDE, ANC_S
-from .schedules import respaced_timesteps
+from .schedules import betas_float64, respaced_timesteps
 
 VARIANCES = ("learned_range", "learned", "fixed_small", "fixed_large")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -138,16 +138,7 @@ def check_guidance(w: Any, phi: Any) -> tuple[float, float]:
 
 def check_betas(betas: Any) -> torch.Tensor:
     """The training betas as float64 [T] on the CPU: finite, in (0, 1]."""
-    if not isinstance(betas, torch.Tensor):
-        try:
-            betas = torch.as_tensor(betas, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"betas must be a 1-D tensor or sequence of floats: {e}") from None
-    if not betas.is_floating_point():
-        raise TypeError(f"betas must be floating point, got {betas.dtype}")
-    if betas.dim() != 1 or betas.numel() < 1:
-        raise ValueError(f"betas must be a 1-D tensor with >= 1 entry, got shape {tuple(betas.shape)}")
-    b = betas.detach().to("cpu", torch.float64)
+    b = betas_float64(betas)
     if not bool(torch.isfinite(b).all()) or not bool(((b > 0) & (b <= 1)).all()):
         raise ValueError("betas must be finite and in (0, 1]")
     return b

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -343,6 +344,24 @@ def discrete_timesteps(
     return out
 
 
+def betas_float64(betas: Any, min_len: int = 1) -> torch.Tensor:
+    """A beta table as float64 [T] on the CPU (a 1-D float tensor or sequence, >= ``min_len`` entries);
+    the range checks are the caller's (they differ: training betas vs. a schedule to rescale)."""
+    if not isinstance(betas, torch.Tensor):
+        try:
+            betas = torch.as_tensor(betas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"betas must be a 1-D tensor or sequence of floats: {e}") from None
+    if not betas.is_floating_point():
+        raise TypeError(f"betas must be floating point, got {betas.dtype}")
+    if betas.dim() != 1 or betas.numel() < min_len:
+        raise ValueError(
+            f"betas must be a 1-D tensor with >= {min_len} {'entry' if min_len == 1 else 'entries'}, "
+            f"got shape {tuple(betas.shape)}"
+        )
+    return betas.detach().to("cpu", torch.float64)
+
+
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale a beta schedule to zero terminal SNR (Lin et al. 2023, Algorithm 1).
 
@@ -351,16 +370,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     returned in the input's dtype. ``betas`` must be finite, in [0, 1), with the last one > 0 (else
     two levels would both map to SNR 0 and the re-derived beta is 0/0).
     """
-    if not isinstance(betas, torch.Tensor):
-        try:
-            betas = torch.as_tensor(betas, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"betas must be a 1-D tensor or sequence of floats: {e}") from None
-    if not betas.is_floating_point():
-        raise TypeError(f"betas must be floating point, got {betas.dtype}")
-    if betas.dim() != 1 or betas.numel() < 2:
-        raise ValueError(f"betas must be a 1-D tensor with >= 2 entries, got shape {tuple(betas.shape)}")
-    b = betas.detach().to("cpu", torch.float64)
+    b = betas_float64(betas, min_len=2)
     if not bool(torch.isfinite(b).all()) or not bool(((b >= 0) & (b < 1)).all()):
         raise ValueError("betas must be finite and in [0, 1)")
     if not b[-1] > 0:
