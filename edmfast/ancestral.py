@@ -28,6 +28,7 @@ import torch
 
 from . import ops
 from .graphs import GraphCache, capture
+from .layout import ANC_AF, ANC_AX, ANC_COEF1, ANC_COEF2, ANC_LOG_BETA, ANC_LOG_BETA_TILDE, ANC_S
 from .options import (
     BACKEND_CHOICES,
     GRAPH_CHOICES,
@@ -38,7 +39,6 @@ from .options import (
     check_seeds,
     merge_cond,
 )
-from .reference import ANC_AF, ANC_AX, ANC_COEF1, ANC_COEF2, ANC_LOG_BETA, ANC_LOG_BETA_TILDE, ANC_S
 from .schedules import betas_float64, respaced_timesteps
 
 VARIANCES = ("learned_range", "learned", "fixed_small", "fixed_large")

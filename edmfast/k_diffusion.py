@@ -30,9 +30,9 @@ import torch
 from tqdm.auto import trange
 
 from . import ops
+from .layout import COEF_C, COEF_P
 from .options import SamplerOptions
 from .plan import make_plan
-from .reference import COEF_C, COEF_P
 
 
 def _plain(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

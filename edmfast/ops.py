@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import (
+from .layout import (
     ANC_AF,
     ANC_AX,
     ANC_C,
@@ -33,6 +33,7 @@ from .reference import (
     ANC_LOG_BETA_TILDE,
     ANC_S,
     ANC_VARIANCES,
+    BAD_NONE,
     COEF_C,
     COEF_P,
     COEF_Q,
@@ -42,7 +43,7 @@ from .reference import (
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BAD_NONE = 2**31 - 1  # the value a `bad` entry holds until its sample turns non-finite
+
 FLOAT32_MAX = 3.4028234663852886e38
 
 

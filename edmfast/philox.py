@@ -1,13 +1,14 @@
-"""The fused-noise stream: counter-based Philox4x32-10, keyed by (seed, step, element).
+"""The fused-noise stream: counter-based Philox4x32-10, keyed by (seed, step, element, stage).
 
 Every backend (torch, cpu, cuda, triton) must produce exactly this stream; this module is its
 definition and its float64 reference. The C++/CUDA twin lives in ``csrc/include/edmfast/philox.h``.
 
-Definition, for sample seed ``s`` (int64), churn step ``i`` and flat element index ``e`` inside
-the sample (0 <= e < M, so a sample's noise does not depend on the batch it is in):
+Definition, for sample seed ``s`` (int64), step ``i``, flat element index ``e`` inside the sample
+(0 <= e < M, so a sample's noise does not depend on the batch it is in) and stage ``j`` (the
+draw's index inside a step: 0 for every one-draw sampler, 1 for the second draw of DPM++ SDE):
 
 * key     = (k0, k1) = (s & 0xFFFFFFFF, (s >> 32) & 0xFFFFFFFF)
-* counter = (c0, c1, c2, c3) = (g & 0xFFFFFFFF, g >> 32, i, 0) with g = e // 4
+* counter = (c0, c1, c2, c3) = (g & 0xFFFFFFFF, g >> 32, i & 0xFFFFFFFF, j & 0xFFFFFFFF), g = e // 4
 * ten Philox4x32 rounds (Salmon et al. 2011), multipliers 0xD2511F53 / 0xCD9E8D57, Weyl
   increments 0x9E3779B9 / 0xBB67AE85 added to the key between rounds, giving words x0..x3.
 * uniforms u_j = ((x_j >> 8) + 0.5) * 2**-24, strictly inside (0, 1); exact in float64 but not in
@@ -59,17 +60,17 @@ def philox4x32(
 
 
 def philox_normal(
-    seeds: torch.Tensor, step: int, numel: int, dtype: torch.dtype = torch.float64
+    seeds: torch.Tensor, step: int, numel: int, dtype: torch.dtype = torch.float64, stage: int = 0
 ) -> torch.Tensor:
-    """Standard normals [B, numel] of the fused stream for ``seeds`` (int64 [B]) at churn ``step``."""
+    """Standard normals [B, numel] of the fused stream for ``seeds`` (int64 [B]) at ``step``, ``stage``."""
     seeds = seeds.to(torch.int64).reshape(-1, 1)
     k0 = seeds & _MASK32
     k1 = (seeds >> 32) & _MASK32
     groups = (numel + 3) // 4
     g = torch.arange(groups, dtype=torch.int64, device=seeds.device).reshape(1, -1)
-    zero = torch.zeros_like(g)
     c2 = torch.full_like(g, int(step) & _MASK32)
-    x = philox4x32(g & _MASK32, g >> 32, c2, zero, k0, k1)
+    c3 = torch.full_like(g, int(stage) & _MASK32)
+    x = philox4x32(g & _MASK32, g >> 32, c2, c3, k0, k1)
     # float64 where the device has it (the reference); the words are exact either way
     u = [((w >> 8).to(torch.float64) + 0.5) * 2.0**-24 for w in x]
     r0 = torch.sqrt(-2.0 * torch.log(u[0]))

@@ -28,8 +28,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .layout import COEF_SIZE
 from .options import SamplerOptions, resolve_sigmas
-from .reference import COEF_SIZE
 
 __all__ = [
     "AblationOptions",

@@ -15,8 +15,9 @@ Fused-op data layout (shared by every backend):
   float32, float16 or bfloat16 (both the same dtype);
 * with classifier-free guidance ``f`` has 2B rows, cond first then uncond, and ``out_net`` has 2B
   rows too (the network input is written to both halves);
-* ``coef`` is a float32 device tensor with at least 5 entries, read by the kernel at run time so a
-  captured graph replays with new schedules: ``coef = [p, q, r, std, c]``.
+* ``coef`` is a float32 device tensor, read by the kernel at run time so a captured graph replays
+  with new schedules; its columns are named in `edmfast.layout` (``heun_step``: the first five,
+  ``[p, q, r, std, c]``; ``affine_step``: sixteen).
 """
 
 from __future__ import annotations
@@ -25,11 +26,24 @@ import math
 
 import torch
 
+from .layout import (
+    ANC_VARIANCES,
+    COEF_A,
+    COEF_B,
+    COEF_C,  # noqa: F401  (the Heun pass's column names, used by callers of this module)
+    COEF_HIST,
+    COEF_HP,
+    COEF_HQ,
+    COEF_NET,
+    COEF_P,
+    COEF_Q,
+    COEF_R,
+    COEF_SIZE,
+    COEF_STD,
+    HISTORY,
+)
 from .options import with_option_signature
 from .philox import philox_normal
-
-COEF_P, COEF_Q, COEF_R, COEF_STD, COEF_C = range(5)
-COEF_SIZE = 8  # rows of the per-step coefficient table are padded to 8 floats (32 bytes)
 
 
 def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -51,9 +65,13 @@ def guided_prediction(
 
 
 def fused_noise(
-    shape: tuple[int, ...], noise: torch.Tensor | None, seeds: torch.Tensor | None, step: int
+    shape: tuple[int, ...],
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    step: int,
+    stage: int = 0,
 ) -> torch.Tensor | None:
-    """eps for a churn: the given tensor, the Philox stream of (seeds, step), or None (no noise)."""
+    """eps for a pass: the given tensor, the Philox stream of (seeds, step, stage), or None."""
     batch = shape[0]
     numel = 1
     for s in shape[1:]:
@@ -61,8 +79,66 @@ def fused_noise(
     if noise is not None:
         return noise.reshape(batch, numel).double()
     if seeds is not None:
-        return philox_normal(seeds, step, numel).to(seeds.device)
+        return philox_normal(seeds, step, numel, stage=stage).to(seeds.device)
     return None
+
+
+def affine_step(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    f: torch.Tensor | None = None,
+    hist: tuple[torch.Tensor | None, ...] = (),
+    k: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    stage: int = 0,
+    net_rows: int = 1,
+    hist_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One affine pass of the sampler engine (SPEC section 8), in float64.
+
+    With the columns of `edmfast.layout` (a = coef[COEF_A], ...), per sample b and element e::
+
+        out   = a x + b F + c0 h0 + c1 h1 + c2 h2 + c3 h3 + std eps
+        net   = c_net out                       (repeated ``net_rows`` times along the batch)
+        h_out = p x + q F                       (only when ``hist_out``)
+
+    F from `guided_prediction` (f with 2B rows: CFG, ``k`` the rescale factors); ``hist`` holds up
+    to four history tensors shaped like x (None or missing: absent); eps from `fused_noise` (the
+    Philox stream of (seeds[b], step, stage) or the given noise). Absent operands contribute zero
+    whatever their coefficient. Every pass of every sampler is an instance: EDM's Euler point and
+    Heun correction (h0 = x'), the next step's churn (std), DPM-Solver++'s multistep updates (h_k
+    = earlier denoised estimates, h_out = this step's), the ancestral samplers' noise.
+
+    Returns (out [B, ...], net [net_rows B, ...], h_out [B, ...] or None), all float64.
+    """
+    if len(hist) > HISTORY:
+        raise ValueError(f"at most {HISTORY} history tensors, got {len(hist)}")
+    batch = x.shape[0]
+    c = [float(v) for v in coef.double().cpu()]
+    c += [0.0] * (COEF_SIZE - len(c))
+    x64 = x.reshape(batch, -1).double()
+    out = c[COEF_A] * x64
+    F = guided_prediction(f, batch, guidance_scale, k) if f is not None else None
+    if F is not None:
+        out = out + c[COEF_B] * F
+    for j, h in enumerate(hist):
+        if h is not None:
+            out = out + c[COEF_HIST[j]] * h.reshape(batch, -1).double()
+    eps = fused_noise(tuple(x.shape), noise, seeds, step, stage)
+    if eps is not None:
+        out = out + c[COEF_STD] * eps
+    net = (c[COEF_NET] * out).repeat(net_rows, 1)
+    h_new = None
+    if hist_out:
+        h_new = c[COEF_HP] * x64
+        if F is not None:
+            h_new = h_new + c[COEF_HQ] * F
+        h_new = h_new.reshape(x.shape)
+    return out.reshape(x.shape), net.reshape((net_rows * batch, *x.shape[1:])), h_new
 
 
 def heun_step(
@@ -153,10 +229,6 @@ def cfg_rescale(
     f = torch.cat([cond, uncond])
     k = cfg_rescale_factors(f, guidance_scale, guidance_rescale)
     return guided_prediction(f, cond.shape[0], guidance_scale, k).reshape(cond.shape)
-
-
-ANC_AX, ANC_AF, ANC_COEF1, ANC_COEF2, ANC_LOG_BETA, ANC_LOG_BETA_TILDE, ANC_S, ANC_C = range(8)
-ANC_VARIANCES = ("fixed", "learned", "learned_range")
 
 
 def ancestral_step(
