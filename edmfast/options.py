@@ -18,7 +18,38 @@ import torch
 
 from .schedules import karras_sigmas
 
-SOLVERS = ("euler", "heun", "2nd")
+# EDM's own solvers (Algorithm 2 with churn; "2nd" is the generalized 2nd order with alpha) and
+# k-diffusion's (0.1.1: names, defaults and math of ``k_diffusion.sampling.sample_<name>``).
+EDM_SOLVERS = ("euler", "heun", "2nd")
+K_SOLVERS = (
+    "euler_ancestral",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpmpp_2s_ancestral",
+    "dpmpp_sde",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+)
+SOLVERS = EDM_SOLVERS + K_SOLVERS
+# k-diffusion samplers that adapt their steps at run time: no fixed plan, so no fused engine
+REFUSED_SOLVERS = {
+    "dpm_fast": "it picks its steps from (sigma_min, sigma_max, n) with its own rule",
+    "dpm_adaptive": "its step sizes depend on error estimates made at run time (host syncs)",
+}
+# which solvers take which solver-specific options (anything else refuses a non-default value)
+CHURN_SOLVERS = ("euler", "heun", "2nd", "dpm_2")  # s_churn / s_tmin / s_tmax (EDM Algorithm 2)
+ETA_SOLVERS = (
+    "euler_ancestral",
+    "dpm_2_ancestral",
+    "dpmpp_2s_ancestral",
+    "dpmpp_sde",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+)
+NOISE_SOLVERS = CHURN_SOLVERS + ETA_SOLVERS  # s_noise
+SOLVER_TYPES = ("midpoint", "heun")  # dpmpp_2m_sde
 NOISE_MODES = ("exact", "fused")
 BACKEND_CHOICES = ("auto", "torch", "cpu", "cuda", "triton")
 GRAPH_CHOICES = ("auto", True, False)
@@ -48,6 +79,10 @@ class SamplerOptions:
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
+    eta: float | None = None  # ancestral / SDE solvers; None: k-diffusion's default, 1
+    order: int | None = None  # lms; None: 4
+    r: float | None = None  # dpmpp_sde's intermediate point; None: 1/2
+    solver_type: str | None = None  # dpmpp_2m_sde: "midpoint" (default) or "heun"
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
     noise_mode: str = "exact"
@@ -85,8 +120,15 @@ class SamplerOptions:
             raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got {o['sigma_min']}, {o['sigma_max']}")
         if o["rho"] <= 0:
             raise ValueError(f"rho must be > 0, got {o['rho']}")
-        if o["solver"] not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {o['solver']!r}")
+        solver = o["solver"]
+        if isinstance(solver, str) and solver in REFUSED_SOLVERS:
+            raise ValueError(
+                f"solver={solver!r} is not supported by the fused engine: {REFUSED_SOLVERS[solver]} "
+                "(use k_diffusion.sampling for it, or a fixed-step solver such as 'dpmpp_2m')"
+            )
+        if not isinstance(solver, str) or solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        _check_solver_options(o)
         if not 0 < o["alpha"] <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {o['alpha']}")
         if o["solver"] != "2nd" and o["alpha"] != 1.0:
@@ -114,11 +156,71 @@ class SamplerOptions:
 
     @property
     def second_order(self) -> bool:
-        return self.solver != "euler"
+        """EDM's solvers: a correction evaluation (heun, 2nd); dpm_2 plans its own midpoint."""
+        return self.solver in ("heun", "2nd")
 
     @property
     def effective_alpha(self) -> float:
         return self.alpha if self.solver == "2nd" else 1.0
+
+    @property
+    def eta_value(self) -> float:
+        """eta of an ancestral / SDE solver (k-diffusion's default 1), 0 for the others."""
+        if self.solver not in ETA_SOLVERS:
+            return 0.0
+        return 1.0 if self.eta is None else self.eta
+
+    @property
+    def order_value(self) -> int:
+        return 4 if self.order is None else self.order
+
+    @property
+    def r_value(self) -> float:
+        return 0.5 if self.r is None else self.r
+
+    @property
+    def solver_type_value(self) -> str:
+        return "midpoint" if self.solver_type is None else self.solver_type
+
+
+def _check_solver_options(o: dict) -> None:
+    """Solver-specific options: valid values, and only for the solvers that use them (a value the
+    solver would ignore is a mistake, refused by name rather than silently dropped)."""
+    solver = o["solver"]
+
+    def only(name: str, solvers: tuple[str, ...], given: bool) -> None:
+        if given and solver not in solvers:
+            raise ValueError(
+                f"{name} applies to solver {' / '.join(solvers)} only, got {name}={o[name]!r} with "
+                f"solver={solver!r}"
+            )
+
+    for name in ("s_churn", "s_tmin", "s_tmax"):
+        default = SamplerOptions.__dataclass_fields__[name].default
+        only(name, CHURN_SOLVERS, o[name] != default)
+    only("s_noise", NOISE_SOLVERS, o["s_noise"] != 1.0)
+    only("eta", ETA_SOLVERS, o["eta"] is not None)
+    only("order", ("lms",), o["order"] is not None)
+    only("r", ("dpmpp_sde",), o["r"] is not None)
+    only("solver_type", ("dpmpp_2m_sde",), o["solver_type"] is not None)
+    if o["eta"] is not None:
+        o["eta"] = _real("eta", o["eta"])
+        if not (0 <= o["eta"] < math.inf):
+            raise ValueError(f"eta must be finite and >= 0, got {o['eta']}")
+    if o["order"] is not None:
+        order = o["order"]
+        if isinstance(order, bool) or not isinstance(order, int):
+            raise TypeError(f"order must be an int, got {type(order).__name__}")
+        if not 1 <= order <= 4:
+            raise ValueError(
+                f"order must be in [1, 4] (the fused pass reads 3 earlier derivatives), got {order}"
+            )
+    if o["r"] is not None:
+        o["r"] = _real("r", o["r"])
+        if not 0 < o["r"] <= 1:
+            raise ValueError(f"r must be in (0, 1], got {o['r']}")
+    if o["solver_type"] is not None and o["solver_type"] not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {o['solver_type']!r}")
 
 
 def with_option_signature(fn: Callable) -> Callable:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from edmfast import layout as L
 from edmfast import ops
 from edmfast import reference as R
 from edmfast.ancestral import AncestralOptions as Opts
@@ -274,14 +275,14 @@ def test_plan_rows_match_the_posterior_formulas():
     a, a_prev = float(abar[ts[1]]), float(abar[ts[2]])
     beta = 1 - a / a_prev
     row = plan.rows[1]
-    assert math.isclose(float(row[R.ANC_COEF1]), beta * math.sqrt(a_prev) / (1 - a), rel_tol=1e-12)
-    assert math.isclose(float(row[R.ANC_COEF2]), (1 - a_prev) * math.sqrt(1 - beta) / (1 - a), rel_tol=1e-12)
+    assert math.isclose(float(row[L.ANC_COEF1]), beta * math.sqrt(a_prev) / (1 - a), rel_tol=1e-12)
+    assert math.isclose(float(row[L.ANC_COEF2]), (1 - a_prev) * math.sqrt(1 - beta) / (1 - a), rel_tol=1e-12)
     assert math.isclose(
-        float(row[R.ANC_LOG_BETA_TILDE]), math.log(beta * (1 - a_prev) / (1 - a)), rel_tol=1e-12
+        float(row[L.ANC_LOG_BETA_TILDE]), math.log(beta * (1 - a_prev) / (1 - a)), rel_tol=1e-12
     )
     # the last step: no noise, and iDDPM's clipped log variance (the step above's beta_tilde)
-    assert float(plan.rows[-1, R.ANC_S]) == 0 and plan.noise_on == (True,) * 4 + (False,)
-    assert float(plan.rows[-1, R.ANC_LOG_BETA_TILDE]) == float(plan.rows[-2, R.ANC_LOG_BETA_TILDE])
+    assert float(plan.rows[-1, L.ANC_S]) == 0 and plan.noise_on == (True,) * 4 + (False,)
+    assert float(plan.rows[-1, L.ANC_LOG_BETA_TILDE]) == float(plan.rows[-2, L.ANC_LOG_BETA_TILDE])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -471,7 +472,7 @@ def test_reference_ancestral_step_against_the_formula():
     frac = (f[:2, 3:] + 1) / 2
     std = 0.9 * torch.exp((frac * -2.0 + (1 - frac) * -3.0) / 2)
     torch.testing.assert_close(out, (0.6 * x0 + 0.35 * x + std * z).double(), atol=1e-6, rtol=1e-6)
-    coef[R.ANC_S] = 0  # the last step: the mean only
+    coef[L.ANC_S] = 0  # the last step: the mean only
     out = R.ancestral_step(x, f[:2, :3], coef, variance="fixed", clip=False, noise=z)
     torch.testing.assert_close(
         out, (0.6 * (1.3 * x - 0.8 * f[:2, :3]) + 0.35 * x).double(), atol=1e-6, rtol=1e-6

@@ -9,6 +9,7 @@ import torch
 import edmfast
 from edmfast import plan as P
 from edmfast.analytic import EDMNetworkOf, GaussianDenoiser
+from edmfast.layout import COEF_SIZE
 from edmfast.options import SamplerOptions, resolve_sigmas
 
 
@@ -28,7 +29,7 @@ def _slow_rows(den, sigmas, opts):
     def nxt(i):
         return (0.0, 0.0) if i >= n else ((steps[i].noise_std if noise[i] else 0.0), first[i][2])
 
-    rows = torch.zeros(1 + 2 * n, 8, dtype=torch.float64)
+    rows = torch.zeros(1 + 2 * n, COEF_SIZE, dtype=torch.float64)
     sig_in = torch.zeros(2 * n, dtype=torch.float64)
     rows[0, :5] = torch.tensor([1.0 if math.isinf(steps[0].sigma) else steps[0].sigma, 0, 0, *nxt(0)])
     for i, st in enumerate(steps):
