@@ -30,148 +30,32 @@ from . import ops
 from .graphs import GraphCache, capture
 from .layout import ANC_AF, ANC_AX, ANC_COEF1, ANC_COEF2, ANC_LOG_BETA, ANC_LOG_BETA_TILDE, ANC_S
 from .options import (
-    BACKEND_CHOICES,
-    GRAPH_CHOICES,
-    NOISE_MODES,
+    F32_MAX,
+    PREDICTION_TYPES,  # noqa: F401  (re-exported: edmfast.ancestral.PREDICTION_TYPES)
+    VARIANCES,  # noqa: F401
+    AncestralOptions,
+    check_betas,
     check_cond,
     check_generator,
+    check_guidance,
     check_noise,
     check_seeds,
+    check_timesteps,
     merge_cond,
 )
-from .schedules import betas_float64, respaced_timesteps
+from .schedules import respaced_timesteps
 
-VARIANCES = ("learned_range", "learned", "fixed_small", "fixed_large")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 INT32_MAX = 2**31 - 1
-F32_MAX = float(torch.finfo(torch.float32).max)
 
 
-# ----------------------------------------------------------------------------- options
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, (bool, str, bytes)) or value is None:
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-@dataclass(frozen=True)
-class AncestralOptions:
-    """The validated options of `sample_ancestral` / `AncestralSampler` (everything but tensors)."""
-
-    num_steps: int = 50
-    spacing: str = "leading"
-    steps_offset: int = 0
-    variance: str = "learned_range"
-    prediction_type: str = "epsilon"
-    clip_denoised: bool = True
-    eta: float | None = None
-    guidance_scale: float = 1.0
-    guidance_rescale: float = 0.0
-    noise_mode: str = "exact"
-    backend: str = "auto"
-    cuda_graph: Any = "auto"
-    compile: bool = False
-    progress: bool = False
-
-    @classmethod
-    def create(cls, **options: Any) -> AncestralOptions:
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}")
-        o = cls(**options)
-        if isinstance(o.num_steps, bool) or not isinstance(o.num_steps, int):
-            raise TypeError(f"num_steps must be an int, got {type(o.num_steps).__name__}")
-        if o.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {o.num_steps}")
-        if not isinstance(o.spacing, str):
-            raise TypeError(f"spacing must be a string, got {type(o.spacing).__name__}")
-        if isinstance(o.steps_offset, bool) or not isinstance(o.steps_offset, int) or o.steps_offset < 0:
-            raise ValueError(f"steps_offset must be an int >= 0, got {o.steps_offset!r}")
-        if o.variance not in VARIANCES:
-            raise ValueError(f"variance must be one of {VARIANCES}, got {o.variance!r}")
-        if o.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {o.prediction_type!r}")
-        _flag("clip_denoised", o.clip_denoised)
-        if o.eta is not None:
-            eta = _real("eta", o.eta)
-            if not (math.isfinite(eta) and eta >= 0):
-                raise ValueError(f"eta must be finite and >= 0 (or None for DDPM), got {eta}")
-            object.__setattr__(o, "eta", eta)
-        w, phi = check_guidance(o.guidance_scale, o.guidance_rescale)
-        object.__setattr__(o, "guidance_scale", w)
-        object.__setattr__(o, "guidance_rescale", phi)
-        if o.noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {o.noise_mode!r}")
-        if not isinstance(o.backend, str) or o.backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {o.backend!r}")
-        if not any(o.cuda_graph is g for g in GRAPH_CHOICES) and o.cuda_graph != "auto":
-            raise ValueError(f"cuda_graph must be one of {GRAPH_CHOICES}, got {o.cuda_graph!r}")
-        _flag("compile", o.compile)
-        _flag("progress", o.progress)
-        return o
-
-    @property
-    def learned(self) -> bool:
-        """The model returns 2C channels (prediction, then variance)."""
-        return self.variance in ("learned", "learned_range")
-
-
-def check_guidance(w: Any, phi: Any) -> tuple[float, float]:
-    w, phi = _real("guidance_scale", w), _real("guidance_rescale", phi)
-    if not abs(w) <= F32_MAX:
-        raise ValueError(f"guidance_scale must be finite in float32 (|w| <= 3.4e38), got {w}")
-    if not 0 <= phi <= 1:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {phi}")
-    return w, phi
-
-
-def check_betas(betas: Any) -> torch.Tensor:
-    """The training betas as float64 [T] on the CPU: finite, in (0, 1]."""
-    b = betas_float64(betas)
-    if not bool(torch.isfinite(b).all()) or not bool(((b > 0) & (b <= 1)).all()):
-        raise ValueError("betas must be finite and in (0, 1]")
-    return b
+# ----------------------------------------------------------------------------- plan
 
 
 def resolve_timesteps(timesteps: Any, num_train: int, opts: AncestralOptions) -> torch.Tensor:
     """Descending int64 training indices: the given ones (checked) or those of the spacing."""
     if timesteps is None:
         return respaced_timesteps(opts.num_steps, num_train, opts.spacing, opts.steps_offset)
-    if isinstance(timesteps, torch.Tensor):
-        if timesteps.is_floating_point() or timesteps.dtype == torch.bool:
-            raise TypeError(f"timesteps must be integers, got {timesteps.dtype}")
-        t = timesteps.detach().to("cpu", torch.int64).reshape(-1)
-        if timesteps.dim() != 1:
-            raise ValueError(f"timesteps must be 1-D, got shape {tuple(timesteps.shape)}")
-    else:
-        try:
-            values = list(timesteps)
-        except TypeError:
-            raise TypeError(f"timesteps must be a sequence of ints, got {type(timesteps).__name__}") from None
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-            raise TypeError("timesteps must be a sequence of ints")
-        t = torch.tensor(values, dtype=torch.int64)
-    if t.numel() < 1:
-        raise ValueError("timesteps must hold at least one timestep")
-    if int(t.min()) < 0 or int(t.max()) > num_train - 1:
-        raise ValueError(f"timesteps must be in [0, {num_train - 1}] (len(betas) - 1)")
-    if not bool((t[1:] < t[:-1]).all()):
-        raise ValueError("timesteps must be strictly decreasing")
-    return t
-
-
-# ----------------------------------------------------------------------------- plan
+    return check_timesteps(timesteps, num_train)
 
 
 @dataclass(frozen=True)

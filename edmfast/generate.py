@@ -57,8 +57,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .ancestral import AncestralOptions, AncestralSampler, check_betas
+from .ancestral import AncestralSampler
 from .data import IMAGE_SHAPE, ShapesDenoiser, to_uint8
+from .options import AncestralOptions, check_betas
 from .rng import PerSampleGenerator
 from .sampler import Sampler
 from .schedules import ddpm_betas

@@ -38,10 +38,14 @@ COEF_P, COEF_Q, COEF_R, COEF_C = COEF_A, COEF_C0, COEF_B, COEF_NET
 HEUN_COEF_MIN = 5
 
 # ----------------------------------------------------------------------------- ancestral pass row
-# [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c]: x0 = ax x + af F (clipped), mean =
-# coef1 x0 + coef2 x, std from s and the (learned) variance, net = c out (SPEC section 7).
+# x0 = ax x + af F, clamped to [-clip, clip] when clipping; mean = coef1 x0 + coef2 x + cf F;
+# std from s and the (learned) variance; net = c out (SPEC section 7). cf carries the model's own
+# eps into DDIM's direction term when it is not recomputed from the clipped x0 (diffusers'
+# use_clipped_model_output=False); rows of 8 (cf = 0, clip = 1) are the original layout.
 ANC_AX, ANC_AF, ANC_COEF1, ANC_COEF2, ANC_LOG_BETA, ANC_LOG_BETA_TILDE, ANC_S, ANC_C = range(8)
-ANC_SIZE = 8
+ANC_CF = 8  # on the (guided) prediction F, added to the mean
+ANC_CLIP = 9  # the clip bound (> 0), read only when clipping
+ANC_SIZE = 16
 ANC_VARIANCES = ("fixed", "learned", "learned_range")
 
 # ----------------------------------------------------------------------------- flags

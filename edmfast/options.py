@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .schedules import karras_sigmas
+from .schedules import betas_float64, karras_sigmas
 
 # EDM's own solvers (Algorithm 2 with churn; "2nd" is the generalized 2nd order with alpha) and
 # k-diffusion's (0.1.1: names, defaults and math of ``k_diffusion.sampling.sample_<name>``).
@@ -53,6 +53,15 @@ SOLVER_TYPES = ("midpoint", "heun")  # dpmpp_2m_sde
 NOISE_MODES = ("exact", "fused")
 BACKEND_CHOICES = ("auto", "torch", "cpu", "cuda", "triton")
 GRAPH_CHOICES = ("auto", True, False)
+VARIANCES = ("learned_range", "learned", "fixed_small", "fixed_large")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def _real(name: str, value: Any) -> float:
@@ -221,6 +230,123 @@ def _check_solver_options(o: dict) -> None:
             raise ValueError(f"r must be in (0, 1], got {o['r']}")
     if o["solver_type"] is not None and o["solver_type"] not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {o['solver_type']!r}")
+
+
+# ----------------------------------------------------------------------------- ancestral options
+
+
+@dataclass(frozen=True)
+class AncestralOptions:
+    """The validated options of `sample_ancestral` / `AncestralSampler` (everything but tensors)."""
+
+    num_steps: int = 50
+    spacing: str = "leading"
+    steps_offset: int = 0
+    variance: str = "learned_range"
+    prediction_type: str = "epsilon"
+    clip_denoised: bool = True
+    clip_range: float = 1.0  # x0 is clamped to [-clip_range, clip_range] (diffusers' clip_sample_range)
+    eta: float | None = None
+    # DDIM only: True recomputes eps from the clipped x0 (iDDPM / ADM's ddim_sample), False keeps
+    # the model's own eps in the direction term (diffusers' DDIMScheduler.step default)
+    use_clipped_model_output: bool = True
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
+    noise_mode: str = "exact"
+    backend: str = "auto"
+    cuda_graph: Any = "auto"
+    compile: bool = False
+    progress: bool = False
+
+    @classmethod
+    def create(cls, **options: Any) -> AncestralOptions:
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}")
+        o = cls(**options)
+        if isinstance(o.num_steps, bool) or not isinstance(o.num_steps, int):
+            raise TypeError(f"num_steps must be an int, got {type(o.num_steps).__name__}")
+        if o.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {o.num_steps}")
+        if not isinstance(o.spacing, str):
+            raise TypeError(f"spacing must be a string, got {type(o.spacing).__name__}")
+        if isinstance(o.steps_offset, bool) or not isinstance(o.steps_offset, int) or o.steps_offset < 0:
+            raise ValueError(f"steps_offset must be an int >= 0, got {o.steps_offset!r}")
+        if o.variance not in VARIANCES:
+            raise ValueError(f"variance must be one of {VARIANCES}, got {o.variance!r}")
+        if o.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {o.prediction_type!r}")
+        _flag("clip_denoised", o.clip_denoised)
+        clip_range = _real("clip_range", o.clip_range)
+        if not (0 < clip_range < math.inf):
+            raise ValueError(f"clip_range must be finite and > 0, got {clip_range}")
+        object.__setattr__(o, "clip_range", clip_range)
+        _flag("use_clipped_model_output", o.use_clipped_model_output)
+        if o.eta is not None:
+            eta = _real("eta", o.eta)
+            if not (math.isfinite(eta) and eta >= 0):
+                raise ValueError(f"eta must be finite and >= 0 (or None for DDPM), got {eta}")
+            object.__setattr__(o, "eta", eta)
+        w, phi = check_guidance(o.guidance_scale, o.guidance_rescale)
+        object.__setattr__(o, "guidance_scale", w)
+        object.__setattr__(o, "guidance_rescale", phi)
+        if o.noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {o.noise_mode!r}")
+        if not isinstance(o.backend, str) or o.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {o.backend!r}")
+        if not any(o.cuda_graph is g for g in GRAPH_CHOICES) and o.cuda_graph != "auto":
+            raise ValueError(f"cuda_graph must be one of {GRAPH_CHOICES}, got {o.cuda_graph!r}")
+        _flag("compile", o.compile)
+        _flag("progress", o.progress)
+        return o
+
+    @property
+    def learned(self) -> bool:
+        """The model returns 2C channels (prediction, then variance)."""
+        return self.variance in ("learned", "learned_range")
+
+
+def check_guidance(w: Any, phi: Any) -> tuple[float, float]:
+    w, phi = _real("guidance_scale", w), _real("guidance_rescale", phi)
+    if not abs(w) <= F32_MAX:
+        raise ValueError(f"guidance_scale must be finite in float32 (|w| <= 3.4e38), got {w}")
+    if not 0 <= phi <= 1:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {phi}")
+    return w, phi
+
+
+def check_betas(betas: Any) -> torch.Tensor:
+    """The training betas as a float64 [T] CPU copy (never a view of the caller's tensor, which may
+    change later): finite, in (0, 1]."""
+    b = betas_float64(betas).clone()
+    if not bool(torch.isfinite(b).all()) or not bool(((b > 0) & (b <= 1)).all()):
+        raise ValueError("betas must be finite and in (0, 1]")
+    return b
+
+
+def check_timesteps(timesteps: Any, num_train: int) -> torch.Tensor:
+    """User timesteps as descending int64 training indices in [0, num_train) (a CPU copy)."""
+    if isinstance(timesteps, torch.Tensor):
+        if timesteps.is_floating_point() or timesteps.dtype == torch.bool:
+            raise TypeError(f"timesteps must be integers, got {timesteps.dtype}")
+        t = timesteps.detach().to("cpu", torch.int64).reshape(-1).clone()
+        if timesteps.dim() != 1:
+            raise ValueError(f"timesteps must be 1-D, got shape {tuple(timesteps.shape)}")
+    else:
+        try:
+            values = list(timesteps)
+        except TypeError:
+            raise TypeError(f"timesteps must be a sequence of ints, got {type(timesteps).__name__}") from None
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise TypeError("timesteps must be a sequence of ints")
+        t = torch.tensor(values, dtype=torch.int64)
+    if t.numel() < 1:
+        raise ValueError("timesteps must hold at least one timestep")
+    if int(t.min()) < 0 or int(t.max()) > num_train - 1:
+        raise ValueError(f"timesteps must be in [0, {num_train - 1}] (len(betas) - 1)")
+    if not bool((t[1:] < t[:-1]).all()):
+        raise ValueError("timesteps must be strictly decreasing")
+    return t
 
 
 def with_option_signature(fn: Callable) -> Callable:
