@@ -34,11 +34,16 @@ from .layout import (
     ANC_S,
     ANC_VARIANCES,
     BAD_NONE,
-    COEF_C,
-    COEF_P,
-    COEF_Q,
-    COEF_R,
+    COEF_A,
+    COEF_B,
+    COEF_HIST,
+    COEF_HP,
+    COEF_HQ,
+    COEF_NET,
+    COEF_SIZE,
     COEF_STD,
+    HEUN_COEF_MIN,
+    HISTORY,
 )
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
@@ -219,6 +224,157 @@ def _check_overlap(
                 raise ValueError(f"{name} {what} {other_name}{allowed}; pass a separate buffer")
 
 
+def _check_row(coef: torch.Tensor, least: int, what: str) -> None:
+    """``coef`` is one contiguous 1-D row of >= ``least`` floats (a 2-D [1, C] slice or the whole
+    [N, C] table is refused rather than read as its first row)."""
+    if coef.dim() != 1 or coef.numel() < least or not coef.is_contiguous():
+        raise ValueError(
+            f"coef must be one contiguous float32 row {what} (1-D, >= {least} entries), "
+            f"got shape {tuple(coef.shape)}"
+        )
+
+
+def _check_real(name: str, t: object) -> None:
+    """Operands are tensors with data: a meta (shape-only) tensor has no memory a kernel could use."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (shape only, no data): the fused ops run on CPU or CUDA tensors"
+        )
+
+
+def _check_pass(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    x_name: str,
+    hist: tuple[tuple[str, torch.Tensor | None], ...],
+    hist_out: torch.Tensor | None,
+    f: torch.Tensor | None,
+    k: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    out: torch.Tensor,
+    out_net: torch.Tensor | None,
+    guidance_scale: float | torch.Tensor,
+    step: int,
+    stage: int,
+    bad: torch.Tensor | None,
+    bad_step: int,
+    may_alias: tuple[tuple[str, str], ...],
+) -> None:
+    """The checks every affine pass shares (`affine_step`, `heun_step`, `churn`); errors name the
+    argument as the caller's signature spells it (``x_name``, the names in ``hist``)."""
+    _check_real(x_name, x)
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"{x_name} must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    device = x.device
+    batch = x.shape[0]
+    numel = x.numel() // batch
+    f32 = (torch.float32,)
+    _check_tensor(x_name, x, device, f32, like=x_name)
+    for name, h in hist:
+        _check_tensor(name, h, device, f32, like=x_name)
+    for name, t, dtypes in (
+        ("hist_out", hist_out, f32), ("noise", noise, f32), ("out", out, f32), ("k", k, f32),
+        ("coef", coef, f32), ("f", f, IO_DTYPES), ("out_net", out_net, IO_DTYPES),
+        ("seeds", seeds, (torch.int64,)), ("bad", bad, (torch.int32,)),
+    ):  # fmt: skip
+        _check_tensor(name, t, device, dtypes, like=x_name)
+    _check_value("guidance_scale", guidance_scale, device, x_name)
+    _check_int("step", step, 0, 2**63 - 1)
+    _check_int("stage", stage, 0, 2**32 - 1)
+    _check_int("bad_step", bad_step, 0, BAD_NONE)
+    for name, t in (*hist, ("noise", noise)):
+        if t is not None and (t.dim() < 1 or t.shape[0] != batch or t.numel() != batch * numel):
+            raise ValueError(f"{name} must match {x_name}'s shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if noise is not None and seeds is not None:
+        raise ValueError("give noise or seeds, not both")
+    if seeds is not None and tuple(seeds.shape) != (batch,):
+        raise ValueError(f"seeds must be int64 [B]=[{batch}], got shape {tuple(seeds.shape)}")
+    if f is not None:
+        if f.dim() < 1 or f.shape[0] not in (batch, 2 * batch) or f.numel() != f.shape[0] * numel:
+            raise ValueError(f"f must have B={batch} or 2B rows of {numel} elements, got {tuple(f.shape)}")
+        if k is not None and f.shape[0] != 2 * batch:
+            raise ValueError("k (CFG rescale factors) needs f with 2B rows (cond then uncond)")
+    if k is not None and tuple(k.shape) != (batch,):
+        raise ValueError(f"k must be float32 [B]=[{batch}], got shape {tuple(k.shape)}")
+    if bad is not None and (tuple(bad.shape) != (batch,) or not bad.is_contiguous()):
+        raise ValueError(f"bad must be a contiguous int32 [B]=[{batch}] tensor, got shape {tuple(bad.shape)}")
+    _check_out("out", out, batch, numel)
+    if hist_out is not None:
+        _check_out("hist_out", hist_out, batch, numel)
+    if out_net is not None:
+        if out_net.dim() < 1 or out_net.shape[0] not in (batch, 2 * batch):
+            raise ValueError(f"out_net must have B={batch} or 2B rows, got shape {tuple(out_net.shape)}")
+        _check_out("out_net", out_net, out_net.shape[0], numel)
+        if f is not None and f.dtype != out_net.dtype:
+            raise TypeError(f"f and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
+    w = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    _check_overlap(
+        [("out", out), ("hist_out", hist_out), ("out_net", out_net), ("bad", bad)],
+        [
+            (x_name, x),
+            *hist,
+            ("f", f),
+            ("noise", noise),
+            ("k", k),
+            ("seeds", seeds),
+            ("coef", coef),
+            ("guidance_scale", w),
+        ],  # fmt: skip
+        may_alias=may_alias,
+    )
+
+
+# The element-wise operands of `affine_step` (an output may be exactly one of them) and its outputs
+# that may be (bad is per sample: it aliases nothing).
+_AFFINE_INPUTS = ("x", "hist[0]", "hist[1]", "hist[2]", "hist[3]", "f", "noise")
+_AFFINE_ALIASES = tuple((o, i) for o in ("out", "hist_out", "out_net") for i in _AFFINE_INPUTS)
+
+
+def check_affine_args(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    f: torch.Tensor | None,
+    hist: tuple[torch.Tensor | None, ...] | list[torch.Tensor | None],
+    hist_out: torch.Tensor | None,
+    k: torch.Tensor | None,
+    guidance_scale: float | torch.Tensor,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    step: int,
+    stage: int,
+    out_net: torch.Tensor | None,
+    bad: torch.Tensor | None,
+    bad_step: int,
+) -> tuple[torch.Tensor | None, ...]:
+    """Validate the operands of `affine_step` (ValueError/TypeError naming the argument); returns
+    ``hist`` as a tuple."""
+    if not isinstance(hist, (tuple, list)) or len(hist) > HISTORY:
+        raise TypeError(
+            f"hist must be a tuple of at most {HISTORY} history tensors (None for an absent one), got "
+            + (f"{len(hist)} entries" if isinstance(hist, (tuple, list)) else type(hist).__name__)
+        )
+    hist = tuple(hist)
+    for j, h in enumerate(hist):
+        if h is not None:
+            _check_real(f"hist[{j}]", h)
+    _check_real("x", x)
+    _check_real("coef", coef)
+    _check_tensor("coef", coef, x.device, (torch.float32,), like="x")
+    _check_row(coef, COEF_SIZE, "(edmfast.layout COEF_*)")
+    _check_pass(
+        x, coef, x_name="x", hist=tuple((f"hist[{j}]", h) for j, h in enumerate(hist)), hist_out=hist_out,
+        f=f, k=k, noise=noise, seeds=seeds, out=out, out_net=out_net, guidance_scale=guidance_scale,
+        step=step, stage=stage, bad=bad, bad_step=bad_step, may_alias=_AFFINE_ALIASES,
+    )  # fmt: skip
+    return hist
+
+
 def check_step_args(
     x_hat: torch.Tensor,
     coef: torch.Tensor,
@@ -235,73 +391,19 @@ def check_step_args(
     bad: torch.Tensor | None = None,
     bad_step: int = 0,
 ) -> None:
-    """Validate the operands of `heun_step` / `churn`; raise ValueError/TypeError naming the argument."""
-    if not isinstance(x_hat, torch.Tensor):
-        raise TypeError(f"x_hat must be a torch.Tensor, got {type(x_hat).__name__}")
-    if x_hat.dim() < 1 or x_hat.shape[0] < 1:
-        raise ValueError(f"x_hat must be [B, ...] with B >= 1, got shape {tuple(x_hat.shape)}")
-    device = x_hat.device
-    batch = x_hat.shape[0]
-    numel = x_hat.numel() // batch
-    f32 = (torch.float32,)
-    _check_tensor("x_hat", x_hat, device, f32)
-    _check_tensor("x_prime", x_prime, device, f32)
-    _check_tensor("noise", noise, device, f32)
-    _check_tensor("out", out, device, f32)
-    _check_tensor("k", k, device, f32)
-    _check_tensor("coef", coef, device, f32)
-    _check_tensor("f", f, device, IO_DTYPES)
-    _check_tensor("out_net", out_net, device, IO_DTYPES)
-    _check_tensor("seeds", seeds, device, (torch.int64,))
-    _check_tensor("bad", bad, device, (torch.int32,))
-    # One row of the coefficient table: [p, q, r, std, c, padding...]. A 2-D [1, 8] slice or the
-    # whole [N, 8] table is refused rather than read as its first five numbers.
-    if coef.dim() != 1 or coef.numel() < 5 or not coef.is_contiguous():
-        raise ValueError(
-            f"coef must be one contiguous float32 row [p, q, r, std, c, ...] (1-D, >= 5 entries), "
-            f"got shape {tuple(coef.shape)}"
-        )
-    _check_value("guidance_scale", guidance_scale, device, "x_hat")
-    _check_int("step", step, 0, 2**63 - 1)
-    _check_int("bad_step", bad_step, 0, BAD_NONE)
-    for name, t in (("x_prime", x_prime), ("noise", noise)):
-        if t is not None and (t.shape[0] != batch or t.numel() != batch * numel):
-            raise ValueError(f"{name} must match x_hat's shape {tuple(x_hat.shape)}, got {tuple(t.shape)}")
-    if noise is not None and seeds is not None:
-        raise ValueError("give noise or seeds, not both")
-    if seeds is not None and tuple(seeds.shape) != (batch,):
-        raise ValueError(f"seeds must be int64 [B]=[{batch}], got shape {tuple(seeds.shape)}")
-    if f is not None:
-        if f.dim() < 1 or f.shape[0] not in (batch, 2 * batch) or f.numel() != f.shape[0] * numel:
-            raise ValueError(f"f must have B={batch} or 2B rows of {numel} elements, got {tuple(f.shape)}")
-        if k is not None and f.shape[0] != 2 * batch:
-            raise ValueError("k (CFG rescale factors) needs f with 2B rows (cond then uncond)")
-    if k is not None and tuple(k.shape) != (batch,):
-        raise ValueError(f"k must be float32 [B]=[{batch}], got shape {tuple(k.shape)}")
-    if bad is not None and (tuple(bad.shape) != (batch,) or not bad.is_contiguous()):
-        raise ValueError(f"bad must be a contiguous int32 [B]=[{batch}] tensor, got shape {tuple(bad.shape)}")
-    _check_out("out", out, batch, numel)
-    if out_net is not None:
-        if out_net.dim() < 1 or out_net.shape[0] not in (batch, 2 * batch):
-            raise ValueError(f"out_net must have B={batch} or 2B rows, got shape {tuple(out_net.shape)}")
-        _check_out("out_net", out_net, out_net.shape[0], numel)
-        if f is not None and f.dtype != out_net.dtype:
-            raise TypeError(f"f and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
-    w = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
-    _check_overlap(
-        [("out", out), ("out_net", out_net), ("bad", bad)],
-        [
-            ("x_hat", x_hat),
-            ("x_prime", x_prime),
-            ("f", f),
-            ("k", k),
-            ("noise", noise),
-            ("seeds", seeds),
-            ("coef", coef),
-            ("guidance_scale", w),
-        ],  # fmt: skip
-        may_alias=(("out", "x_hat"),),
-    )
+    """Validate the operands of `heun_step` / `churn`; raise ValueError/TypeError naming the argument.
+
+    The Heun pass keeps its original aliasing rule: out may be x_hat, nothing else."""
+    _check_real("x_hat", x_hat)
+    _check_real("coef", coef)
+    _check_tensor("coef", coef, x_hat.device, (torch.float32,))
+    # One row of the coefficient table: [p, q, r, std, c, padding...].
+    _check_row(coef, HEUN_COEF_MIN, "[p, q, r, std, c, ...]")
+    _check_pass(
+        x_hat, coef, x_name="x_hat", hist=(("x_prime", x_prime),), hist_out=None, f=f, k=k, noise=noise,
+        seeds=seeds, out=out, out_net=out_net, guidance_scale=guidance_scale, step=step, stage=0, bad=bad,
+        bad_step=bad_step, may_alias=(("out", "x_hat"),),
+    )  # fmt: skip
 
 
 def check_ancestral_args(
@@ -402,6 +504,93 @@ def _c(t: torch.Tensor | None) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- torch backend
 
 
+def _torch_affine(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+    f: torch.Tensor | None,
+    hist: tuple[torch.Tensor | None, ...],
+    hist_out: torch.Tensor | None,
+    k: torch.Tensor | None,
+    guidance_scale: float | torch.Tensor,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    step: int,
+    stage: int,
+    out_net: torch.Tensor | None,
+    bad: torch.Tensor | None,
+    bad_step: int,
+    churn: bool,
+) -> None:
+    """The torch backend of the affine pass (eager float32 ops, no host sync). Reads a column only
+    for a present operand; every result is computed before the first write (outputs may alias)."""
+    batch = x.shape[0]
+    xf = _flat(x)
+    acc = xf.clone() if churn else coef[COEF_A] * xf  # a churn is a = 1, noise only
+    F = None
+    if f is not None:
+        F = _flat(f).float()
+        if F.shape[0] == 2 * batch:
+            cond, uncond = F[:batch], F[batch:]
+            w = guidance_scale.reshape(()) if isinstance(guidance_scale, torch.Tensor) else guidance_scale
+            F = uncond + w * (cond - uncond)
+            if k is not None:
+                F = k.reshape(-1, 1) * F
+        acc = acc + coef[COEF_B] * F
+    for j, h in enumerate(hist):
+        if h is not None:
+            acc = acc + coef[COEF_HIST[j]] * _flat(h)
+    if noise is not None:
+        acc = acc + coef[COEF_STD] * _flat(noise)
+    elif seeds is not None:
+        from .philox import philox_normal
+
+        eps = philox_normal(seeds, step, acc.shape[1], torch.float32, stage=stage).to(acc.device)
+        acc = acc + coef[COEF_STD] * eps
+    # Every result before the first write: an output may be exactly one of the inputs read above.
+    writes: list[tuple[torch.Tensor, torch.Tensor]] = [(_flat(out), acc)]
+    if hist_out is not None:
+        h_new = coef[COEF_HP] * xf
+        if F is not None:
+            h_new = h_new + coef[COEF_HQ] * F
+        writes.append((_flat(hist_out), h_new))
+    if out_net is not None:
+        net = (coef[COEF_NET] * acc).to(out_net.dtype)
+        rows = _flat(out_net)
+        writes += [(rows[j * batch : (j + 1) * batch], net) for j in range(out_net.shape[0] // batch)]
+    if bad is not None:
+        # Device-side and sync-free: a per-row all() over what was just computed.
+        nonfinite = ~torch.isfinite(acc).all(dim=1)
+        writes.append((bad, torch.where(nonfinite, bad.clamp(max=bad_step), bad)))
+    for dst, value in writes:
+        dst.copy_(value)
+
+
+def _torch_affine_step(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    f: torch.Tensor | None = None,
+    hist: tuple[torch.Tensor | None, ...] = (),
+    hist_out: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    stage: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+) -> None:
+    """The torch backend of `affine_step`, with the same keyword signature."""
+    _torch_affine(
+        x, coef, out, f, hist, hist_out, k, guidance_scale, noise, seeds, step, stage, out_net, bad, bad_step,
+        False,
+    )  # fmt: skip
+
+
 def _torch_heun_step(
     x_hat: torch.Tensor,
     coef: torch.Tensor,
@@ -418,38 +607,26 @@ def _torch_heun_step(
     bad: torch.Tensor | None = None,
     bad_step: int = 0,
 ) -> None:
-    """The torch backend of `heun_step` (eager ops, float32), with the same keyword signature."""
-    batch = x_hat.shape[0]
-    c = coef.to(torch.float32)
-    x = c[COEF_P] * _flat(x_hat)
-    if x_prime is not None:
-        x = x + c[COEF_Q] * _flat(x_prime)
-    if f is not None:
-        ff = _flat(f).float()
-        if ff.shape[0] == 2 * batch:
-            cond, uncond = ff[:batch], ff[batch:]
-            w = guidance_scale.reshape(()) if isinstance(guidance_scale, torch.Tensor) else guidance_scale
-            ff = uncond + w * (cond - uncond)
-            if k is not None:
-                ff = k.reshape(-1, 1) * ff
-        x = x + c[COEF_R] * ff
-    if noise is not None:
-        x = x + c[COEF_STD] * _flat(noise)
-    elif seeds is not None:
-        from .philox import philox_normal
-
-        eps = philox_normal(seeds, step, x.shape[1], torch.float32).to(x.device)
-        x = x + c[COEF_STD] * eps
-    _flat(out).copy_(x)
-    if out_net is not None:
-        net = (c[COEF_C] * x).to(out_net.dtype)
-        rows = _flat(out_net)
-        for j in range(out_net.shape[0] // batch):
-            rows[j * batch : (j + 1) * batch].copy_(net)
-    if bad is not None:
-        # Device-side and sync-free: a per-row all() over what was just computed.
-        nonfinite = ~torch.isfinite(x).all(dim=1)
-        torch.where(nonfinite, bad.clamp(max=bad_step), bad, out=bad)
+    """The torch backend of `heun_step` (the affine pass with h0 = x_prime), same keyword signature."""
+    hist = () if x_prime is None else (x_prime,)
+    _torch_affine(
+        x_hat,
+        coef,
+        out,
+        f,
+        hist,
+        None,
+        k,
+        guidance_scale,
+        noise,
+        seeds,
+        step,
+        0,
+        out_net,
+        bad,
+        bad_step,
+        False,
+    )
 
 
 def _torch_churn(
@@ -464,10 +641,8 @@ def _torch_churn(
     bad: torch.Tensor | None = None,
     bad_step: int = 0,
 ) -> None:
-    zero = torch.zeros_like(coef[0])
-    one = torch.stack([torch.ones_like(coef[0]), zero, zero, coef[COEF_STD], coef[COEF_C]])
-    _torch_heun_step(
-        x, one, out=out, noise=noise, seeds=seeds, step=step, out_net=out_net, bad=bad, bad_step=bad_step
+    _torch_affine(
+        x, coef, out, None, (), None, None, 1.0, noise, seeds, step, 0, out_net, bad, bad_step, True
     )
 
 
@@ -602,6 +777,18 @@ def _require(backend: str) -> None:
         raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
 
 
+def raw_affine_step(backend: str) -> Callable[..., None]:
+    """`affine_step`'s kernel for ``backend``, unchecked: the same keyword signature minus ``backend``.
+
+    For a loop whose buffers were validated once: no argument checks, no ``.contiguous()``, one
+    native launch per call. Every operand must already be what `affine_step` accepts, contiguous;
+    a wrong one is undefined behaviour. Under torch.compile the call goes through the registered
+    custom op. `prepare_affine_step` is cheaper still per launch.
+    """
+    _require(backend)
+    return _entry(backend, "affine_step")
+
+
 def raw_heun_step(backend: str) -> Callable[..., None]:
     """`heun_step`'s kernel for ``backend``, unchecked: the same keyword signature minus ``backend``.
 
@@ -645,6 +832,7 @@ def _impl(backend: str) -> ModuleType:
 
 
 _TORCH_ENTRIES: dict[str, Callable[..., None]] = {
+    "affine_step": _torch_affine_step,
     "heun_step": _torch_heun_step,
     "churn": _torch_churn,
     "cfg_rescale_factors": _torch_cfg_rescale_factors,
@@ -658,6 +846,61 @@ def _entry(backend: str, op: str) -> Callable[..., None]:
 
 
 # ----------------------------------------------------------------------------- public ops
+
+
+def affine_step(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    f: torch.Tensor | None = None,
+    hist: tuple[torch.Tensor | None, ...] = (),
+    hist_out: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    stage: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """The generalized fused pass of the sampler engine (SPEC section 8), per element of sample b::
+
+        out     = a x + b F + c0 h0 + c1 h1 + c2 h2 + c3 h3 + std eps
+        out_net = c_net out            (B or 2B rows: the next network input, in the network dtype)
+        h_out   = p x + q F            (into ``hist_out``, when given)
+
+    with the columns of ``coef`` named in `edmfast.layout` (a contiguous float32 row of >= 16
+    floats on x's device, read by the kernel at run time). x, ``hist`` (up to four history
+    tensors, None for an absent one), noise, out, hist_out: float32 [B, ...]; f: the network output,
+    [B or 2B, ...] in float32 / float16 / bfloat16 (2B rows: CFG, F = k (uncond + w (cond - uncond)),
+    k float32 [B], w = ``guidance_scale``, a float or a float32 one-element tensor read at run
+    time). eps: ``noise``, or the Philox stream of (``seeds`` [B], ``step``, element, ``stage``), or
+    none. Absent operands contribute zero whatever their coefficient. ``bad``: optional int32 [B],
+    ``bad[b] = min(bad[b], bad_step)`` when row b of out holds inf or NaN.
+
+    Aliasing: an output (out, hist_out, out_net) may be exactly an element-wise input (x, an h_k,
+    f, noise): every kernel reads all inputs of an element before writing its outputs, so
+    ``out=x`` updates the state in place and ``hist_out=hist[j]`` replaces a history slot. Outputs
+    never share memory with each other, bad aliases nothing, and partial overlaps are refused.
+    See `edmfast.reference.affine_step`. Returns ``out``.
+    """
+    hist = check_affine_args(
+        x, coef, out=out, f=f, hist=hist, hist_out=hist_out, k=k, guidance_scale=guidance_scale, noise=noise,
+        seeds=seeds, step=step, stage=stage, out_net=out_net, bad=bad, bad_step=bad_step,
+    )  # fmt: skip
+    backend = resolve_backend(backend, x.device)
+    if x.numel() == 0:
+        return out  # samples of zero elements: nothing to compute, no kernel to launch
+    _entry(backend, "affine_step")(
+        x.contiguous(), coef, out=out, f=_c(f), hist=tuple(_c(h) for h in hist), hist_out=hist_out, k=_c(k),
+        guidance_scale=guidance_scale, noise=_c(noise), seeds=_c(seeds), step=int(step), stage=int(stage),
+        out_net=out_net, bad=bad, bad_step=int(bad_step),
+    )  # fmt: skip
+    return out
 
 
 def heun_step(

@@ -137,17 +137,27 @@ def test_bad_cfg_input_raises_before_launch():
 def test_launcher_rechecks_arguments():
     """The C++ launchers reject inconsistent calls themselves (null state, bad flags, bad dtype)."""
     x = torch.randn(2, 8)
-    coef = torch.ones(5)
+    h = torch.randn(2, 8)
+    coef = torch.ones(16)
     out = torch.empty(2, 8)
-    good = [x.data_ptr(), 0, 0, 0, 0, 0, coef.data_ptr(), out.data_ptr(), 0, 2, 8, 0, 0, 0, 1.0, 0, False, 1]
-    _C.heun_step_cpu(*good)
-    for index, value in [(0, 0), (6, 0), (11, 6), (12, 1), (13, 7), (9, 0)]:
+    # device, ctx, x, h0..h3, f, k, noise, seeds, coef, out, hist_out, out_net, batch, numel, f_rows,
+    # net_rows, dtype, guidance_scale, guidance, step, stage, churn, bad, bad_step
+    good = [-1, 1, x.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, coef.data_ptr(), out.data_ptr(), 0, 0, 2, 8, 0, 0, 0]
+    good += [1.0, 0, 0, 0, False, 0, 0]
+    _C.affine_step(*good)
+    mutations = [(2, 0), (11, 0), (17, 6), (18, 1), (19, 7), (15, 0), (16, -1)]
+    # a churn reads no history buffer and writes no history slot
+    mutations += [((3, 24), (h.data_ptr(), True)), ((13, 24), (h.data_ptr(), True))]
+    for index, value in mutations:
         bad = list(good)
-        bad[index] = value
+        for i, v in zip(*((index, value) if isinstance(index, tuple) else ((index,), (value,))), strict=True):
+            bad[i] = v
         with pytest.raises(RuntimeError, match="invalid argument"):
-            _C.heun_step_cpu(*bad)
+            _C.affine_step(*bad)
     with pytest.raises(RuntimeError, match="invalid argument"):
-        _C.cfg_rescale_factors_cpu(x.data_ptr(), x.data_ptr(), out.data_ptr(), 2, 8, 0, 7.5, 2.0, 1)
+        _C.cfg_rescale_factors(
+            -1, 1, x.data_ptr(), x.data_ptr(), out.data_ptr(), 2, 8, 0, 7.5, 2.0, 0, 0, 0, 0, 0
+        )
 
 
 # ----------------------------------------------------------------------------- numerics of the C++ layer
@@ -238,8 +248,10 @@ def test_concurrent_calls_from_python_threads():
 def _child_pass(queue, x, out, coef, seeds) -> None:
     # No torch op here: torch's own OpenMP runtime (libgomp) is not fork-safe once the parent
     # used it. The launch goes to _C directly with 2 threads, so the helper pool must serve it.
-    args = [x.data_ptr(), 0, 0, 0, 0, seeds.data_ptr(), coef.data_ptr(), out.data_ptr(), 0, 3, 40_000]
-    _C.heun_step_cpu(*args, 0, 0, 0, 1.0, 3, False, 2)
+    _C.affine_step(
+        -1, 2, x.data_ptr(), 0, 0, 0, 0, 0, 0, 0, seeds.data_ptr(), coef.data_ptr(), out.data_ptr(), 0, 0, 3,
+        40_000, 0, 0, 0, 1.0, 0, 3, 0, False, 0, 0,
+    )  # fmt: skip
     queue.put(float(out.numpy().astype("float64").sum()))
 
 
@@ -274,18 +286,94 @@ def test_kernels_run_in_a_forked_child():
 def _op_samples(device):
     a = _step_args(device=device)
     x_hat, coef, out, out_net, seeds = a["x_hat"], a["coef"], a["out"], a["out_net"], a["seeds"]
+    row = torch.randn(16, device=device)
     noise = torch.randn(2, 12, device=device)
+    hist = [torch.randn(2, 12, device=device) for _ in range(2)]
+    bad = torch.full((2,), ops.BAD_NONE, dtype=torch.int32, device=device)
     f = torch.randn(4, 3, 5, device=device)
-    ops = torch.ops.edmfast
+    w = torch.tensor([3.0], device=device)
+    lib = torch.ops.edmfast
+    # every argument explicit: the schemas have no defaults (issue 21)
     return [
         (
-            ops.heun_step.default,
-            (x_hat, coef, out, a["x_prime"], a["f"], a["k"], 2.0, None, seeds, 3, out_net),
+            lib.affine_step.default,
+            (
+                x_hat,
+                coef,
+                out,
+                a["f"],
+                a["x_prime"],
+                None,
+                None,
+                None,
+                None,
+                a["k"],
+                2.0,
+                None,
+                None,
+                seeds,
+                3,
+                0,
+                out_net,
+                None,
+                0,
+                False,
+            ),
+        ),  # fmt: skip
+        (
+            lib.affine_step.default,
+            (
+                x_hat,
+                row,
+                out,
+                a["f"][:2],
+                *hist,
+                None,
+                None,
+                torch.empty_like(out),
+                None,
+                1.0,
+                w,
+                noise,
+                None,
+                0,
+                0,
+                out_net[:2],
+                bad,
+                4,
+                False,
+            ),
+        ),  # fmt: skip
+        (
+            lib.affine_step.default,
+            (
+                x_hat,
+                coef,
+                out,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                1.0,
+                None,
+                None,
+                seeds,
+                5,
+                1,
+                out_net,
+                None,
+                0,
+                True,
+            ),
+        ),  # fmt: skip
+        (
+            lib.cfg_rescale_factors.default,
+            (f, 7.5, 0.7, torch.empty(2, device=device), None, None, None, None),
         ),
-        (ops.heun_step.default, (x_hat, coef, out, None, None, None, 1.0, noise, None, 0, None)),
-        (ops.churn.default, (x_hat, coef, out, None, seeds, 5, out_net)),
-        (ops.cfg_rescale_factors.default, (f, 7.5, 0.7, torch.empty(2, device=device))),
-        (ops.cfg_rescale.default, (f[:2], f[2:], 7.5, 0.7, torch.empty(2, 3, 5, device=device))),
+        (lib.cfg_rescale.default, (f[:2], f[2:], 7.5, 0.7, torch.empty(2, 3, 5, device=device))),
     ]
 
 

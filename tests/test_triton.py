@@ -25,8 +25,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import edmfast.triton as T  # noqa: E402
+from edmfast.triton.affine_step import block_config  # noqa: E402
 from edmfast.triton.cfg_rescale import reduction_config  # noqa: E402
-from edmfast.triton.heun_step import block_config  # noqa: E402
 from edmfast.triton.philox import philox_normal_block, philox_words  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -87,20 +87,20 @@ def test_import_without_triton_reports_why():
 
 
 @triton.jit
-def _philox_probe_kernel(seeds_ptr, words_ptr, normals_ptr, g0, step, N, BLOCK: tl.constexpr):
+def _philox_probe_kernel(seeds_ptr, words_ptr, normals_ptr, g0, step, stage, N, BLOCK: tl.constexpr):
     """Words and normals of the N elements from group g0 on, for sample program_id(0); program_id(1)
     is a tile of BLOCK elements."""
     b = tl.program_id(0)
     first = tl.program_id(1).to(tl.int64) * BLOCK  # element offset of this tile
     seed = tl.load(seeds_ptr + b)
     lane = tl.arange(0, BLOCK // 4)
-    x0, x1, x2, x3 = philox_words(seed, step, g0 + first // 4 + lane)
+    x0, x1, x2, x3 = philox_words(seed, step, g0 + first // 4 + lane, stage)
     words = words_ptr + b * N + first + 4 * lane
     tl.store(words, x0.to(tl.int64))
     tl.store(words + 1, x1.to(tl.int64))
     tl.store(words + 2, x2.to(tl.int64))
     tl.store(words + 3, x3.to(tl.int64))
-    normals = philox_normal_block(seed, step, g0 * 4 + first, BLOCK)
+    normals = philox_normal_block(seed, step, g0 * 4 + first, stage, BLOCK)
     tl.store(normals_ptr + b * N + first + tl.arange(0, BLOCK), normals)
 
 
@@ -108,22 +108,25 @@ def _philox_probe_kernel(seeds_ptr, words_ptr, normals_ptr, g0, step, N, BLOCK: 
 PROBE_TILE = 4096
 
 
-def _probe(seeds: list[int], step: int, g0: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Words and normals [len(seeds), n] (n a power of two) of groups g0 .. g0 + n // 4."""
+def _probe(
+    seeds: list[int], step: int, g0: int, n: int, device, stage: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Words and normals [len(seeds), n] (n a power of two) of groups g0 .. g0 + n // 4 at ``stage``."""
     seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
     words = torch.zeros(len(seeds), n, dtype=torch.int64, device=device)
     normals = poisoned((len(seeds), n), torch.float32, device)
     tile = min(n, PROBE_TILE)
-    _philox_probe_kernel[(len(seeds), n // tile)](seeds_t, words, normals, g0, step, n, BLOCK=tile)
+    _philox_probe_kernel[(len(seeds), n // tile)](seeds_t, words, normals, g0, step, stage, n, BLOCK=tile)
     return words.cpu(), normals.cpu()
 
 
-def _reference_words(seeds: list[int], step: int, g0: int, groups: int) -> torch.Tensor:
+def _reference_words(seeds: list[int], step: int, g0: int, groups: int, stage: int = 0) -> torch.Tensor:
     s = torch.tensor(seeds, dtype=torch.int64).reshape(-1, 1)
     g = torch.arange(g0, g0 + groups, dtype=torch.int64).reshape(1, -1)
     mask = 0xFFFFFFFF
     c2 = torch.full_like(g, step & mask)
-    x = philox.philox4x32(g & mask, g >> 32, c2, torch.zeros_like(g), s & mask, (s >> 32) & mask)
+    c3 = torch.full_like(g, stage & mask)
+    x = philox.philox4x32(g & mask, g >> 32, c2, c3, s & mask, (s >> 32) & mask)
     return torch.stack(x, dim=-1).reshape(len(seeds), groups * 4)
 
 
@@ -131,6 +134,13 @@ def _reference_words(seeds: list[int], step: int, g0: int, groups: int) -> torch
 def test_philox_words_bit_exact(device, step):
     words, _ = _probe(SEEDS, step, 0, 64, device)
     assert torch.equal(words, _reference_words(SEEDS, step, 0, 16))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 2**32 - 1])
+def test_philox_words_stage_is_the_fourth_counter_word(device, stage):
+    words, _ = _probe(SEEDS, 9, 0, 64, device, stage=stage)
+    assert torch.equal(words, _reference_words(SEEDS, 9, 0, 16, stage=stage))
+    assert not torch.equal(words, _reference_words(SEEDS, 9, 0, 16))
 
 
 def test_philox_words_high_counter_word(device):
@@ -356,13 +366,36 @@ def test_cfg_rescale_matches_reference(device, shape, dtype):
 def test_ops_registered_in_torch_namespace(device):
     T._ops()  # loads the kernel modules, which register the ops
     namespace = torch.ops.edmfast_triton
-    for name in ("heun_step", "churn", "cfg_rescale_factors", "cfg_rescale"):
+    for name in ("affine_step", "ancestral_step", "cfg_rescale_factors", "cfg_rescale"):
         assert hasattr(namespace, name), name
     x = torch.randn(2, 40, device=device)
     coef = _coef(device=device)
     out = poisoned((2, 40), torch.float32, device)
     net = poisoned((2, 40), torch.float32, device)
-    namespace.churn(x, coef, out, None, torch.tensor([1, 2], device=device), 4, net)
+    seeds = torch.tensor([1, 2], device=device)
+    # a churn through the registered op, every argument explicit (the schema has no defaults)
+    namespace.affine_step(
+        x,
+        coef,
+        out,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        1.0,
+        None,
+        None,
+        seeds,
+        4,
+        0,
+        net,
+        None,
+        0,
+        True,
+    )
     ref_out, ref_net = reference.churn(x, coef, seeds=torch.tensor([1, 2]), step=4)
     assert rel_err(out, ref_out) <= TOL[torch.float32] and rel_err(net, ref_net) <= TOL[torch.float32]
 
@@ -370,25 +403,19 @@ def test_ops_registered_in_torch_namespace(device):
 def test_op_schema_and_fake_tensor(device):
     T._ops()
     x = torch.randn(2, 33, device=device)
+    # x, coef, out, f, h0..h3, hist_out, k, guidance_scale, guidance, noise, seeds, step, stage, out_net,
+    # bad, bad_step, churn
     args = (
-        x,
-        _coef(device=device),
-        torch.empty_like(x),
-        None,
-        None,
-        None,
-        1.0,
-        None,
-        None,
-        0,
-        torch.empty_like(x),
-    )
-    checks = ["test_schema"]  # the declared mutations (out, out_net) are the only ones
+        x, torch.rand(16, device=device), torch.empty_like(x), torch.randn_like(x), torch.randn_like(x), None,
+        None, None, torch.empty_like(x), None, 1.0, None, None, None, 0, 0, torch.empty_like(x), None, 0,
+        False,
+    )  # fmt: skip
+    checks = ["test_schema"]  # the declared mutations (out, hist_out, out_net) are the only ones
     if device.type == "cuda":
         # Under TRITON_INTERPRET=1 torch.library.wrap_triton hands back the raw interpreted
         # kernel, which cannot run on FakeTensors; compiled kernels trace as a no-op instead.
         checks += ["test_faketensor", "test_aot_dispatch_static"]
-    torch.library.opcheck(torch.ops.edmfast_triton.heun_step, args, test_utils=tuple(checks))
+    torch.library.opcheck(torch.ops.edmfast_triton.affine_step, args, test_utils=tuple(checks))
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -474,10 +501,31 @@ def test_gpu_torch_compile_fullgraph():
 
     def fn(x_hat, f, coef, seeds):
         k = torch.empty(2, device=x_hat.device)
-        torch.ops.edmfast_triton.cfg_rescale_factors(f, 7.5, 0.7, k)
+        torch.ops.edmfast_triton.cfg_rescale_factors(f, 7.5, 0.7, k, None, None, None, None)
         out = torch.empty_like(x_hat)
         net = torch.empty_like(f)
-        torch.ops.edmfast_triton.heun_step(x_hat, coef, out, None, f, k, 7.5, None, seeds, 1, net)
+        torch.ops.edmfast_triton.affine_step(
+            x_hat,
+            coef,
+            out,
+            f,
+            None,
+            None,
+            None,
+            None,
+            None,
+            k,
+            7.5,
+            None,
+            None,
+            seeds,
+            1,
+            0,
+            net,
+            None,
+            0,
+            False,
+        )
         return out, net
 
     T._ops()

@@ -1,6 +1,6 @@
 // CPU loops of the fused ancestral pass (ancestral.h; edmfast/reference.py ancestral_step).
 //
-// As heun_step.cpp: (sample, chunk) work items, each staging its operands in L1-sized float32
+// As affine_step.cpp: (sample, chunk) work items, each staging its operands in L1-sized float32
 // buffers so the final loop is branch-free and vectorizes. Two staging passes: the (guided)
 // prediction F, and the noise term std z (Philox normals or the noise tensor, times s or
 // s exp(logvar / 2)); the final loop is mean + term, the bad-row bit and the stores. The
@@ -22,7 +22,7 @@ const float kZeros[kChunk] = {};
 
 // term[i] = s exp(logvar(v[i]) / 2) z[i] for the learned variances: the one transcendental of
 // the pass (exp_poly, branch-free so it vectorizes). On x86-64 it is compiled once more for
-// AVX2 and AVX-512F and picked from the CPU's features at run time, as heun_step.cpp does for
+// AVX2 and AVX-512F and picked from the CPU's features at run time, as affine_step.cpp does for
 // Philox: the baseline build has 4 SSE2 lanes, where the polynomial barely beats a libm call.
 // setup.py builds with -ffp-contract=off, so every variant computes bit-identical terms.
 template <typename T, Variance V>
@@ -96,7 +96,7 @@ void ancestral_chunk(const AncestralArgs& a, const AncCoef& c, bool noisy, int64
     if (a.noise) {
       z = a.noise + row;
     } else {
-      fill_philox_normals(term_buf, static_cast<uint64_t>(a.seeds[b]), a.step, begin, n);
+      fill_philox_normals(term_buf, static_cast<uint64_t>(a.seeds[b]), a.step, 0, begin, n);
     }
     const T* v = cond + a.numel;  // variance half of the cond row (learned variants)
     switch (static_cast<Variance>(a.variance)) {

@@ -1,6 +1,6 @@
 // CUDA kernel of the fused ancestral pass (ancestral.h; edmfast/reference.py ancestral_step).
 //
-// The layout of heun_step.cu: one thread owns 4 consecutive elements of one sample (one 16-byte
+// The layout of affine_step.cu: one thread owns 4 consecutive elements of one sample (one 16-byte
 // access per fp32 operand, 8 bytes per 16-bit one, when the sample size is a multiple of 4 and
 // every pointer is aligned; one Philox call for the 4 normals), samples on grid.y, groups of 4
 // grid-stride on x. f rows hold numel or 2 numel elements (the variance half after the
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) ancestral_step_kernel(const Ancestra
         if (a.noise) {
           load4<float, kVec>(a.noise + row + e, n, z);
         } else {
-          const float4x32 r = philox_normal4(seed, a.step, static_cast<uint64_t>(g));
+          const float4x32 r = philox_normal4(seed, a.step, static_cast<uint64_t>(g), 0u);
           z[0] = r.n0;
           z[1] = r.n1;
           z[2] = r.n2;

@@ -2,11 +2,13 @@
 //
 // The factors are one launch (one read of cond and uncond): grid (chunk, sample); every block
 // reduces one chunk of kCfgChunk elements of one sample to 4 fp32 partial sums, so batch 1 is
-// spread over numel/8192 blocks. The block then counts itself in on its sample's arrival counter
-// (threadfence, then atomicAdd: the partials are visible device-wide before the count); the block
+// spread over numel/8192 blocks. The block then counts itself in on its sample's arrival word
+// (threadfence, then an atomic: the partials are visible device-wide before the count); the block
 // that arrives last adds the sample's partials in double, in a fixed order, writes k and resets
-// the counter to 0, so the next launch and every CUDA graph replay start clean. Deterministic: no
-// float atomics, and the final order does not depend on which block finishes last.
+// the count to 0, so the next launch and every CUDA graph replay start clean. The words carry the
+// launch's tag (ops.h): a launch that died mid-grid leaves a count under its own tag, which the
+// next launch replaces instead of counting on. Deterministic: no float atomics, and the final
+// order does not depend on which block finishes last.
 // cfg_rescale then runs one elementwise pass out = k cfg.
 //
 // The sums are over pivot-shifted values (cond - cond[b,0], cfg - cfg[b,0]): variance is shift
@@ -15,6 +17,8 @@
 // through sum(u^2), sum(c u), sum(c^2), whose coefficients (up to w^2 = 56 at w = 7.5) cancel
 // whenever cond and uncond are close.
 #include <cuda_runtime.h>
+
+#include <atomic>
 
 #include "edmfast/cuda_utils.h"
 #include "edmfast/ops.h"
@@ -46,9 +50,26 @@ __device__ __forceinline__ void block_sum(Acc v[kN]) {
   __syncthreads();  // `shared` is reused by the next sample of a grid-stride loop
 }
 
+// Counts the calling block in on a sample's arrival word (tag << 32 | count) and returns how many
+// blocks of its launch arrived before it. The fast path is one atomicAdd. A word under another
+// tag is stale (an earlier launch, finished or dead): the add on it is discarded with it, and
+// the block either installs (tag, 1) or, when a block of its own launch already did, counts in
+// on that.
+__device__ unsigned long long arrive(unsigned long long* word, uint32_t tag) {
+  const unsigned long long mine = static_cast<unsigned long long>(tag) << 32;
+  const unsigned long long old = atomicAdd(word, 1ull);
+  if ((old >> 32) == tag) return old & 0xFFFFFFFFull;
+  for (;;) {
+    const unsigned long long cur = atomicAdd(word, 0ull);  // an atomic read, never a stale cached line
+    if ((cur >> 32) == tag) return atomicAdd(word, 1ull) & 0xFFFFFFFFull;
+    if (atomicCAS(word, cur, mine | 1ull) == cur) return 0;
+  }
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    cfg_factors_kernel(const CfgArgs a, float* partials, unsigned* counters, int64_t chunks, float* k_out) {
+__global__ void __launch_bounds__(kThreads) cfg_factors_kernel(const CfgArgs a, float* partials,
+                                                               unsigned long long* arrivals, int64_t chunks,
+                                                               float* k_out, uint32_t tag) {
   const T* cond_all = static_cast<const T*>(a.cond);
   const T* uncond_all = static_cast<const T*>(a.uncond);
   // Values from device memory when given: one captured graph serves any guidance.
@@ -78,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
       float* p = partials + (b * chunks + blockIdx.x) * 4;
       for (int j = 0; j < 4; ++j) p[j] = sums[j];
       __threadfence();  // release: the partials reach L2 before this block is counted
-      last = atomicAdd(counters + b, 1u) == static_cast<unsigned>(chunks - 1);
+      last = arrive(arrivals + b, tag) == static_cast<unsigned long long>(chunks - 1);
     }
     __syncthreads();
     if (last) {  // block-uniform (shared), so block_sum's barriers are legal here
@@ -92,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
       if (threadIdx.x == 0) {
         const float phi = a.guidance_rescale_ptr ? *a.guidance_rescale_ptr : a.guidance_rescale;
         k_out[b] = rescale_factor<double>(total[0], total[1], total[2], total[3], a.numel, phi);
-        counters[b] = 0;  // ready for the next launch or graph replay
+        atomicExch(arrivals + b, static_cast<unsigned long long>(tag) << 32);  // count 0: a replay starts here
       }
     }
     __syncthreads();  // `last` is rewritten for the next sample of the grid-stride loop
@@ -122,18 +143,27 @@ __global__ void __launch_bounds__(kThreads) cfg_apply_kernel(const CfgArgs a, co
   }
 }
 
-// Workspace layout (ops.h), sized by the row: partials [batch][cfg_chunks(row)][4], k [batch],
-// counters [batch] (uint32). A launch over numel < row uses the first chunks of each sample's
-// partials (indexed with its own chunk count, which is never larger).
-inline unsigned* counters_of(float* workspace, const CfgArgs& a) {
-  return reinterpret_cast<unsigned*>(workspace + a.batch * (4 * cfg_chunks(a.row()) + 1));
+// Workspace layout (ops.h), sized by the row: partials [batch][cfg_chunks(row)][4], arrival
+// words [batch] (uint64), k [batch]. A launch over numel < row uses the first chunks of each
+// sample's partials (indexed with its own chunk count, which is never larger).
+inline unsigned long long* arrivals_of(float* workspace, const CfgArgs& a) {
+  return reinterpret_cast<unsigned long long*>(workspace + cfg_counters_offset(a.batch, a.row()));
+}
+
+// A fresh tag per launch, never 0 (a zero-filled workspace holds tag 0 with count 0, valid for any tag).
+uint32_t next_tag() {
+  static std::atomic<uint32_t> counter{0};
+  uint32_t tag = counter.fetch_add(1, std::memory_order_relaxed) + 1;
+  while (tag == 0) tag = counter.fetch_add(1, std::memory_order_relaxed) + 1;
+  return tag;
 }
 
 template <typename T>
 int launch_factors(const CfgArgs& a, float* k_out, float* workspace, cudaStream_t stream) {
   const int64_t chunks = cfg_chunks(a.numel);
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(a.batch < 65535 ? a.batch : 65535), 1);
-  cfg_factors_kernel<T><<<grid, kThreads, 0, stream>>>(a, workspace, counters_of(workspace, a), chunks, k_out);
+  cfg_factors_kernel<T><<<grid, kThreads, 0, stream>>>(a, workspace, arrivals_of(workspace, a), chunks, k_out,
+                                                       next_tag());
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -150,9 +180,10 @@ int launch_apply(const CfgArgs& a, const float* k, T* out, int device, cudaStrea
   return static_cast<int>(cudaGetLastError());
 }
 
-// Entry checks shared by both launchers: the workspace must hold the partials and k.
+// Entry checks shared by both launchers: the workspace must hold the partials, the arrival words
+// (8-byte aligned) and k.
 int check(const CfgArgs& a, const float* workspace, int64_t workspace_floats) {
-  if (validate(a) != kOk || !workspace) return kBadArgument;
+  if (validate(a) != kOk || !workspace || !aligned(workspace, 8)) return kBadArgument;
   if (workspace_floats < cfg_workspace_floats(a.batch, a.row())) return kBadArgument;
   if (a.numel > static_cast<int64_t>(0x7FFFFFFF) * kCfgChunk) return kBadArgument;  // grid.x limit
   return kOk;
@@ -185,7 +216,7 @@ int cfg_rescale_cuda(const CfgArgs& a, void* out, float* workspace, int64_t work
   if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.row_stride != 0 && a.row_stride != a.numel) return kBadArgument;  // the apply pass has no stride
-  float* k = workspace + a.batch * 4 * cfg_chunks(a.numel);  // the k slot of the workspace
+  float* k = workspace + cfg_k_offset(a.batch, a.row());  // the k slot of the workspace
   int err = kBadArgument;
   switch (a.dtype) {
     case DType::kFloat32:

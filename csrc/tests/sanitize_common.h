@@ -279,7 +279,7 @@ inline std::string check_step(const StepCase& c, const StepInputs& in, const flo
         eps = in.noise[static_cast<size_t>(i)];
       } else if (c.eps == EpsMode::kSeeds) {
         if (e % 4 == 0) z = edmfast::philox_normal4(static_cast<uint64_t>(in.seeds[static_cast<size_t>(b)]), in.step,
-                                                    static_cast<uint64_t>(e / 4));
+                                                    static_cast<uint64_t>(e / 4), 0u);
         const float n4[4] = {z.n0, z.n1, z.n2, z.n3};
         eps = n4[e % 4];
       }
@@ -583,7 +583,7 @@ inline std::string check_anc(const AncCase& c, const AncInputs& in, const float*
         } else {
           if (e % 4 == 0)
             z4 = edmfast::philox_normal4(static_cast<uint64_t>(in.seeds[static_cast<size_t>(b)]), in.step,
-                                         static_cast<uint64_t>(e / 4));
+                                         static_cast<uint64_t>(e / 4), 0u);
           const float n4[4] = {z4.n0, z4.n1, z4.n2, z4.n3};
           z = n4[e % 4];
         }

@@ -1,5 +1,5 @@
 // Standalone driver of the CPU kernels for AddressSanitizer / UBSan / valgrind (no Python, no
-// torch): calls heun_step_cpu, ancestral_step_cpu, cfg_rescale_factors_cpu and cfg_rescale_cpu of edmfast/ops.h over
+// torch): calls affine_step_cpu, ancestral_step_cpu, cfg_rescale_factors_cpu and cfg_rescale_cpu of edmfast/ops.h over
 // odd sizes, every dtype, every feature combination and 1 and 2 threads. Every buffer is malloc'd
 // at exactly its size, so a one-past-the-end access is caught; outputs are NaN-poisoned before
 // each call and then compared element by element with the double formula (sanitize_common.h).
@@ -93,8 +93,8 @@ void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
     if (net_p) poison(dtype, net_p, static_cast<int64_t>(n) * c.net_rows);
 
     StepArgs a = step_args(c, in);
-    a.x_hat = c.alias ? aliased.as<float>() : x_hat.as<float>();
-    a.x_prime = c.x_prime ? x_prime.as<float>() : nullptr;
+    a.x = c.alias ? aliased.as<float>() : x_hat.as<float>();
+    a.hist[0] = c.x_prime ? x_prime.as<float>() : nullptr;
     a.f = c.f == FMode::kNone ? nullptr : (c.f == FMode::kB ? f1.as() : f2.as());
     a.k = c.f == FMode::kCfgK ? k.as<float>() : nullptr;
     a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
@@ -111,7 +111,7 @@ void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
       a.bad = bad.as<int32_t>();
       a.bad_step = kBadFirst;
     }
-    const int rc = edmfast::heun_step_cpu(a, threads);
+    const int rc = edmfast::affine_step_cpu(a, threads);
     if (rc != kOk) {
       report.fail(c.name() + " threads=" + std::to_string(threads) + ": status " + std::to_string(rc));
       continue;
@@ -208,7 +208,7 @@ void run_nonfinite(int64_t B, int64_t M, int threads) {
   const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
   bad.fill(bad_none.data());
   StepArgs a;
-  a.x_hat = x.as<float>();
+  a.x = x.as<float>();
   a.coef = coef.as<float>();
   a.out = out.as<float>();
   a.out_net = net.as();
@@ -220,7 +220,7 @@ void run_nonfinite(int64_t B, int64_t M, int threads) {
   int rc = kOk;
   for (const int32_t step : {kBadFirst, kBadLater}) {
     a.bad_step = step;
-    if (rc == kOk) rc = edmfast::heun_step_cpu(a, threads);
+    if (rc == kOk) rc = edmfast::affine_step_cpu(a, threads);
   }
   const std::string err = rc == kOk ? check_bad(bad.as<int32_t>(), B, M, false) : "status " + std::to_string(rc);
   if (!err.empty())
@@ -289,7 +289,7 @@ void run_bad_arguments() {
   std::memset(seeds.as(), 0, B * 8);
   auto base = [&] {
     StepArgs a;
-    a.x_hat = x.as<float>();
+    a.x = x.as<float>();
     a.coef = coef.as<float>();
     a.out = out.as<float>();
     a.batch = B;
@@ -305,7 +305,7 @@ void run_bad_arguments() {
   a = base(), a.batch = 0, bad.push_back({"batch 0", a});
   a = base(), a.numel = -1, bad.push_back({"numel -1", a});
   a = base(), a.dtype = static_cast<DType>(7), bad.push_back({"dtype 7", a});
-  a = base(), a.x_hat = nullptr, bad.push_back({"no x_hat", a});
+  a = base(), a.x = nullptr, bad.push_back({"no x", a});
   a = base(), a.coef = nullptr, bad.push_back({"no coef", a});
   a = base(), a.out = nullptr, bad.push_back({"no out", a});
   a = base(), a.f = f.as(), a.f_rows = 0, bad.push_back({"f without f_rows", a});
@@ -316,13 +316,13 @@ void run_bad_arguments() {
   a = base(), a.out_net = net.as(), a.net_rows = 3, bad.push_back({"net_rows 3", a});
   a = base(), a.out_net = net.as(), a.net_rows = 0, bad.push_back({"out_net without net_rows", a});
   a = base(), a.net_rows = 1, bad.push_back({"net_rows without out_net", a});
-  a = base(), a.churn = true, a.x_prime = x.as<float>(), bad.push_back({"churn with x_prime", a});
+  a = base(), a.churn = true, a.hist[0] = x.as<float>(), bad.push_back({"churn with h0", a});
   a = base(), a.churn = true, a.f = f.as(), a.f_rows = B, bad.push_back({"churn with f", a});
   for (const Bad& b : bad) {
     ++report.cases;
     poison(DType::kFloat32, out.as(), n);
     poison(DType::kFloat32, net.as(), 2 * n);
-    const int rc = edmfast::heun_step_cpu(b.a, 1);
+    const int rc = edmfast::affine_step_cpu(b.a, 1);
     if (rc != kBadArgument) report.fail(std::string("bad heun_step (") + b.what + "): status " + std::to_string(rc));
     for (int64_t i = 0; i < n; ++i)
       if (!std::isnan(out.as<float>()[i])) {

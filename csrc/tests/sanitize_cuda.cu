@@ -1,5 +1,5 @@
 // Standalone driver of the CUDA kernels for compute-sanitizer (memcheck, racecheck, initcheck,
-// synccheck): calls heun_step_cuda, ancestral_step_cuda, cfg_rescale_factors_cuda and cfg_rescale_cuda of
+// synccheck): calls affine_step_cuda, ancestral_step_cuda, cfg_rescale_factors_cuda and cfg_rescale_cuda of
 // edmfast/ops.h on a created non-blocking stream over the size / dtype / feature matrix of
 // sanitize_cpu.cpp. Every device buffer is its own cudaMalloc of exactly its size (a 0-element
 // buffer gets 1 byte, so any access to it is still out of bounds); "offset" runs place every
@@ -127,8 +127,8 @@ void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
     if (net_buf) net_buf->upload(nan_net.data(), n * es * static_cast<size_t>(c.net_rows));
 
     StepArgs a = step_args(c, in);
-    a.x_hat = c.alias ? aliased.as<float>() : x_hat.as<float>();
-    a.x_prime = c.x_prime ? x_prime.as<float>() : nullptr;
+    a.x = c.alias ? aliased.as<float>() : x_hat.as<float>();
+    a.hist[0] = c.x_prime ? x_prime.as<float>() : nullptr;
     a.f = c.f == FMode::kNone ? nullptr : (c.f == FMode::kB ? f1.as() : f2.as());
     a.k = c.f == FMode::kCfgK ? k.as<float>() : nullptr;
     a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
@@ -145,7 +145,7 @@ void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
       a.bad = bad.as<int32_t>();
       a.bad_step = kBadFirst;
     }
-    const int rc = edmfast::heun_step_cuda(a, g_device, g_stream);
+    const int rc = edmfast::affine_step_cuda(a, g_device, g_stream);
     if (rc != kOk) {
       report.fail(where + ": status " + std::to_string(rc) + " (" + edmfast::cuda_error_string(rc) + ")");
       sync_or_die(where);
@@ -256,7 +256,7 @@ void run_nonfinite(int64_t B, int64_t M) {
   std::vector<int32_t> host_bad(static_cast<size_t>(B));
   bad.upload(bad_none.data());
   StepArgs a;
-  a.x_hat = x.as<float>();
+  a.x = x.as<float>();
   a.coef = coef.as<float>();
   a.out = out.as<float>();
   a.out_net = net.as();
@@ -269,7 +269,7 @@ void run_nonfinite(int64_t B, int64_t M) {
   int rc = kOk;
   for (const int32_t step : {kBadFirst, kBadLater}) {
     a.bad_step = step;
-    if (rc == kOk) rc = edmfast::heun_step_cuda(a, g_device, g_stream);
+    if (rc == kOk) rc = edmfast::affine_step_cuda(a, g_device, g_stream);
   }
   bad.download(host_bad.data(), static_cast<size_t>(B) * 4);
   sync_or_die(where);
@@ -320,12 +320,11 @@ void run_cfg_size(int64_t B, int64_t M, DType dtype, bool offset, bool constant_
       // A fresh workspace of exactly the documented size per (case, phi), with only its arrival
       // counters zeroed (the caller's one-time duty), so initcheck sees any read of a partial sum
       // or k that no block wrote. factors then cfg_rescale run on it back to back: the second
-      // launch finalizes only if the first reset the counters.
+      // launch finalizes only if the first reset its sample's count.
       report.cases += 2;
       DevBuf ws(static_cast<size_t>(ws_floats) * 4);
-      const int64_t counters = B * (4 * edmfast::cfg_chunks(M) + 1);
-      CUDA_CHECK(cudaMemsetAsync(ws.as<float>() + counters, 0, static_cast<size_t>(ws_floats - counters) * 4,
-                                 g_stream));
+      const int64_t counters = edmfast::cfg_counters_offset(B, M);
+      CUDA_CHECK(cudaMemsetAsync(ws.as<float>() + counters, 0, static_cast<size_t>(2 * B) * 4, g_stream));
       {
         k.upload(nan_k.data());
         const int rc = edmfast::cfg_rescale_factors_cuda(a, k.as<float>(), ws.as<float>(), ws_floats, g_device,
@@ -352,7 +351,7 @@ void run_bad_arguments() {
   const int64_t B = 2, M = 5, n = B * M;
   DevBuf x(n * 4), f(2 * n * 4), coef(5 * 4), out(n * 4), k(B * 4), ws(64 * 4);
   StepArgs a;
-  a.x_hat = x.as<float>();
+  a.x = x.as<float>();
   a.coef = coef.as<float>();
   a.out = out.as<float>();
   a.batch = B;
@@ -360,7 +359,7 @@ void run_bad_arguments() {
   a.f = f.as();
   a.f_rows = 3 * B;
   ++report.cases;
-  if (edmfast::heun_step_cuda(a, g_device, g_stream) != kBadArgument) report.fail("bad heun_step_cuda (f_rows 3B)");
+  if (edmfast::affine_step_cuda(a, g_device, g_stream) != kBadArgument) report.fail("bad affine_step_cuda (f_rows 3B)");
   AncestralArgs g;
   g.x = x.as<float>();
   g.f = f.as();

@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "why_unavailable",
+    "affine_step",
     "heun_step",
     "churn",
     "ancestral_step",
@@ -30,7 +31,7 @@ __all__ = [
     "workspace",
 ]
 
-_KERNEL_MODULES = ("heun_step", "churn", "cfg_rescale", "ancestral_step")
+_KERNEL_MODULES = ("affine_step", "cfg_rescale", "ancestral_step")
 
 
 def why_unavailable(device: torch.device) -> str | None:
@@ -47,8 +48,8 @@ def why_unavailable(device: torch.device) -> str | None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return "triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
     # The variable may have been set after the kernels were decorated as GPU kernels.
-    loaded = sys.modules.get(f"{__name__}.heun_step")
-    if loaded is not None and type(loaded._heun_step_kernel).__name__ != "InterpretedFunction":
+    loaded = sys.modules.get(f"{__name__}.affine_step")
+    if loaded is not None and type(loaded._affine_step_kernel).__name__ != "InterpretedFunction":
         return "TRITON_INTERPRET=1 was set after edmfast's Triton kernels were compiled for the GPU"
     return None
 
@@ -94,11 +95,11 @@ def _ops() -> Any:
 
 
 class _Package(types.ModuleType):
-    """This package, except that loading submodule ``heun_step`` (etc.) keeps the entry point.
+    """This package, except that loading submodule ``affine_step`` (etc.) keeps the entry point.
 
     The kernel modules share their op's name (STYLE rule 1) and the import system binds a loaded
     submodule as an attribute of its package, which would replace the function `edmfast.ops`
-    calls. Use ``from edmfast.triton.heun_step import ...`` to reach a kernel module.
+    calls. Use ``from edmfast.triton.affine_step import ...`` to reach a kernel module.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -111,6 +112,63 @@ sys.modules[__name__].__class__ = _Package
 
 
 # ----------------------------------------------------------------------------- backend entry points
+
+
+def _affine(
+    x, coef, out, f, hist, hist_out, k, guidance_scale, noise, seeds, step, stage, out_net, bad, bad_step,
+    churn
+) -> None:  # fmt: skip
+    h0, h1, h2, h3 = tuple(hist) + (None,) * (4 - len(hist))
+    guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    _ops().affine_step(
+        x, coef, out, f, h0, h1, h2, h3, hist_out, k, 1.0 if guidance is not None else float(guidance_scale),
+        guidance, noise, seeds, int(step), int(stage), out_net, bad, int(bad_step), churn,
+    )  # fmt: skip
+
+
+def affine_step(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    f: torch.Tensor | None = None,
+    hist: tuple[torch.Tensor | None, ...] = (),
+    hist_out: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    stage: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+) -> None:
+    """``out = a x + b F + sum_k c_k h_k + std eps``; ``out_net[j B + b] = c_net out[b]``;
+    ``hist_out = p x + q F``.
+
+    See `edmfast.reference.affine_step` for the operands and `edmfast.ops.affine_step` for the
+    aliasing rule. A tensor ``guidance_scale`` (float32 [1]) is read at run time; ``bad[b] =
+    min(bad[b], bad_step)`` where row b of ``out`` is not finite. Unchecked: `edmfast.ops` validates.
+    """
+    _affine(
+        x,
+        coef,
+        out,
+        f,
+        hist,
+        hist_out,
+        k,
+        guidance_scale,
+        noise,
+        seeds,
+        step,
+        stage,
+        out_net,
+        bad,
+        bad_step,
+        False,
+    )
 
 
 def heun_step(
@@ -129,17 +187,27 @@ def heun_step(
     bad: torch.Tensor | None = None,
     bad_step: int = 0,
 ) -> None:
-    """``out = p x_hat + q x_prime + r F + std eps``; ``out_net[j B + b] = c out[b]``.
-
-    See `edmfast.reference.heun_step` for the operands; ``out`` may alias ``x_hat``. A tensor
-    ``guidance_scale`` (float32 [1]) is read at run time; ``bad[b] = min(bad[b], bad_step)`` where
-    row b of ``out`` is not finite. Unchecked: `edmfast.ops` validates.
-    """
-    guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
-    _ops().heun_step(
-        x_hat, coef, out, x_prime, f, k, 1.0 if guidance is not None else float(guidance_scale),
-        noise, seeds, int(step), out_net, guidance, bad, int(bad_step),
-    )  # fmt: skip
+    """``out = p x_hat + q x_prime + r F + std eps``; ``out_net[j B + b] = c out[b]``: `affine_step`
+    with h0 = x_prime (`edmfast.reference.heun_step`). Unchecked: `edmfast.ops` validates."""
+    hist = () if x_prime is None else (x_prime,)
+    _affine(
+        x_hat,
+        coef,
+        out,
+        f,
+        hist,
+        None,
+        k,
+        guidance_scale,
+        noise,
+        seeds,
+        step,
+        0,
+        out_net,
+        bad,
+        bad_step,
+        False,
+    )
 
 
 def churn(
@@ -154,8 +222,8 @@ def churn(
     bad: torch.Tensor | None = None,
     bad_step: int = 0,
 ) -> None:
-    """``out = x + std eps``; ``out_net = c out`` (`edmfast.reference.churn`); ``bad`` as in `heun_step`."""
-    _ops().churn(x, coef, out, noise, seeds, int(step), out_net, bad, int(bad_step))
+    """``out = x + std eps``; ``out_net = c out`` (`edmfast.reference.churn`); ``bad`` as in `affine_step`."""
+    _affine(x, coef, out, None, (), None, None, 1.0, noise, seeds, step, 0, out_net, bad, bad_step, True)
 
 
 def ancestral_step(

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import _triton_op
 from . import _wrap_triton as wrap_triton
-from .heun_step import MAX_BATCH, NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, block_config
+from .affine_step import MAX_BATCH, NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, block_config
 from .philox import philox_normal_block
 
 # Variance codes (constexpr VARIANCE), as in csrc/include/edmfast/ancestral.h.
@@ -81,7 +81,7 @@ def _ancestral_step_kernel(
         if NOISE == 1:  # NOISE_TENSOR
             z = tl.load(noise_ptr + row, mask=mask, other=0.0)
         else:  # NOISE_PHILOX
-            z = philox_normal_block(tl.load(seeds_ptr + b), step, start, BLOCK)
+            z = philox_normal_block(tl.load(seeds_ptr + b), step, start, 0, BLOCK)
         if VARIANCE == 0:
             std = s
         else:

@@ -5,11 +5,17 @@
 M < 2 (`edmfast.reference.cfg_rescale_factors`).
 
 The reduction splits every sample over up to 1024 programs, so batch 1 still fills the GPU. Each
-program writes its partial sums to a workspace and bumps its sample's arrival counter (an atomic
-with acquire-release semantics); the program that arrives last adds the sample's partials in a
-fixed order, in float64, writes k and resets the counter to 0, so the next launch (or CUDA graph
-replay) starts clean. One launch, deterministic (no float atomics). `cfg_rescale` then runs one
-elementwise pass.
+program writes its partial sums to a workspace and counts itself in on its sample's arrival word
+(an atomic with acquire-release semantics); the program that arrives last adds the sample's
+partials in a fixed order, in float64, writes k and resets the count to 0, so the next launch (or
+CUDA graph replay) starts clean. One launch, deterministic (no float atomics). `cfg_rescale` then
+runs one elementwise pass.
+
+The arrival words are ``tag << 32 | count`` with a fresh tag per launch (csrc/include/edmfast/ops.h
+describes the same protocol for the CUDA kernel): a program that finds another tag there is the
+first of its launch and replaces the word rather than counting on it, so a launch that died
+mid-grid (an exception in the interpreter, a killed kernel) cannot make a later launch on the same
+workspace finalize early with stale partials.
 
 Per sample the kernel accumulates four sums, of c' and cfg' and of their squares, where
 c' = cond - cond[0] and u' = uncond - uncond[0] are pivot-shifted (variance is shift-invariant;
@@ -22,6 +28,7 @@ amplifying float32 rounding of the sums ~100x. Same single read of cond and unco
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -30,9 +37,17 @@ import triton.language as tl
 
 from . import _triton_op
 from . import _wrap_triton as wrap_triton
-from .heun_step import MAX_BATCH, block_config
+from .affine_step import MAX_BATCH, block_config
 
 N_SUMS = 4  # sum c', sum c'^2, sum cfg', sum cfg'^2
+
+# Launch tags in [1, 2**31): always an int32 kernel argument (one compiled variant), never 0 (the
+# tag of a zero-filled workspace, where a count of 0 is right for any launch anyway).
+_TAGS = itertools.count()
+
+
+def _next_tag() -> int:
+    return next(_TAGS) % (2**31 - 1) + 1
 
 
 def reduction_config(numel: int, batch: int, max_programs: int | None = None) -> tuple[int, int, int, int]:
@@ -54,9 +69,25 @@ def reduction_config(numel: int, batch: int, max_programs: int | None = None) ->
 
 
 @triton.jit
+def _arrive_stale(word_ptr, tag):
+    """Count in on an arrival word that held another launch's tag: install (tag, 1), or count in
+    on the word a program of this launch installed first. Returns the programs before this one."""
+    mine = tag.to(tl.int64) << 32
+    got = tl.full([], -1, tl.int64)
+    while got < 0:
+        cur = tl.atomic_add(word_ptr, 0, sem="acq_rel")  # an atomic read
+        if (cur >> 32) == tag:
+            got = tl.atomic_add(word_ptr, 1, sem="acq_rel") & 0xFFFFFFFF
+        else:
+            if tl.atomic_cas(word_ptr, cur, mine + 1, sem="acq_rel") == cur:
+                got = tl.full([], 0, tl.int64)
+    return got
+
+
+@triton.jit(do_not_specialize=["tag"])
 def _cfg_factors_kernel(
     cond_ptr, uncond_ptr, ws_ptr, count_ptr, k_ptr, w_ptr, phi_ptr, M, ROW, P, guidance_scale,
-    guidance_rescale, TILES, W_FROM_PTR: tl.constexpr, PHI_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    guidance_rescale, TILES, tag, W_FROM_PTR: tl.constexpr, PHI_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
     P_BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -93,9 +124,13 @@ def _cfg_factors_kernel(
     tl.store(sums + 2 * P + pid, tl.sum(s_g, axis=0))
     tl.store(sums + 3 * P + pid, tl.sum(s_gg, axis=0))
     # Release the partials, count this program in; the last of the sample's P finalizes it. The
-    # barrier orders every thread's stores before the (single-thread) release of the atomic.
+    # barrier orders every thread's stores before the (single-thread) release of the atomic. The
+    # fast path is one atomic add; a word of another launch's tag takes the slow path once.
     tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
+    old = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
+    arrived = old & 0xFFFFFFFF
+    if (old >> 32) != tag:
+        arrived = _arrive_stale(count_ptr + b, tag)
     if arrived == P - 1:
         i = tl.arange(0, P_BLOCK)
         m = i < P
@@ -116,7 +151,7 @@ def _cfg_factors_kernel(
         else:
             phi = tl.cast(guidance_rescale, tl.float64)
         tl.store(k_ptr + b, (phi * ratio + (1.0 - phi)).to(tl.float32))
-        tl.atomic_xchg(count_ptr + b, 0)  # ready for the next launch / graph replay
+        tl.atomic_xchg(count_ptr + b, tag.to(tl.int64) << 32)  # count 0: the next replay starts here
 
 
 @triton.jit
@@ -133,9 +168,18 @@ def _cfg_apply_kernel(cond_ptr, uncond_ptr, k_ptr, out_ptr, M, guidance_scale, B
 
 
 def workspace_floats(batch: int, numel: int) -> int:
-    """float32 words of the factors' workspace: 4 partial sums per program, then one counter per sample."""
+    """float32 words of the factors' workspace: 4 partial sums per program, then one 64-bit arrival
+    word per sample (2 float32 words, 8-byte aligned: the partials are a multiple of 4 words)."""
     _, _, programs, _ = reduction_config(numel, batch)
-    return batch * (N_SUMS * programs + 1)
+    return batch * (N_SUMS * programs + 2)
+
+
+def counters(ws: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """The arrival words (int64 [B]: launch tag << 32 | count) of a workspace over f [2B, ...]."""
+    batch = f.shape[0] // 2
+    row = f.numel() // max(f.shape[0], 1)
+    start = batch * N_SUMS * reduction_config(row, batch)[2]
+    return ws[start : start + 2 * batch].view(torch.int64)
 
 
 def new_workspace(f: torch.Tensor) -> torch.Tensor:
@@ -161,11 +205,13 @@ def _launch_factors(
         raise ValueError(f"the triton backend handles at most {MAX_BATCH} samples per call, got {batch}")
     layout_programs = reduction_config(row, batch)[2]
     block, tiles, programs, num_warps = reduction_config(count, batch, layout_programs)
-    counts = ws[batch * N_SUMS * layout_programs :].view(torch.int32)
+    start = batch * N_SUMS * layout_programs
+    counts = ws[start : start + 2 * batch].view(torch.int64)
     wrap_triton(_cfg_factors_kernel)[(programs, batch)](
         cond, uncond, ws, counts, k, k if w_t is None else w_t, k if phi_t is None else phi_t, count, row,
-        programs, float(w), float(phi), tiles, W_FROM_PTR=w_t is not None, PHI_FROM_PTR=phi_t is not None,
-        BLOCK=block, P_BLOCK=triton.next_power_of_2(programs), num_warps=num_warps,
+        programs, float(w), float(phi), tiles, _next_tag(), W_FROM_PTR=w_t is not None,
+        PHI_FROM_PTR=phi_t is not None, BLOCK=block, P_BLOCK=triton.next_power_of_2(programs),
+        num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -175,10 +221,10 @@ def cfg_rescale_factors(
     guidance_scale: float,
     guidance_rescale: float,
     out: torch.Tensor,
-    guidance_scale_tensor: torch.Tensor | None = None,
-    guidance_rescale_tensor: torch.Tensor | None = None,
-    workspace: torch.Tensor | None = None,
-    numel: int | None = None,
+    guidance_scale_tensor: torch.Tensor | None,
+    guidance_rescale_tensor: torch.Tensor | None,
+    workspace: torch.Tensor | None,
+    numel: int | None,
 ) -> None:
     batch = f.shape[0] // 2
     ws = new_workspace(f) if workspace is None else workspace

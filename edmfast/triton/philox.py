@@ -82,12 +82,13 @@ def _box_muller(x_r, x_a):
 
 
 @triton.jit
-def philox_words(seed, step, g):
-    """Philox4x32-10 words for int64 ``seed`` (scalar), int ``step`` and int64 group indices ``g``.
+def philox_words(seed, step, g, stage):
+    """Philox4x32-10 words for int64 ``seed`` (scalar), int ``step``, int64 group indices ``g`` and
+    int ``stage``.
 
-    key = (seed lo32, seed hi32), counter = (g lo32, g hi32, step lo32, 0), as in edmfast.philox.
-    Integer -> uint32 casts truncate, which is exactly the ``& 0xFFFFFFFF`` of the definition
-    (also for negative seeds: the arithmetic shift keeps the two's-complement high word).
+    key = (seed lo32, seed hi32), counter = (g lo32, g hi32, step lo32, stage lo32), as in
+    edmfast.philox. Integer -> uint32 casts truncate, which is exactly the ``& 0xFFFFFFFF`` of the
+    definition (also for negative seeds: the arithmetic shift keeps the two's-complement high word).
     """
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
@@ -95,12 +96,14 @@ def philox_words(seed, step, g):
     c1 = (g >> 32).to(tl.uint32)
     zero = tl.zeros_like(c0)
     c2 = zero + tl.cast(step, tl.uint32)
-    return philox4x32_10(c0, c1, c2, zero, k0, k1)
+    c3 = zero + tl.cast(stage, tl.uint32)
+    return philox4x32_10(c0, c1, c2, c3, k0, k1)
 
 
 @triton.jit
-def philox_normal_block(seed, step, start, BLOCK: tl.constexpr):
-    """The fused stream's normals for elements ``start .. start + BLOCK`` of one sample, float32.
+def philox_normal_block(seed, step, start, stage, BLOCK: tl.constexpr):
+    """The fused stream's normals for elements ``start .. start + BLOCK`` of one sample at ``stage``
+    (the draw's index inside the step; 0 for one draw per step), float32.
 
     ``start`` (int64) must be a multiple of 4. One Philox call serves four consecutive elements:
     the counters are the BLOCK // 4 groups ``g = e // 4``, and the four normals of each group are
@@ -109,7 +112,7 @@ def philox_normal_block(seed, step, start, BLOCK: tl.constexpr):
     bandwidth makes the noise pass compute-bound).
     """
     g = start // 4 + tl.arange(0, BLOCK // 4)
-    x0, x1, x2, x3 = philox_words(seed, step, g)
+    x0, x1, x2, x3 = philox_words(seed, step, g, stage)
     n0, n1 = _box_muller(x0, x1)
     n2, n3 = _box_muller(x2, x3)
     # interleave(interleave(n0, n2), interleave(n1, n3)) = n0[0], n1[0], n2[0], n3[0], n0[1], ...

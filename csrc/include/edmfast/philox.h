@@ -1,7 +1,9 @@
-// The fused-noise stream: Philox4x32-10 keyed by (seed, step, element), then Box-Muller.
+// The fused-noise stream: Philox4x32-10 keyed by (seed, step, element, stage), then Box-Muller.
 // C++ twin of edmfast/philox.py, which is the normative definition:
 //   key     = (seed & 0xFFFFFFFF, seed >> 32)
-//   counter = (g & 0xFFFFFFFF, g >> 32, step, 0), g = element / 4
+//   counter = (g & 0xFFFFFFFF, g >> 32, step, stage), g = element / 4
+//   (stage: the draw's index inside one step, 0 for every one-draw sampler, so stage 0 is the
+//   stream of the original (seed, step, element) definition)
 //   u_j     = ((x_j >> 8) + 0.5) * 2^-24          (24-bit uniforms, strictly inside (0, 1))
 //   (n0, n1) = sqrt(-2 ln u0) (cos 2 pi u1, sin 2 pi u1), (n2, n3) likewise from (u2, u3)
 //   element e takes n_(e % 4): one Philox call feeds four consecutive elements.
@@ -114,9 +116,9 @@ EDMFAST_HD void sincos_2pi_uniform(uint32_t x, float* c, float* s) {
   *s = (q & 2u) ? -s_rot : s_rot;
 }
 
-// Four standard normals from one Philox call: group g of sample seed at churn step.
-EDMFAST_HD float4x32 philox_normal4(uint64_t seed, uint32_t step, uint64_t group) {
-  const uint4x32 ctr{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), step, 0u};
+// Four standard normals from one Philox call: group g of sample seed at (step, stage).
+EDMFAST_HD float4x32 philox_normal4(uint64_t seed, uint32_t step, uint64_t group, uint32_t stage) {
+  const uint4x32 ctr{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), step, stage};
   const uint4x32 x = philox4x32(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   const float r0 = sqrtf(-2.0f * log_uniform(x.x0));
   const float r1 = sqrtf(-2.0f * log_uniform(x.x2));

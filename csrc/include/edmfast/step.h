@@ -1,19 +1,20 @@
-// Per-element math of the fused sampler passes, shared by the CUDA kernels and the CPU loops.
+// Per-element math of the fused sampler pass, shared by the CUDA kernels and the CPU loops.
 //
-// EDM Algorithm 2 in VE scaling, with D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) and
-// h = sigma_next - sigma_hat, d = (x - D) / sigma, is affine in its operands, so every pass of the
-// loop is one instance of
-//     x   = p x_hat + q x_prime + r F + std eps          (state, float32)
-//     net = c x                                          (next network input, c = c_in)
-// with the coefficients computed on the host (in float64) per step:
-//   churn:           x_hat   = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps     p=1, std=...
-//   Euler point:     x_euler = x_hat + h d   -> p = 1 + h (1 - c_skip)/sigma_hat,
-//                                               r = -h c_out/sigma_hat, q = 0
-//   Heun correction: x_next  = x_hat + h (d + d')/2 with d = (x_euler - x_hat)/h (never stored)
-//                            -> p, q (on x_euler) and r (on F') from the same expansion,
-//   plus the next step's churn (std) and network input (c) fused into the same pass.
-// The coefficients live in device memory ([p, q, r, std, c], see edmfast/reference.py) so a
-// captured CUDA graph replays with a new schedule without re-capture.
+// Every sampler of the engine (SPEC section 8) is a plan of one affine pass kind: per element of
+// sample b, with the float32 coefficient row of the pass (edmfast/layout.py names the columns)
+//     out   = a x + b F + c0 h0 + c1 h1 + c2 h2 + c3 h3 + std eps     (next state, float32)
+//     net   = c_net out                                                (next network input)
+//     h_out = p x + q F                                                (optional history slot)
+// F is the (guided) network output, h_k are history buffers (x' of a Heun correction, earlier
+// denoised estimates of a multistep method), eps the noise. The coefficients are computed on the
+// host in float64 per step and live in device memory, so a captured CUDA graph replays with a new
+// schedule without re-capture. EDM's passes, for example (h = sigma_next - sigma_hat,
+// d = (x - D) / sigma, D = c_skip x + c_out F):
+//   churn:           x_hat   = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps       a = 1, std
+//   Euler point:     x_euler = x_hat + h d -> a = 1 + h (1 - c_skip)/sigma_hat, b = -h c_out/sigma_hat
+//   Heun correction: x_next  = x_hat + h (d + d')/2, d from h0 = x_euler (never stored): a, c0, b
+//   plus the next step's churn (std) and network input (c_net = c_in) in the same pass. The first
+// five columns [a, c0, b, std, c_net] are those of the original Heun pass [p, q, r, std, c].
 #pragma once
 
 #include <cmath>
@@ -22,22 +23,40 @@
 
 namespace edmfast {
 
-constexpr int kCoefP = 0, kCoefQ = 1, kCoefR = 2, kCoefStd = 3, kCoefC = 4;
+// Columns of a coefficient row (edmfast/layout.py COEF_*).
+constexpr int kCoefA = 0, kCoefC0 = 1, kCoefB = 2, kCoefStd = 3, kCoefNet = 4, kCoefC1 = 5, kCoefC2 = 6,
+              kCoefC3 = 7, kCoefHp = 8, kCoefHq = 9, kCoefSize = 16;
+constexpr int kHistory = 4;  // history buffers one pass may read
+
+EDMFAST_HD int history_column(int j) { return j == 0 ? kCoefC0 : kCoefC1 + (j - 1); }
+
+// The operands a pass has, as bits (StepArgs::operands()): which columns of the row it may read.
+constexpr unsigned kOpF = 1u << 0;        // the network output F
+constexpr unsigned kOpHist0 = 1u << 1;    // h_j: kOpHist0 << j
+constexpr unsigned kOpEps = 1u << 5;      // noise (a tensor or the Philox stream)
+constexpr unsigned kOpNet = 1u << 6;      // out_net
+constexpr unsigned kOpHistOut = 1u << 7;  // hist_out
+constexpr unsigned kOpChurn = 1u << 8;    // a = 1 and noise only (edmfast/reference.py churn)
 
 struct StepCoef {
-  float p, q, r, std, c;
+  float a, b, c[kHistory], std, net, hp, hq;
 };
 
-// Read [p, q, r, std, c] and zero the coefficient of every absent operand, so the kernels can
-// feed 0 for it: 0 * 0 adds nothing even when the unused coefficient is inf or NaN, which is
-// exactly "missing operands contribute zero". A churn pass is p = 1 with only noise.
-EDMFAST_HD StepCoef load_coef(const float* coef, bool has_x_prime, bool has_f, bool has_eps, bool churn) {
+// Read the columns of the present operands and zero the others, so the kernels can feed 0 for an
+// absent operand: 0 * 0 adds nothing even when the unused coefficient is inf or NaN, which is
+// exactly "absent operands contribute zero". A column is never read unless its operand is there,
+// so a Heun row of 5 floats (no h1..h3, no hist_out) is a valid row. A churn is a = 1 with only
+// noise: columns 0..2 are not read.
+EDMFAST_HD StepCoef load_coef(const float* coef, unsigned ops) {
+  const bool churn = (ops & kOpChurn) != 0;
   StepCoef s;
-  s.p = churn ? 1.0f : coef[kCoefP];
-  s.q = (has_x_prime && !churn) ? coef[kCoefQ] : 0.0f;
-  s.r = (has_f && !churn) ? coef[kCoefR] : 0.0f;
-  s.std = has_eps ? coef[kCoefStd] : 0.0f;
-  s.c = coef[kCoefC];
+  s.a = churn ? 1.0f : coef[kCoefA];
+  s.b = ((ops & kOpF) && !churn) ? coef[kCoefB] : 0.0f;
+  for (int j = 0; j < kHistory; ++j) s.c[j] = ((ops & (kOpHist0 << j)) && !churn) ? coef[history_column(j)] : 0.0f;
+  s.std = (ops & kOpEps) ? coef[kCoefStd] : 0.0f;
+  s.net = (ops & kOpNet) ? coef[kCoefNet] : 0.0f;
+  s.hp = (ops & kOpHistOut) ? coef[kCoefHp] : 0.0f;
+  s.hq = ((ops & kOpHistOut) && (ops & kOpF)) ? coef[kCoefHq] : 0.0f;
   return s;
 }
 
@@ -47,21 +66,25 @@ EDMFAST_HD float guided_prediction(float cond, float uncond, float w, float k) {
   return k * (uncond + w * (cond - uncond));
 }
 
-// The affine combination of a pass, before the noise: p x_hat + q x_prime + r F.
-EDMFAST_HD float affine_combine(const StepCoef& s, float x_hat, float x_prime, float f) {
-  return s.p * x_hat + s.q * x_prime + s.r * f;
+// The affine combination, in the contract's order: a x + b F, then + c_k h_k for each present
+// history buffer in k order, then + std eps. Evaluated in this order by every backend; absent
+// terms add an exact zero, so skipping them (the CPU loops do) changes no result.
+EDMFAST_HD float affine_start(const StepCoef& s, float x, float f) { return s.a * x + s.b * f; }
+EDMFAST_HD float affine_history(float acc, float c, float h) { return acc + c * h; }
+EDMFAST_HD float affine_noise(float acc, float std, float eps) { return acc + std * eps; }
+
+// One element of the pass with every history buffer (absent ones as h = 0 with c = 0).
+EDMFAST_HD float affine_update(const StepCoef& s, float x, float f, const float h[kHistory], float eps) {
+  float acc = affine_start(s, x, f);
+  for (int j = 0; j < kHistory; ++j) acc = affine_history(acc, s.c[j], h[j]);
+  return affine_noise(acc, s.std, eps);
 }
 
-// Churn (EDM Alg. 2 line 6): x_hat = x + std eps, std = sqrt(sigma_hat^2 - sigma^2) S_noise.
-EDMFAST_HD float churn_noise(float x, float std, float eps) { return x + std * eps; }
+// The history slot a multistep method keeps, e.g. the denoised D = c_skip x + c_out F.
+EDMFAST_HD float history_update(const StepCoef& s, float x, float f) { return s.hp * x + s.hq * f; }
 
 // The next network input, c_in(sigma) x (preconditioning, EDM Table 1).
 EDMFAST_HD float precondition_input(float c_in, float x) { return c_in * x; }
-
-// One element of a fused pass.
-EDMFAST_HD float fused_update(const StepCoef& s, float x_hat, float x_prime, float f, float eps) {
-  return churn_noise(affine_combine(s, x_hat, x_prime, f), s.std, eps);
-}
 
 // Non-finite test on a value the pass already holds: the exponent field is all ones exactly for
 // inf and NaN, and adding one exponent ulp to the masked field carries into bit 31 only then.

@@ -1,8 +1,11 @@
-"""Fused sampler pass: ``out = p x_hat + q x_prime + r F + std eps``, ``out_net = c out``.
+"""The generalized fused pass: ``out = a x + b F + sum_k c_k h_k + std eps``, ``out_net = c_net out``,
+``hist_out = p x + q F``.
 
-One read of every operand and one write of every result per element (SPEC section 3): the Euler
-point, the Heun / 2nd-order correction, the next step's churn and the next network input are all
-instances of this kernel with different constexpr switches. See `edmfast.reference.heun_step`.
+One read of every operand and one write of every result per element (SPEC sections 3 and 8): the
+Euler point, the Heun / 2nd-order correction, the next step's churn, a multistep method's update
+with its history slots and the next network input are all instances of this kernel with different
+constexpr switches (one per present operand; a churn is a = 1 with noise only). See
+`edmfast.reference.affine_step`.
 """
 
 from __future__ import annotations
@@ -44,16 +47,20 @@ def block_config(numel: int, batch: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-@triton.jit(do_not_specialize=["step", "bad_step"])
-def _heun_step_kernel(
-    x_hat_ptr,
-    x_prime_ptr,
+@triton.jit(do_not_specialize=["step", "stage", "bad_step"])
+def _affine_step_kernel(
+    x_ptr,
+    h0_ptr,
+    h1_ptr,
+    h2_ptr,
+    h3_ptr,
     f_ptr,
     k_ptr,
     noise_ptr,
     seeds_ptr,
     coef_ptr,
     out_ptr,
+    hist_out_ptr,
     out_net_ptr,
     guidance_ptr,
     bad_ptr,
@@ -61,14 +68,19 @@ def _heun_step_kernel(
     M,
     guidance_scale,
     step,
+    stage,
     bad_step,
-    P_IS_ONE: tl.constexpr,
-    HAS_XPRIME: tl.constexpr,
+    CHURN: tl.constexpr,
     HAS_F: tl.constexpr,
     CFG: tl.constexpr,
     HAS_K: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_H1: tl.constexpr,
+    HAS_H2: tl.constexpr,
+    HAS_H3: tl.constexpr,
     NOISE: tl.constexpr,
     NET_ROWS: tl.constexpr,
+    HIST_OUT: tl.constexpr,
     W_FROM_PTR: tl.constexpr,
     HAS_BAD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -84,12 +96,14 @@ def _heun_step_kernel(
     rows_stride = tl.cast(B, tl.int64) * M  # elements in B rows, int64 (B * M may pass 2**31)
 
     # Coefficients come from device memory at run time: a captured graph replays new schedules.
-    if P_IS_ONE:
-        acc = tl.load(x_hat_ptr + row, mask=mask, other=0.0)
+    # A column is loaded only under its operand's switch (columns 0..2 never for a churn), so a
+    # 5-float Heun row is read in bounds and an absent operand's inf / NaN never reaches a sum.
+    # Every load comes before the first store: an output may be exactly an element-wise input.
+    x = tl.load(x_ptr + row, mask=mask, other=0.0)
+    if CHURN:
+        acc = x
     else:
-        acc = tl.load(coef_ptr + 0) * tl.load(x_hat_ptr + row, mask=mask, other=0.0)
-    if HAS_XPRIME:
-        acc += tl.load(coef_ptr + 1) * tl.load(x_prime_ptr + row, mask=mask, other=0.0)
+        acc = tl.load(coef_ptr + 0) * x
     if HAS_F:
         if CFG:
             # f = [cond rows; uncond rows]: F = k[b] (uncond + w (cond - uncond)).
@@ -105,12 +119,26 @@ def _heun_step_kernel(
         else:
             pred = tl.load(f_ptr + row, mask=mask, other=0.0).to(tl.float32)
         acc += tl.load(coef_ptr + 2) * pred
+    if HAS_H0:
+        acc += tl.load(coef_ptr + 1) * tl.load(h0_ptr + row, mask=mask, other=0.0)
+    if HAS_H1:
+        acc += tl.load(coef_ptr + 5) * tl.load(h1_ptr + row, mask=mask, other=0.0)
+    if HAS_H2:
+        acc += tl.load(coef_ptr + 6) * tl.load(h2_ptr + row, mask=mask, other=0.0)
+    if HAS_H3:
+        acc += tl.load(coef_ptr + 7) * tl.load(h3_ptr + row, mask=mask, other=0.0)
     if NOISE == 1:  # NOISE_TENSOR
         acc += tl.load(coef_ptr + 3) * tl.load(noise_ptr + row, mask=mask, other=0.0)
     elif NOISE == 2:  # NOISE_PHILOX
-        eps = philox_normal_block(tl.load(seeds_ptr + b), step, start, BLOCK)
+        eps = philox_normal_block(tl.load(seeds_ptr + b), step, start, stage, BLOCK)
         acc += tl.load(coef_ptr + 3) * eps
+    if HIST_OUT:
+        h_new = tl.load(coef_ptr + 8) * x
+        if HAS_F:
+            h_new += tl.load(coef_ptr + 9) * pred
     tl.store(out_ptr + row, acc, mask=mask)
+    if HIST_OUT:
+        tl.store(hist_out_ptr + row, h_new, mask=mask)
     if HAS_BAD:
         # |x| < inf is false exactly for inf and NaN; masked lanes (which may hold coef * 0 = NaN
         # when a coefficient is inf) do not count. No sum, so finite values can never overflow.
@@ -123,55 +151,69 @@ def _heun_step_kernel(
 
 
 def launch(
-    x_hat: torch.Tensor,
+    x: torch.Tensor,
     coef: torch.Tensor,
     out: torch.Tensor,
-    x_prime: torch.Tensor | None,
     f: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    h1: torch.Tensor | None,
+    h2: torch.Tensor | None,
+    h3: torch.Tensor | None,
+    hist_out: torch.Tensor | None,
     k: torch.Tensor | None,
     guidance_scale: float,
+    guidance: torch.Tensor | None,
     noise: torch.Tensor | None,
     seeds: torch.Tensor | None,
     step: int,
+    stage: int,
     out_net: torch.Tensor | None,
-    p_is_one: bool,
-    guidance: torch.Tensor | None = None,
-    bad: torch.Tensor | None = None,
-    bad_step: int = 0,
+    bad: torch.Tensor | None,
+    bad_step: int,
+    churn: bool,
 ) -> None:
-    """Launch `_heun_step_kernel` on contiguous, validated operands (see `edmfast.ops`)."""
-    batch = x_hat.shape[0]
-    numel = x_hat.numel() // batch
+    """Launch `_affine_step_kernel` on contiguous, validated operands (see `edmfast.ops`)."""
+    batch = x.shape[0]
+    numel = x.numel() // batch
     if batch > MAX_BATCH:
         raise ValueError(f"the triton backend handles at most {MAX_BATCH} samples per call, got {batch}")
     noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if seeds is not None else NOISE_NONE
     block, num_warps = block_config(numel, batch)
-    # Absent operands are never read (their constexpr switch is off); x_hat stands in so every
+    # Absent operands are never read (their constexpr switch is off); x stands in so every
     # pointer argument is a real tensor, which torch.compile's kernel wrapper handles best.
-    wrap_triton(_heun_step_kernel)[(triton.cdiv(numel, block), batch)](
-        x_hat,
-        x_hat if x_prime is None else x_prime,
-        x_hat if f is None else f,
-        x_hat if k is None else k,
-        x_hat if noise is None else noise,
-        x_hat if seeds is None else seeds,
+    wrap_triton(_affine_step_kernel)[(triton.cdiv(numel, block), batch)](
+        x,
+        x if h0 is None else h0,
+        x if h1 is None else h1,
+        x if h2 is None else h2,
+        x if h3 is None else h3,
+        x if f is None else f,
+        x if k is None else k,
+        x if noise is None else noise,
+        x if seeds is None else seeds,
         coef,
         out,
+        out if hist_out is None else hist_out,
         out if out_net is None else out_net,
-        x_hat if guidance is None else guidance,
-        x_hat if bad is None else bad,
+        x if guidance is None else guidance,
+        x if bad is None else bad,
         batch,
         numel,
         float(guidance_scale),
-        int(step) & 0xFFFFFFFF,  # the counter word is the step's low 32 bits (edmfast.philox)
+        int(step) & 0xFFFFFFFF,  # the counter words are the low 32 bits (edmfast.philox)
+        int(stage) & 0xFFFFFFFF,
         int(bad_step),
-        P_IS_ONE=p_is_one,
-        HAS_XPRIME=x_prime is not None,
+        CHURN=bool(churn),
         HAS_F=f is not None,
         CFG=f is not None and f.shape[0] == 2 * batch,
         HAS_K=k is not None,
+        HAS_H0=h0 is not None,
+        HAS_H1=h1 is not None,
+        HAS_H2=h2 is not None,
+        HAS_H3=h3 is not None,
         NOISE=noise_mode,
         NET_ROWS=0 if out_net is None else out_net.shape[0] // batch,
+        HIST_OUT=hist_out is not None,
         W_FROM_PTR=guidance is not None,
         HAS_BAD=bad is not None,
         BLOCK=block,
@@ -179,24 +221,32 @@ def launch(
     )
 
 
-@_triton_op("edmfast_triton::heun_step", mutates_args=("out", "out_net", "bad"))
-def heun_step(
-    x_hat: torch.Tensor,
+# Every argument explicit (no defaults): torch 2.11's custom-op machinery fails on a mutated
+# argument among trailing defaulted ones (issue 21); the entries in edmfast.triton pass them all.
+@_triton_op("edmfast_triton::affine_step", mutates_args=("out", "hist_out", "out_net", "bad"))
+def affine_step(
+    x: torch.Tensor,
     coef: torch.Tensor,
     out: torch.Tensor,
-    x_prime: torch.Tensor | None,
     f: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    h1: torch.Tensor | None,
+    h2: torch.Tensor | None,
+    h3: torch.Tensor | None,
+    hist_out: torch.Tensor | None,
     k: torch.Tensor | None,
     guidance_scale: float,
+    guidance: torch.Tensor | None,
     noise: torch.Tensor | None,
     seeds: torch.Tensor | None,
     step: int,
+    stage: int,
     out_net: torch.Tensor | None,
-    guidance: torch.Tensor | None = None,
-    bad: torch.Tensor | None = None,
-    bad_step: int = 0,
+    bad: torch.Tensor | None,
+    bad_step: int,
+    churn: bool,
 ) -> None:
     launch(
-        x_hat, coef, out, x_prime, f, k, guidance_scale, noise, seeds, step, out_net, p_is_one=False,
-        guidance=guidance, bad=bad, bad_step=bad_step,
+        x, coef, out, f, h0, h1, h2, h3, hist_out, k, guidance_scale, guidance, noise, seeds, step, stage,
+        out_net, bad, bad_step, churn,
     )  # fmt: skip
