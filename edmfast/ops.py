@@ -263,9 +263,10 @@ def _check_pass(
     bad: torch.Tensor | None,
     bad_step: int,
     may_alias: tuple[tuple[str, str], ...],
+    f_name: str = "f",
 ) -> None:
     """The checks every affine pass shares (`affine_step`, `heun_step`, `churn`); errors name the
-    argument as the caller's signature spells it (``x_name``, the names in ``hist``)."""
+    argument as the caller's signature spells it (``x_name``, the names in ``hist``, ``f_name``)."""
     _check_real(x_name, x)
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"{x_name} must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
@@ -278,7 +279,7 @@ def _check_pass(
         _check_tensor(name, h, device, f32, like=x_name)
     for name, t, dtypes in (
         ("hist_out", hist_out, f32), ("noise", noise, f32), ("out", out, f32), ("k", k, f32),
-        ("coef", coef, f32), ("f", f, IO_DTYPES), ("out_net", out_net, IO_DTYPES),
+        ("coef", coef, f32), (f_name, f, IO_DTYPES), ("out_net", out_net, IO_DTYPES),
         ("seeds", seeds, (torch.int64,)), ("bad", bad, (torch.int32,)),
     ):  # fmt: skip
         _check_tensor(name, t, device, dtypes, like=x_name)
@@ -295,9 +296,11 @@ def _check_pass(
         raise ValueError(f"seeds must be int64 [B]=[{batch}], got shape {tuple(seeds.shape)}")
     if f is not None:
         if f.dim() < 1 or f.shape[0] not in (batch, 2 * batch) or f.numel() != f.shape[0] * numel:
-            raise ValueError(f"f must have B={batch} or 2B rows of {numel} elements, got {tuple(f.shape)}")
+            raise ValueError(
+                f"{f_name} must have B={batch} or 2B rows of {numel} elements, got {tuple(f.shape)}"
+            )
         if k is not None and f.shape[0] != 2 * batch:
-            raise ValueError("k (CFG rescale factors) needs f with 2B rows (cond then uncond)")
+            raise ValueError(f"k (CFG rescale factors) needs {f_name} with 2B rows (cond then uncond)")
     if k is not None and tuple(k.shape) != (batch,):
         raise ValueError(f"k must be float32 [B]=[{batch}], got shape {tuple(k.shape)}")
     if bad is not None and (tuple(bad.shape) != (batch,) or not bad.is_contiguous()):
@@ -310,14 +313,14 @@ def _check_pass(
             raise ValueError(f"out_net must have B={batch} or 2B rows, got shape {tuple(out_net.shape)}")
         _check_out("out_net", out_net, out_net.shape[0], numel)
         if f is not None and f.dtype != out_net.dtype:
-            raise TypeError(f"f and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
+            raise TypeError(f"{f_name} and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
     w = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
     _check_overlap(
         [("out", out), ("hist_out", hist_out), ("out_net", out_net), ("bad", bad)],
         [
             (x_name, x),
             *hist,
-            ("f", f),
+            (f_name, f),
             ("noise", noise),
             ("k", k),
             ("seeds", seeds),
@@ -351,6 +354,7 @@ def check_affine_args(
     out_net: torch.Tensor | None,
     bad: torch.Tensor | None,
     bad_step: int,
+    f_name: str = "f",
 ) -> tuple[torch.Tensor | None, ...]:
     """Validate the operands of `affine_step` (ValueError/TypeError naming the argument); returns
     ``hist`` as a tuple."""
@@ -370,7 +374,7 @@ def check_affine_args(
     _check_pass(
         x, coef, x_name="x", hist=tuple((f"hist[{j}]", h) for j, h in enumerate(hist)), hist_out=hist_out,
         f=f, k=k, noise=noise, seeds=seeds, out=out, out_net=out_net, guidance_scale=guidance_scale,
-        step=step, stage=stage, bad=bad, bad_step=bad_step, may_alias=_AFFINE_ALIASES,
+        step=step, stage=stage, bad=bad, bad_step=bad_step, may_alias=_AFFINE_ALIASES, f_name=f_name,
     )  # fmt: skip
     return hist
 
@@ -422,6 +426,7 @@ def check_ancestral_args(
     out_net: torch.Tensor | None,
     bad: torch.Tensor | None,
     bad_step: int,
+    f_name: str = "f",
 ) -> None:
     """Validate the operands of `ancestral_step`; raise ValueError/TypeError naming the argument."""
     if not isinstance(x, torch.Tensor):
@@ -429,7 +434,7 @@ def check_ancestral_args(
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
     if not isinstance(f, torch.Tensor):
-        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
+        raise TypeError(f"{f_name} must be a torch.Tensor, got {type(f).__name__}")
     if not isinstance(coef, torch.Tensor):
         raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
     if not isinstance(variance, str) or variance not in ANC_VARIANCES:
@@ -441,7 +446,7 @@ def check_ancestral_args(
     numel = x.numel() // batch
     f32 = (torch.float32,)
     for name, t, dtypes in (
-        ("x", x, f32), ("f", f, IO_DTYPES), ("coef", coef, f32), ("out", out, f32), ("k", k, f32),
+        ("x", x, f32), (f_name, f, IO_DTYPES), ("coef", coef, f32), ("out", out, f32), ("k", k, f32),
         ("noise", noise, f32), ("seeds", seeds, (torch.int64,)), ("out_net", out_net, IO_DTYPES),
         ("bad", bad, (torch.int32,)),
     ):  # fmt: skip
@@ -459,11 +464,11 @@ def check_ancestral_args(
     if f.dim() < 1 or f.shape[0] not in (batch, 2 * batch) or f.numel() != f.shape[0] * m:
         half = "" if variance == "fixed" else f" (prediction then variance half, variance={variance!r})"
         raise ValueError(
-            f"f must have B={batch} or 2B rows of {m} elements{half}, got shape {tuple(f.shape)}"
+            f"{f_name} must have B={batch} or 2B rows of {m} elements{half}, got shape {tuple(f.shape)}"
         )
     if k is not None:
         if f.shape[0] != 2 * batch:
-            raise ValueError("k (CFG rescale factors) needs f with 2B rows (cond then uncond)")
+            raise ValueError(f"k (CFG rescale factors) needs {f_name} with 2B rows (cond then uncond)")
         if tuple(k.shape) != (batch,):
             raise ValueError(f"k must be float32 [B]=[{batch}], got shape {tuple(k.shape)}")
     if noise is not None and (noise.shape[0] != batch or noise.numel() != batch * numel):
@@ -480,13 +485,13 @@ def check_ancestral_args(
             raise ValueError(f"out_net must have B={batch} or 2B rows, got shape {tuple(out_net.shape)}")
         _check_out("out_net", out_net, out_net.shape[0], numel)
         if f.dtype != out_net.dtype:
-            raise TypeError(f"f and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
+            raise TypeError(f"{f_name} and out_net must share a dtype, got {f.dtype} and {out_net.dtype}")
     w = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
     _check_overlap(
         [("out", out), ("out_net", out_net), ("bad", bad)],
         [
             ("x", x),
-            ("f", f),
+            (f_name, f),
             ("k", k),
             ("noise", noise),
             ("seeds", seeds),
@@ -1024,12 +1029,12 @@ def _check_guidance(
     _check_value("guidance_rescale", guidance_rescale, device, like, 0.0, 1.0)
 
 
-def _check_f(f: torch.Tensor) -> None:
+def _check_f(f: torch.Tensor, name: str = "f") -> None:
     if not isinstance(f, torch.Tensor):
-        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(f).__name__}")
     if f.dim() < 1 or f.shape[0] < 2 or f.shape[0] % 2:
-        raise ValueError(f"f must have 2B rows (cond then uncond), got shape {tuple(f.shape)}")
-    _check_tensor("f", f, f.device, IO_DTYPES)
+        raise ValueError(f"{name} must have 2B rows (cond then uncond), got shape {tuple(f.shape)}")
+    _check_tensor(name, f, f.device, IO_DTYPES)
 
 
 def cfg_workspace(f: torch.Tensor, backend: str) -> torch.Tensor:
@@ -1041,6 +1046,42 @@ def cfg_workspace(f: torch.Tensor, backend: str) -> torch.Tensor:
     if backend in ("torch", "cpu"):
         return torch.zeros(0, dtype=torch.float32, device=f.device)
     return _impl(backend).workspace(f)
+
+
+def check_cfg_factors_args(
+    f: torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    guidance_rescale: float | torch.Tensor,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None,
+    numel: int | None,
+    backend: str,
+    f_name: str = "f",
+) -> str:
+    """Validate the operands of `cfg_rescale_factors`; returns the resolved backend."""
+    _check_f(f, f_name)
+    if numel is not None:
+        _check_int("numel", numel, 0, f.numel() // f.shape[0])
+    _check_guidance(guidance_scale, guidance_rescale, f.device, f_name)
+    _check_tensor("out", out, f.device, (torch.float32,), like=f_name)
+    _check_out("out", out, f.shape[0] // 2, 1)
+    backend = resolve_backend(backend, f.device)
+    if workspace is not None:
+        _check_tensor("workspace", workspace, f.device, (torch.float32,), like=f_name)
+        expected = cfg_workspace(f, backend).numel()  # sizes only (tiny): never on the raw path
+        if not workspace.is_contiguous() or workspace.numel() != expected:
+            raise ValueError(
+                f"workspace must be cfg_workspace(f, {backend!r}) ({expected} contiguous float32), "
+                f"got shape {tuple(workspace.shape)}"
+            )
+    tensors = [
+        (n, v) for n, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale))
+    ]
+    _check_overlap(
+        [("out", out), ("workspace", workspace)],
+        [(f_name, f)] + [(n, v if isinstance(v, torch.Tensor) else None) for n, v in tensors],
+    )
+    return backend
 
 
 def cfg_rescale_factors(
@@ -1061,28 +1102,7 @@ def cfg_rescale_factors(
     ``numel``: only the first ``numel`` elements of each row of f count (the prediction half of a
     model output with a variance half), read in place; None: the whole row.
     """
-    _check_f(f)
-    if numel is not None:
-        _check_int("numel", numel, 0, f.numel() // f.shape[0])
-    _check_guidance(guidance_scale, guidance_rescale, f.device, "f")
-    _check_tensor("out", out, f.device, (torch.float32,), like="f")
-    _check_out("out", out, f.shape[0] // 2, 1)
-    backend = resolve_backend(backend, f.device)
-    if workspace is not None:
-        _check_tensor("workspace", workspace, f.device, (torch.float32,), like="f")
-        expected = cfg_workspace(f, backend).numel()  # sizes only (tiny): never on the raw path
-        if not workspace.is_contiguous() or workspace.numel() != expected:
-            raise ValueError(
-                f"workspace must be cfg_workspace(f, {backend!r}) ({expected} contiguous float32), "
-                f"got shape {tuple(workspace.shape)}"
-            )
-    tensors = [
-        (n, v) for n, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale))
-    ]
-    _check_overlap(
-        [("out", out), ("workspace", workspace)],
-        [("f", f)] + [(n, v if isinstance(v, torch.Tensor) else None) for n, v in tensors],
-    )
+    backend = check_cfg_factors_args(f, guidance_scale, guidance_rescale, out, workspace, numel, backend)
     if f.numel() == 0 or numel == 0:
         return out.fill_(1.0)  # no elements: the unbiased std is undefined, the ratio is 1
     _entry(backend, "cfg_rescale_factors")(
@@ -1133,3 +1153,176 @@ def cfg_rescale(
             cond.contiguous(), uncond.contiguous(), float(guidance_scale), float(guidance_rescale), out=out
         )
     return out
+
+
+# ----------------------------------------------------------------------------- prepared launches
+#
+# A sampler's loop launches the same pass on the same static buffers hundreds of times; only the
+# network output, the step index and the launch context change. A prepared launch validates its
+# operands once (the checks of the public op) and marshals every static pointer once; each use is
+# then one native call with three integers (cpu / cuda; ~1 us of host time instead of the ~4-5 us
+# of a raw entry, whose keyword call, argument tuple and data_ptr() calls dominate). The engine
+# fetches the context once per loop with `launch_context`. Launches are plain kernel launches on
+# the given stream, so they record into a CUDA graph under capture.
+
+
+def launch_context(backend: str, device: torch.device) -> int | None:
+    """The per-loop launch context of ``backend`` on ``device``: the handle of torch's current CUDA
+    stream (cuda), the CPU thread count torch.get_num_threads() (cpu), None (torch, triton: they
+    launch on torch's current stream themselves). Fetch it once per loop, not per launch."""
+    if backend in ("cpu", "cuda"):
+        return _native().launch_context(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return None
+
+
+def _check_static(names_and_tensors: list[tuple[str, torch.Tensor | None]]) -> None:
+    """A prepared launch reads its static operands in place every time: no copies."""
+    for name, t in names_and_tensors:
+        if t is not None and not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous for a prepared launch (it is read in place on every use)"
+            )
+
+
+def _no_launch(*args: object) -> None:
+    """The prepared launch of a pass over samples of zero elements: nothing to compute."""
+
+
+def prepare_affine_step(
+    backend: str,
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    f_like: torch.Tensor | None = None,
+    hist: tuple[torch.Tensor | None, ...] = (),
+    hist_out: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    stage: int = 0,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+) -> Callable[[torch.Tensor | None, int, int | None], None]:
+    """`affine_step` on static operands, validated once: returns ``launch(f, step, ctx)``.
+
+    Every operand is that of `affine_step` (same checks, same errors), fixed for the life of the
+    prepared launch and read in place on every use (so all must be contiguous; the buffers'
+    contents may change between uses, a guidance tensor included). ``f_like`` gives the shape,
+    dtype and device of the network output (None: the pass has no F). Per use: ``f`` (a contiguous
+    tensor like ``f_like``, or None without one; not checked), ``step`` (the Philox step, an int in
+    [0, 2**63)) and ``ctx`` from `launch_context` (backend, device). The returned callable keeps its
+    operands alive.
+    """
+    _require(backend)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    hist = check_affine_args(
+        x, coef, out=out, f=f_like, hist=hist, hist_out=hist_out, k=k, guidance_scale=guidance_scale,
+        noise=noise, seeds=seeds, step=0, stage=stage, out_net=out_net, bad=bad, bad_step=bad_step,
+        f_name="f_like",
+    )  # fmt: skip
+    backend = resolve_backend(backend, x.device)
+    static = [("x", x), ("f_like", f_like), ("k", k), ("noise", noise), ("seeds", seeds)]
+    _check_static(static + [(f"hist[{j}]", h) for j, h in enumerate(hist)])
+    if x.numel() == 0:
+        return _no_launch
+    stage, bad_step = int(stage), int(bad_step)
+    if backend == "torch":
+
+        def run(f: torch.Tensor | None, step: int, ctx: int | None) -> None:
+            _torch_affine(
+                x, coef, out, f, hist, hist_out, k, guidance_scale, noise, seeds, step, stage, out_net, bad,
+                bad_step, False,
+            )  # fmt: skip
+
+        return run
+    return _impl(backend).prepare_affine_step(
+        x, coef, out=out, f_like=f_like, hist=hist, hist_out=hist_out, k=k, guidance_scale=guidance_scale,
+        noise=noise, seeds=seeds, stage=stage, out_net=out_net, bad=bad, bad_step=bad_step,
+    )  # fmt: skip
+
+
+def prepare_ancestral_step(
+    backend: str,
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    f_like: torch.Tensor,
+    variance: str = "fixed",
+    clip: bool = False,
+    k: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    out_net: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+    bad_step: int = 0,
+) -> Callable[[torch.Tensor, int, int | None], None]:
+    """`ancestral_step` on static operands, validated once: returns ``launch(f, step, ctx)``
+    (f: a contiguous tensor like ``f_like``, unchecked; step: the Philox step; ctx from
+    `launch_context`). See `prepare_affine_step` for the rules."""
+    _require(backend)
+    check_ancestral_args(
+        x, f_like, coef, out=out, variance=variance, clip=clip, k=k, guidance_scale=guidance_scale,
+        noise=noise, seeds=seeds, step=0, out_net=out_net, bad=bad, bad_step=bad_step, f_name="f_like",
+    )  # fmt: skip
+    backend = resolve_backend(backend, x.device)
+    _check_static([("x", x), ("f_like", f_like), ("k", k), ("noise", noise), ("seeds", seeds)])
+    if x.numel() == 0:
+        return _no_launch
+    bad_step = int(bad_step)
+    if backend == "torch":
+
+        def run(f: torch.Tensor, step: int, ctx: int | None) -> None:
+            _torch_ancestral_step(
+                x, f, coef, out=out, variance=variance, clip=clip, k=k, guidance_scale=guidance_scale,
+                noise=noise, seeds=seeds, step=step, out_net=out_net, bad=bad, bad_step=bad_step,
+            )  # fmt: skip
+
+        return run
+    return _impl(backend).prepare_ancestral_step(
+        x, coef, out=out, f_like=f_like, variance=variance, clip=clip, k=k, guidance_scale=guidance_scale,
+        noise=noise, seeds=seeds, out_net=out_net, bad=bad, bad_step=bad_step,
+    )  # fmt: skip
+
+
+def prepare_cfg_rescale_factors(
+    backend: str,
+    f_like: torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    guidance_rescale: float | torch.Tensor,
+    *,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None = None,
+    numel: int | None = None,
+) -> Callable[[torch.Tensor, int | None], None]:
+    """`cfg_rescale_factors` on static operands, validated once: returns ``launch(f, ctx)`` (f: a
+    contiguous tensor like ``f_like``, unchecked; ctx from `launch_context`). With no
+    ``workspace`` the cuda backend allocates one here, once."""
+    _require(backend)
+    backend = check_cfg_factors_args(
+        f_like, guidance_scale, guidance_rescale, out, workspace, numel, backend, f_name="f_like"
+    )
+    _check_static([("f_like", f_like)])
+    if f_like.numel() == 0 or numel == 0:
+
+        def ones(f: torch.Tensor, ctx: int | None) -> None:
+            out.fill_(1.0)  # no elements: the unbiased std is undefined, the ratio is 1
+
+        return ones
+    n = None if numel is None else int(numel)
+    if backend == "torch":
+
+        def run(f: torch.Tensor, ctx: int | None) -> None:
+            _torch_cfg_rescale_factors(f, guidance_scale, guidance_rescale, out=out, numel=n)
+
+        return run
+    return _impl(backend).prepare_cfg_rescale_factors(
+        f_like, guidance_scale, guidance_rescale, out=out, workspace=workspace, numel=n
+    )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import TOL, poisoned, rel_err
+from conftest import TOL, gpu, poisoned, rel_err
 
 from edmfast import layout, ops, reference
 
@@ -499,3 +499,198 @@ def test_case_matrix_covers_every_history_subset():
     assert {(c.eps, c.stage) for c in FEATURE_CASES} >= {("seeds", 0), ("seeds", 1), ("noise", 0)}
     assert any(c.w_tensor and c.f.startswith("cfg") for c in FEATURE_CASES)
     assert {c.net_rows for c in FEATURE_CASES} == {0, 1, 2}
+
+
+# ----------------------------------------------------------------------------- prepared launches
+
+PREPARED_CASES = [FEATURE_CASES[i] for i in (0, 5, 10, 15)] + [
+    Case(layout="out=x"),
+    Case(layout="hist_out=h", hist=(True, True, False, False), w_tensor=True),
+    Case(layout="out_net=f", f="b", net_rows=1, eps="noise", hist_out=False),
+]
+
+
+def _operand_pair(case: Case, shape, device, gen):
+    """Two identical operand sets (contiguous) for the public op and the prepared launch."""
+    o = make_operands(case, torch.float32, shape, device, gen)
+
+    def clone(t):
+        return None if t is None else t.clone()
+
+    w2 = o.w_arg.clone() if isinstance(o.w_arg, torch.Tensor) else o.w_arg
+    hist = tuple(clone(h) for h in o.hist)
+    p = Operands(
+        o.x.clone(),
+        o.coef.clone(),
+        clone(o.f),
+        hist,
+        clone(o.k),
+        o.w,
+        w2,
+        clone(o.noise),
+        clone(o.seeds),
+        o.step,
+    )
+    return o, p
+
+
+def _outputs(case: Case, o: Operands, shape, device):
+    """(out, hist_out, out_net, bad) for one operand set, aliased as the case says."""
+    batch = shape[0]
+    out = poisoned(shape, torch.float32, device)
+    hist_out = poisoned(shape, torch.float32, device) if case.hist_out else None
+    out_net = poisoned((case.net_rows * batch, *shape[1:]), torch.float32, device) if case.net_rows else None
+    if case.layout == "out=x":
+        out = o.x
+    elif case.layout == "hist_out=h":
+        hist_out = o.hist[case.hist.index(True)]
+    elif case.layout == "out_net=f":
+        out_net = o.f
+    bad = torch.full((batch,), ops.BAD_NONE, dtype=torch.int32, device=device)
+    return out, hist_out, out_net, bad
+
+
+@pytest.mark.parametrize("case", PREPARED_CASES, ids=str)
+def test_prepared_launch_equals_the_public_op(backend_device, case):
+    """Three steps of a loop, the state and history updated in place, a new network output per
+    step and the buffers' contents (noise, guidance tensor) changed between launches: the prepared
+    launch gives the public op's results bit for bit."""
+    backend, device = backend_device
+    shape = (2, 3, 7, 11)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    o, p = _operand_pair(case, shape, device, gen)
+    o_outs, p_outs = _outputs(case, o, shape, device), _outputs(case, p, shape, device)
+    p_out, p_hist_out, p_net, p_bad = p_outs
+    f_like = None if p.f is None else torch.empty_like(p.f)
+    launch = ops.prepare_affine_step(
+        backend, p.x, p.coef, out=p_out, f_like=f_like, hist=p.hist, hist_out=p_hist_out, k=p.k,
+        guidance_scale=p.w_arg, noise=p.noise, seeds=p.seeds, stage=case.stage, out_net=p_net, bad=p_bad,
+        bad_step=4,
+    )  # fmt: skip
+    ctx = ops.launch_context(backend, device)
+    for i in range(3):
+        f_step = None if o.f is None else torch.randn(o.f.shape, generator=gen).to(device)
+        if case.layout == "out_net=f":  # f is the aliased static buffer: refill it in place
+            o.f.copy_(f_step)
+            p.f.copy_(f_step)
+            f_step = None
+        if o.noise is not None:
+            fresh = torch.randn(o.noise.shape, generator=gen).to(device)
+            o.noise.copy_(fresh)
+            p.noise.copy_(fresh)
+        if isinstance(o.w_arg, torch.Tensor):
+            o.w_arg.fill_(2.0 + i)
+            p.w_arg.fill_(2.0 + i)
+        out, hist_out, out_net, bad = o_outs
+        f_o = o.f if f_step is None else f_step
+        ops.affine_step(
+            o.x, o.coef, out=out, f=f_o, hist=o.hist, hist_out=hist_out, k=o.k, guidance_scale=o.w_arg,
+            noise=o.noise, seeds=o.seeds, step=o.step + i, stage=case.stage, out_net=out_net, bad=bad,
+            bad_step=4, backend=backend,
+        )  # fmt: skip
+        launch(p.f if f_step is None else f_step.clone(), o.step + i, ctx)
+        for a, b in zip(o_outs, p_outs, strict=True):
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"step {i}, {case}")
+
+
+def test_prepared_launch_validates_once_naming_the_argument():
+    x, coef, out = torch.randn(2, 12), torch.rand(16), torch.empty(2, 12)
+    with pytest.raises(ValueError, match="backend"):
+        ops.prepare_affine_step("gpu", x, coef, out=out)
+    with pytest.raises(ValueError, match="f_like"):
+        ops.prepare_affine_step("cpu", x, coef, out=out, f_like=torch.randn(3, 12))
+    with pytest.raises(ValueError, match=r"hist\[1\] must be contiguous"):
+        ops.prepare_affine_step("cpu", x, coef, out=out, hist=(None, torch.randn(12, 2).t()))
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        ops.prepare_affine_step("cpu", torch.randn(12, 2).t(), coef, out=out)
+    with pytest.raises(ValueError, match="stage"):
+        ops.prepare_affine_step("cpu", x, coef, out=out, stage=-1)
+    with pytest.raises(ValueError, match="out is the same memory as coef"):
+        ops.prepare_affine_step("cpu", torch.randn(1, 16), coef, out=coef.view(1, 16))
+    with pytest.raises(ValueError, match="meta tensor"):
+        ops.prepare_affine_step("cpu", x.to("meta"), coef, out=out)
+    nothing = ops.prepare_affine_step("cpu", torch.empty(2, 0), coef, out=torch.empty(2, 0))
+    nothing(None, 0, 1)  # samples of zero elements: a launch that does nothing
+
+
+def test_launch_context():
+    cpu = torch.device("cpu")
+    assert ops.launch_context("cpu", cpu) == torch.get_num_threads()
+    assert ops.launch_context("torch", cpu) is None and ops.launch_context("triton", cpu) is None
+    with pytest.raises(ValueError, match="backend"):
+        ops.launch_context("auto", cpu)
+
+
+def test_prepared_launch_keeps_its_operands_alive():
+    """The caller may drop its references: the prepared launch still reads valid memory."""
+    import gc
+
+    x = torch.full((2, 5000), 2.0)
+    coef = torch.zeros(16)
+    coef[layout.COEF_A] = 3.0
+    out = torch.empty(2, 5000)
+    launch = ops.prepare_affine_step("cpu", x, coef, out=out)
+    del x, coef
+    gc.collect()
+    torch.full((2, 5000), -7.0)  # would reuse the freed memory of x
+    launch(None, 0, 1)
+    assert bool((out == 6.0).all())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_prepared_launches_record_into_a_cuda_graph(backend):
+    """CFG factors + the affine pass, prepared once, captured once with the context fetched inside
+    the capture; replays with new coefficients, guidance and model output written in place equal the
+    public ops run eagerly."""
+    dev = torch.device("cuda")
+    if ops.backend_status(backend, dev) is not None:
+        pytest.skip(ops.backend_status(backend, dev))
+    batch, shape = 3, (3, 4, 37, 41)
+    x = torch.randn(shape, device=dev)
+    h0 = torch.randn(shape, device=dev)
+    f = torch.randn((2 * batch, *shape[1:]), device=dev, dtype=torch.bfloat16)
+    coef = torch.rand(layout.COEF_SIZE, device=dev)
+    w, phi = torch.tensor([3.0], device=dev), torch.tensor([0.5], device=dev)
+    k, out = torch.empty(batch, device=dev), torch.empty(shape, device=dev)
+    net = torch.empty_like(f)
+    seeds = torch.tensor([1, 2, 3], device=dev)
+    ws = ops.cfg_workspace(f, backend)
+    factors = ops.prepare_cfg_rescale_factors(backend, f, w, phi, out=k, workspace=ws)
+    step_fn = ops.prepare_affine_step(
+        backend, x, coef, out=out, f_like=f, hist=(h0,), hist_out=h0, k=k, guidance_scale=w, seeds=seeds,
+        stage=1, out_net=net,
+    )  # fmt: skip
+
+    def body():
+        ctx = ops.launch_context(backend, dev)
+        factors(f, ctx)
+        step_fn(f, 7, ctx)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()  # warm-up (Triton compiles here, not during capture)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    h_start = h0.clone()
+    with torch.cuda.graph(graph):
+        body()
+    for trial in range(3):
+        coef.copy_(torch.rand(layout.COEF_SIZE, device=dev))
+        f.copy_(torch.randn_like(f, dtype=torch.float32).to(torch.bfloat16))
+        w.fill_(1.5 + trial)
+        h0.copy_(h_start)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_k = torch.empty_like(k)
+        ops.cfg_rescale_factors(f, float(w), float(phi), out=want_k, backend=backend)
+        want_out, want_net, want_h = torch.empty_like(out), torch.empty_like(net), h_start.clone()
+        ops.affine_step(
+            x, coef, out=want_out, f=f, hist=(want_h,), hist_out=want_h, k=want_k, guidance_scale=float(w),
+            seeds=seeds, step=7, stage=1, out_net=want_net, backend=backend,
+        )  # fmt: skip
+        assert torch.equal(k, want_k)
+        assert torch.equal(out, want_out) and torch.equal(net, want_net) and torch.equal(h0, want_h)

@@ -417,3 +417,39 @@ def test_one_graph_serves_every_step(backend) -> None:
         torch.testing.assert_close(k.double(), ref_k.to(dev), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.double(), ref.to(dev), rtol=2e-5, atol=5e-5)
         assert bad.tolist() == [ops.BAD_NONE] * batch
+
+
+@pytest.mark.parametrize(
+    "variance, cfg, noise_mode", [("fixed", "none", "seeds"), ("learned_range", "cfg_k", "tensor")]
+)
+def test_prepared_launch_equals_the_public_op(backend_device, variance, cfg, noise_mode) -> None:
+    """Three steps with the state updated in place and a new model output each: the prepared
+    launch (validated once) gives the public op's results bit for bit."""
+    backend, device = backend_device
+    shape = (2, 3, 5, 7)
+    x, f, k = make_inputs(shape, variance, cfg, torch.float32, device)
+    coef = make_coef(device)
+    batch = shape[0]
+    noise = torch.randn(shape, device=device) if noise_mode == "tensor" else None
+    seeds = torch.randint(0, 2**62, (batch,), device=device) if noise_mode == "seeds" else None
+    rows = 2 * batch if cfg != "none" else batch
+    xs = [x.clone(), x.clone()]
+    nets = [poisoned((rows, *shape[1:]), torch.float32, device) for _ in range(2)]
+    bads = [torch.full((batch,), ops.BAD_NONE, dtype=torch.int32, device=device) for _ in range(2)]
+    common = dict(variance=variance, clip=True, k=k, guidance_scale=2.5, noise=noise, seeds=seeds, bad_step=2)
+    launch = ops.prepare_ancestral_step(
+        backend, xs[1], coef, out=xs[1], f_like=torch.empty_like(f), out_net=nets[1], bad=bads[1], **common
+    )
+    ctx = ops.launch_context(backend, device)
+    for step in range(3):
+        f_step = (
+            torch.randn_like(f)
+            if variance == "fixed"
+            else torch.cat([2 * f[:, : f.shape[1] // 2], f[:, f.shape[1] // 2 :]], 1)
+        )
+        ops.ancestral_step(
+            xs[0], f_step, coef, out=xs[0], step=step, out_net=nets[0], bad=bads[0], backend=backend, **common
+        )
+        launch(f_step.clone(), step, ctx)
+        for a, b in ((xs[0], xs[1]), (nets[0], nets[1]), (bads[0], bads[1])):
+            assert torch.equal(a, b), step

@@ -145,3 +145,27 @@ def test_phi_zero_with_vanishing_cfg_spread_gives_k_one(backend_device):
     out = poisoned(cond.shape, torch.float16, device)
     ops.cfg_rescale(cond, uncond, w, 0.0, out=out, backend=backend)
     assert torch.equal(out, uncond), out
+
+
+@pytest.mark.parametrize("numel", [None, 5])
+def test_prepared_factors_equal_the_public_op(backend_device, numel):
+    """One prepared launch, validated once, over new model outputs (and new guidance values in the
+    tensors) on every use: the public op's k bit for bit, on one static workspace."""
+    backend, device = backend_device
+    batch, row = 3, 1029
+    w, phi = torch.tensor([7.5], device=device), torch.tensor([0.7], device=device)
+    f_like = torch.empty(2 * batch, row, device=device, dtype=torch.bfloat16)
+    k = poisoned((batch,), torch.float32, device)
+    ws = ops.cfg_workspace(f_like, backend)
+    launch = ops.prepare_cfg_rescale_factors(backend, f_like, w, phi, out=k, workspace=ws, numel=numel)
+    ctx = ops.launch_context(backend, device)
+    for wv, pv in [(7.5, 0.7), (2.0, 1.0), (4.0, 0.3)]:
+        f = (torch.randn(2 * batch, row, device=device) * 2 + 3).to(torch.bfloat16)
+        w.fill_(wv)
+        phi.fill_(pv)
+        launch(f, ctx)
+        want = poisoned((batch,), torch.float32, device)
+        ops.cfg_rescale_factors(f, wv, pv, out=want, numel=numel, backend=backend)
+        assert torch.equal(k, want), (wv, pv)
+    with pytest.raises(ValueError, match="f_like"):
+        ops.prepare_cfg_rescale_factors(backend, f_like[:3], w, phi, out=k)

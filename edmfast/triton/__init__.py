@@ -23,6 +23,9 @@ import torch
 __all__ = [
     "why_unavailable",
     "affine_step",
+    "prepare_affine_step",
+    "prepare_ancestral_step",
+    "prepare_cfg_rescale_factors",
     "heun_step",
     "churn",
     "ancestral_step",
@@ -296,3 +299,98 @@ def cfg_rescale(
 ) -> None:
     """``out = k[b] (uncond + w (cond - uncond))`` in cond's dtype (Lin et al. Eq. 14-16)."""
     _ops().cfg_rescale(cond, uncond, float(guidance_scale), float(guidance_rescale), out=out)
+
+
+# ----------------------------------------------------------------------------- prepared launches
+# Closures over the validated static operands (`edmfast.ops.prepare_affine_step`, ...). The affine
+# and CFG-factor launches call the kernel launchers directly, without the op dispatcher; ctx is
+# ignored: Triton launches on torch's current stream itself.
+
+
+def prepare_affine_step(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    f_like: torch.Tensor | None,
+    hist: tuple[torch.Tensor | None, ...],
+    hist_out: torch.Tensor | None,
+    k: torch.Tensor | None,
+    guidance_scale: float | torch.Tensor,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    stage: int,
+    out_net: torch.Tensor | None,
+    bad: torch.Tensor | None,
+    bad_step: int,
+) -> Callable[..., None]:
+    """``launch(f, step, ctx)`` of `affine_step` on these static operands. Unchecked."""
+    _ops()
+    from .affine_step import launch
+
+    h0, h1, h2, h3 = tuple(hist) + (None,) * (4 - len(hist))
+    guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    w = 1.0 if guidance is not None else float(guidance_scale)
+
+    def run(f: torch.Tensor | None, step: int, ctx: object) -> None:
+        launch(
+            x, coef, out, f, h0, h1, h2, h3, hist_out, k, w, guidance, noise, seeds, step, stage, out_net,
+            bad, bad_step, False,
+        )  # fmt: skip
+
+    return run
+
+
+def prepare_ancestral_step(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    f_like: torch.Tensor,
+    variance: str,
+    clip: bool,
+    k: torch.Tensor | None,
+    guidance_scale: float | torch.Tensor,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    out_net: torch.Tensor | None,
+    bad: torch.Tensor | None,
+    bad_step: int,
+) -> Callable[..., None]:
+    """``launch(f, step, ctx)`` of `ancestral_step` on these static operands. Unchecked."""
+    op = _ops().ancestral_step
+    clip = bool(clip)
+    guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    w = 1.0 if guidance is not None else float(guidance_scale)
+
+    def run(f: torch.Tensor, step: int, ctx: object) -> None:
+        op(x, f, coef, out, variance, clip, k, w, guidance, noise, seeds, step, out_net, bad, bad_step)
+
+    return run
+
+
+def prepare_cfg_rescale_factors(
+    f_like: torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    guidance_rescale: float | torch.Tensor,
+    *,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None,
+    numel: int | None,
+) -> Callable[..., None]:
+    """``launch(f, ctx)`` of `cfg_rescale_factors` on these static operands (a workspace is
+    allocated here, once, when None). Unchecked."""
+    _ops()
+    from .cfg_rescale import _launch_factors, new_workspace
+
+    ws = new_workspace(f_like) if workspace is None else workspace
+    w_t = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    phi_t = guidance_rescale if isinstance(guidance_rescale, torch.Tensor) else None
+    w = 1.0 if w_t is not None else float(guidance_scale)
+    phi = 1.0 if phi_t is not None else float(guidance_rescale)
+    batch = f_like.shape[0] // 2
+
+    def run(f: torch.Tensor, ctx: object) -> None:
+        _launch_factors(f[:batch], f[batch:], w, w_t, phi, phi_t, out, ws, numel)
+
+    return run
