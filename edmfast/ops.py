@@ -27,11 +27,14 @@ from .layout import (
     ANC_AF,
     ANC_AX,
     ANC_C,
+    ANC_CF,
+    ANC_CLIP,
     ANC_COEF1,
     ANC_COEF2,
     ANC_LOG_BETA,
     ANC_LOG_BETA_TILDE,
     ANC_S,
+    ANC_SIZE,
     ANC_VARIANCES,
     BAD_NONE,
     COEF_A,
@@ -429,8 +432,7 @@ def check_ancestral_args(
     f_name: str = "f",
 ) -> None:
     """Validate the operands of `ancestral_step`; raise ValueError/TypeError naming the argument."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_real("x", x)
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
     if not isinstance(f, torch.Tensor):
@@ -451,11 +453,14 @@ def check_ancestral_args(
         ("bad", bad, (torch.int32,)),
     ):  # fmt: skip
         _check_tensor(name, t, device, dtypes, like="x")
-    # One row [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c] of the per-step table.
-    if tuple(coef.shape) != (8,) or not coef.is_contiguous():
+    # One row of the per-step table: [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c], and
+    # in a row of >= 16 the columns cf and clip (edmfast.layout ANC_*).
+    cols = coef.numel()
+    if coef.dim() != 1 or not (cols == ANC_CF or cols >= ANC_SIZE) or not coef.is_contiguous():
         raise ValueError(
             "coef must be one contiguous float32 row [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c] "
-            f"(shape (8,)), got shape {tuple(coef.shape)}"
+            f"(shape (8,)) or that row with [cf, clip] and padding (shape ({ANC_SIZE},)), "
+            f"got shape {tuple(coef.shape)}"
         )
     _check_value("guidance_scale", guidance_scale, device, "x")
     _check_int("step", step, 0, 2**63 - 1)
@@ -682,9 +687,14 @@ def _torch_ancestral_step(
         if k is not None:
             pred = k.reshape(-1, 1) * pred
     x0 = c[ANC_AX] * xf + c[ANC_AF] * pred
+    wide = coef.numel() > ANC_CF  # an 8-float row: no cf term, clip bound 1
     if clip:
-        x0 = x0.clamp(-1.0, 1.0)  # propagates NaN, as the kernels' compare-and-select does
+        bound = c[ANC_CLIP] if wide else 1.0
+        # compare-and-select: NaN passes through to the bad-row check, as in the kernels
+        x0 = torch.where(x0 < -bound, -bound, torch.where(x0 > bound, bound, x0))
     x_new = c[ANC_COEF1] * x0 + c[ANC_COEF2] * xf
+    if wide:
+        x_new = x_new + c[ANC_CF] * pred
     z = None
     if noise is not None:
         z = _flat(noise)
@@ -994,15 +1004,18 @@ def ancestral_step(
     bad_step: int = 0,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """One fused ancestral (DDPM / DDIM-eta) step: ``out = coef1 x0 + coef2 x + std z``, ``out_net = c out``.
+    """One fused ancestral (DDPM / DDIM-eta) step: ``out = coef1 x0 + coef2 x + cf F + std z``,
+    ``out_net = c out``, ``x0 = ax x + af F`` (clamped to [-clip, clip] when ``clip``).
 
     x: float32 [B, ...] (n elements per sample); f: [B or 2B, m] model output in float32 / float16 /
     bfloat16, m = n for ``variance="fixed"``, 2n (prediction half, then variance half) for
     ``"learned"`` / ``"learned_range"``; 2B rows is classifier-free guidance (cond rows first; the
     variance half is read from the cond rows), k: float32 [B] CFG-rescale factors. coef: the
     float32 row [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c] on x's device (read at run
-    time). Noise z from ``noise`` (float32 like x), the Philox stream of (``seeds`` [B], ``step``),
-    or none. ``bad`` as in `heun_step`; ``out`` may alias ``x``. See `edmfast.reference.ancestral_step`.
+    time), or a row of 16 that adds cf and the clip bound (edmfast.layout ANC_CF / ANC_CLIP; an
+    8-float row has no cf term and the bound 1). Noise z from ``noise`` (float32 like x), the
+    Philox stream of (``seeds`` [B], ``step``), or none. ``bad`` as in `heun_step`; ``out`` may
+    alias ``x``. See `edmfast.reference.ancestral_step`.
     """
     check_ancestral_args(
         x, f, coef, out=out, variance=variance, clip=clip, k=k, guidance_scale=guidance_scale, noise=noise,

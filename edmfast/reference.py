@@ -27,6 +27,15 @@ import math
 import torch
 
 from .layout import (
+    ANC_AF,
+    ANC_AX,
+    ANC_CF,
+    ANC_CLIP,
+    ANC_COEF1,
+    ANC_COEF2,
+    ANC_LOG_BETA,
+    ANC_LOG_BETA_TILDE,
+    ANC_S,
     ANC_VARIANCES,
     COEF_A,
     COEF_B,
@@ -246,20 +255,27 @@ def ancestral_step(
 ) -> torch.Tensor:
     """One fused ancestral (DDPM / DDIM-eta) pass, in float64; the contract of ``ops.ancestral_step``.
 
-    ``coef = [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c]`` (the ANC_* indices). With n
-    elements per sample, ``f`` is [B or 2B, m] with m = 2n for the learned variances (the first n
-    elements per row are the prediction F, the next n the variance output V of the cond rows) or
-    m = n. ``x0 = ax x + af F`` (clamped to [-1, 1] if ``clip``), ``mean = coef1 x0 + coef2 x``,
-    std = ``s exp(logvar / 2)`` for the learned variances (logvar = V for "learned", the
-    interpolation ``frac log_beta + (1 - frac) log_beta_tilde`` with frac = (V + 1) / 2 for
-    "learned_range") or ``s`` for "fixed"; ``out = mean + std z`` with z from `fused_noise` (none:
-    the noise term is dropped). Returns out, float64, shaped like x (the network input is ``c out``).
+    ``coef``: a row of 8 floats ``[ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c]`` or of 16
+    that adds ``cf`` and the clip bound (the ANC_* columns of `edmfast.layout`); an 8-float row reads
+    as cf = 0 (no term at all) and bound 1. With n elements per sample, ``f`` is [B or 2B, m] with
+    m = 2n for the learned variances (the first n elements per row are the prediction F, the next
+    n the variance output V of the cond rows) or m = n. ``x0 = ax x + af F`` (clamped to
+    [-bound, bound] if ``clip``), ``mean = coef1 x0 + coef2 x + cf F`` (cf: the model's own
+    prediction in DDIM's direction term, diffusers' use_clipped_model_output=False), std = ``s
+    exp(logvar / 2)`` for the learned variances (logvar = V for "learned", the interpolation ``frac
+    log_beta + (1 - frac) log_beta_tilde`` with frac = (V + 1) / 2 for "learned_range") or ``s``
+    for "fixed"; ``out = mean + std z`` with z from `fused_noise` (none: the noise term is
+    dropped). Returns out, float64, shaped like x (the network input is ``c out``).
     """
     if variance not in ANC_VARIANCES:
         raise ValueError(f"variance must be one of {ANC_VARIANCES}, got {variance!r}")
     batch = x.shape[0]
     n = x[0].numel()
-    ax, af, coef1, coef2, log_beta, log_beta_tilde, s, _c = (float(v) for v in coef.double().cpu()[:8])
+    row = [float(v) for v in coef.double().cpu()]
+    ax, af, coef1, coef2 = row[ANC_AX], row[ANC_AF], row[ANC_COEF1], row[ANC_COEF2]
+    log_beta, log_beta_tilde, s = row[ANC_LOG_BETA], row[ANC_LOG_BETA_TILDE], row[ANC_S]
+    cf = row[ANC_CF] if len(row) > ANC_CF else None
+    bound = row[ANC_CLIP] if len(row) > ANC_CLIP else 1.0
     rows = f.reshape(f.shape[0], -1)
     learned = variance != "fixed"
     if rows.shape[1] != (2 * n if learned else n):
@@ -268,8 +284,10 @@ def ancestral_step(
     x64 = x.reshape(batch, n).double()
     x0 = ax * x64 + af * F
     if clip:
-        x0 = x0.clamp(-1.0, 1.0)
+        x0 = x0.clamp(-bound, bound)
     out = coef1 * x0 + coef2 * x64
+    if cf is not None:
+        out = out + cf * F
     z = fused_noise(tuple(x.shape), noise, seeds, step) if s != 0 else None
     if z is not None:  # s = 0 (the last step) adds nothing, even where exp(logvar / 2) overflows
         if learned:

@@ -205,6 +205,9 @@ def _call(**over):
         (dict(x=torch.randn(2, 3, 4, dtype=torch.float16)), TypeError, "x must have dtype"),
         (dict(coef=torch.zeros(1, 8)), ValueError, "coef must be one contiguous float32 row"),
         (dict(coef=torch.zeros(5)), ValueError, "coef must be one contiguous float32 row"),
+        (dict(coef=torch.zeros(10)), ValueError, r"or that row with \[cf, clip\] and padding"),
+        (dict(coef=torch.zeros(32)[::2]), ValueError, "coef must be one contiguous float32 row"),
+        (dict(x=torch.empty(2, 3, 4, device="meta")), ValueError, "x is a meta tensor"),
         (dict(coef=torch.zeros(8, dtype=torch.float64)), TypeError, "coef must have dtype"),
         (dict(k=torch.ones(2)), ValueError, "k .CFG rescale factors. needs f with 2B rows"),
         (dict(f=torch.randn(4, 6, 4), k=torch.ones(3)), ValueError, "k must be float32"),
@@ -453,3 +456,86 @@ def test_prepared_launch_equals_the_public_op(backend_device, variance, cfg, noi
         launch(f_step.clone(), step, ctx)
         for a, b in ((xs[0], xs[1]), (nets[0], nets[1]), (bads[0], bads[1])):
             assert torch.equal(a, b), step
+
+
+# ----------------------------------------------------------------------------- the cf and clip columns
+
+
+def wide_coef(device, *, cf: float, bound: float) -> torch.Tensor:
+    """A 16-float row: a plausible 8-float row, then cf, the clip bound, and NaN padding (never read)."""
+    row = torch.full((16,), float("nan"), device=device)
+    row[:8] = make_coef(device)
+    row[8], row[9] = cf, bound
+    return row
+
+
+@pytest.mark.parametrize("variance", VARIANCES)
+@pytest.mark.parametrize("cfg", ["none", "cfg_k"])
+@pytest.mark.parametrize("bound", [2.0, 0.3])
+def test_wide_rows_match_reference(backend_device, variance, cfg, bound) -> None:
+    """mean = coef1 x0 + coef2 x + cf F with x0 clamped to [-bound, bound] (diffusers' DDIM with
+    use_clipped_model_output=False and clip_sample_range), on every variance, with and without CFG."""
+    backend, device = backend_device
+    shape = (2, 3, 7, 5)
+    x, f, k = make_inputs(shape, variance, cfg, torch.float32, device)
+    coef = wide_coef(device, cf=-0.8, bound=bound)
+    seeds = torch.tensor([3, 2**40], device=device)
+    rows = 2 if cfg != "none" else 1
+    for clip in (False, True):
+        out = poisoned(shape, torch.float32, device)
+        net = poisoned((rows * 2, *shape[1:]), torch.float32, device)
+        ops.ancestral_step(
+            x, f, coef, out=out, variance=variance, clip=clip, k=k, guidance_scale=3.0, seeds=seeds, step=4,
+            out_net=net, backend=backend,
+        )  # fmt: skip
+        ref = reference.ancestral_step(
+            x, f, coef, variance=variance, clip=clip, k=k, guidance_scale=3.0, seeds=seeds, step=4
+        )
+        err = (out.double().cpu() - ref.cpu()).abs().max() / ref.abs().max().cpu()
+        assert err <= 1e-5, (clip, float(err))
+        assert torch.allclose(
+            net.double().cpu(), (float(coef[7]) * ref).repeat(rows, 1, 1, 1).cpu(), rtol=1e-5, atol=1e-5
+        )
+    # the bound matters: with the clip, x0 is inside [-bound, bound]; a tight bound changes out
+    if bound < 1:
+        loose_row = coef.clone()
+        loose_row[9] = 10.0
+        loose = reference.ancestral_step(
+            x, f, loose_row, variance=variance, clip=True, k=k, guidance_scale=3.0, seeds=seeds, step=4
+        )
+        assert not torch.allclose(loose, ref)
+
+
+def test_eight_float_rows_are_the_wide_row_with_cf_0_and_bound_1(backend_device) -> None:
+    backend, device = backend_device
+    shape = (3, 1030)
+    x, f, k = make_inputs(shape, "learned_range", "cfg_k", torch.float16, device)
+    narrow = make_coef(device)
+    wide = torch.zeros(16, device=device)
+    wide[:8] = narrow
+    wide[9] = 1.0
+    outs = []
+    for coef in (narrow, wide):
+        out = poisoned(shape, torch.float32, device)
+        ops.ancestral_step(
+            x, f, coef, out=out, variance="learned_range", clip=True, k=k, guidance_scale=2.0,
+            seeds=torch.tensor([1, 2, 3], device=device), step=9, backend=backend,
+        )  # fmt: skip
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_eight_float_rows_add_no_cf_term(backend_device) -> None:
+    """An inf prediction that clipping turns into a finite x0 keeps the mean finite with an 8-float
+    row (its cf term does not exist; 0 * inf would be NaN)."""
+    backend, device = backend_device
+    x = torch.randn(2, 9, device=device)
+    f = torch.randn(2, 9, device=device)
+    f[1, 4] = float("inf")
+    coef = make_coef(device)
+    out = poisoned((2, 9), torch.float32, device)
+    bad = torch.full((2,), ops.BAD_NONE, dtype=torch.int32, device=device)
+    ops.ancestral_step(x, f, coef, out=out, clip=True, bad=bad, bad_step=1, backend=backend)
+    assert torch.isfinite(out).all() and bad.tolist() == [ops.BAD_NONE, ops.BAD_NONE]
+    ref = reference.ancestral_step(x, f, coef, variance="fixed", clip=True)
+    assert torch.allclose(out.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-6)

@@ -140,7 +140,7 @@ template <typename T, bool kClip>
 void ancestral_all(const AncestralArgs& args, int num_threads) {
   AncestralArgs a = args;
   if (a.guidance) a.guidance_scale = *a.guidance;  // host memory on this backend: read it once
-  const AncCoef c = load_anc_coef(a.coef);
+  const AncCoef c = load_anc_coef(a.coef, a.coef_cols, a.clip);
   const bool noisy = (a.noise || a.seeds) && c.s != 0.0f;  // s = 0: the last step adds no noise
   for_each_chunk(a.batch, a.numel, kChunk, num_threads, [&](int64_t, int64_t b, int64_t begin, int64_t n) {
     ancestral_chunk<T, kClip>(a, c, noisy, b, begin, n);

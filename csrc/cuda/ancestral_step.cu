@@ -19,7 +19,7 @@ namespace {
 
 template <typename T, bool kVec, bool kClip>
 __global__ void __launch_bounds__(kThreads) ancestral_step_kernel(const AncestralArgs a) {
-  const AncCoef c = load_anc_coef(a.coef);
+  const AncCoef c = load_anc_coef(a.coef, a.coef_cols, a.clip);
   const Variance variance = static_cast<Variance>(a.variance);
   const bool noisy = (a.noise != nullptr || a.seeds != nullptr) && c.s != 0.0f;  // uniform per launch
   const bool cfg = a.f_rows == 2 * a.batch;

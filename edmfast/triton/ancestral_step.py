@@ -1,6 +1,6 @@
 """Fused ancestral pass (DDPM / iDDPM learned variance / DDIM eta) as one Triton kernel.
 
-``x0 = ax x + af F`` (clipped), ``out = coef1 x0 + coef2 x + std z``, ``out_net = c out``, with F
+``x0 = ax x + af F`` (clipped), ``out = coef1 x0 + coef2 x + cf F + std z``, ``out_net = c out``, with F
 guided over 2B CFG rows and std from the variance half of the cond rows for the learned
 variances. One read of every operand, one write of every result; float32 math, 16-bit f /
 out_net cast on load / store. See `edmfast.reference.ancestral_step` for the contract.
@@ -40,6 +40,7 @@ def _ancestral_step_kernel(
     bad_step,
     VARIANCE: tl.constexpr,
     CLIP: tl.constexpr,
+    HAS_CF: tl.constexpr,
     CFG: tl.constexpr,
     HAS_K: tl.constexpr,
     NOISE: tl.constexpr,
@@ -73,9 +74,16 @@ def _ancestral_step_kernel(
             pred = tl.load(k_ptr + b) * pred
     x0 = tl.load(coef_ptr + 0) * x + tl.load(coef_ptr + 1) * pred
     if CLIP:
+        # the bound of a 16-float row (column 9), 1 for an 8-float row (columns 8, 9 never read)
+        if HAS_CF:
+            bound = tl.load(coef_ptr + 9)
+        else:
+            bound = 1.0
         # compare-and-select, not minimum / maximum: NaN passes through to the bad-row check
-        x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))
+        x0 = tl.where(x0 < -bound, -bound, tl.where(x0 > bound, bound, x0))
     acc = tl.load(coef_ptr + 2) * x0 + tl.load(coef_ptr + 3) * x
+    if HAS_CF:
+        acc += tl.load(coef_ptr + 8) * pred  # cf F: the model's own prediction in the mean
     if NOISE != 0:
         s = tl.load(coef_ptr + 6)
         if NOISE == 1:  # NOISE_TENSOR
@@ -148,6 +156,7 @@ def ancestral_step(
         int(bad_step),
         VARIANCE=VARIANCE_CODE[variance],
         CLIP=bool(clip),
+        HAS_CF=coef.numel() > 8,
         CFG=f.shape[0] == 2 * batch,
         HAS_K=k is not None,
         NOISE=noise_mode,

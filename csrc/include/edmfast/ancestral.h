@@ -2,16 +2,19 @@
 // eta), shared by the CUDA kernel and the CPU loops. The float64 contract is
 // edmfast/reference.py ancestral_step; per sample b and element j of the state:
 //   F    = f[b, j]   (or k_b (F_u + w (F_c - F_u)) over 2B CFG rows: guided_prediction of step.h)
-//   x0   = ax x + af F,  clamped to [-1, 1] when clipping
-//   mean = coef1 x0 + coef2 x
+//   x0   = ax x + af F,  clamped to [-clip, clip] when clipping
+//   mean = coef1 x0 + coef2 x + cf F
 //   std  = s                                   (fixed variances; DDIM's sigma_t)
 //        | s exp(V / 2)                        (learned: V is the raw log variance)
 //        | s exp((frac lb + (1 - frac) lbt) / 2), frac = (V + 1) / 2   (learned_range)
 //   out  = mean + std z,   net = c out
 // V = f[b, n + j] is the variance half of the cond rows. s = 0 (the last step) means no noise at
 // all: the launchers drop the noise term then, so an overflowing exp(V / 2) never makes 0 * inf.
-// The coefficient row [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c] lives in device
-// memory (edmfast.reference ANC_*), so one captured graph replays every step of a schedule.
+// The coefficient row [ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c, cf, clip, 0...] lives
+// in device memory (edmfast/layout.py ANC_*), so one captured graph replays every step of a
+// schedule. A row of 8 floats (the original layout) has no cf term and the clip bound 1; its
+// columns 8 and 9 are never read. cf carries the model's own prediction into DDIM's direction
+// term when diffusers does not recompute it from the clipped x0 (use_clipped_model_output=False).
 #pragma once
 
 #include <cmath>
@@ -21,30 +24,48 @@
 namespace edmfast {
 
 constexpr int kAncAx = 0, kAncAf = 1, kAncCoef1 = 2, kAncCoef2 = 3, kAncLogBeta = 4, kAncLogBetaTilde = 5,
-              kAncS = 6, kAncC = 7, kAncCoefs = 8;
+              kAncS = 6, kAncC = 7, kAncCoefs = 8, kAncCf = 8, kAncClip = 9;
 
 // Codes of the variance parameterization (the Python glue passes them through the bindings).
 enum class Variance : int { kFixed = 0, kLearned = 1, kLearnedRange = 2 };
 
 struct AncCoef {
   float ax, af, coef1, coef2, log_beta, log_beta_tilde, s, c;
+  float cf;     // on F in the mean (0 without the column)
+  float clip;   // the clip bound (1 without the column, unread without clipping)
+  bool has_cf;  // the row has the cf column: an 8-float row adds no cf F term at all
 };
 
-EDMFAST_HD AncCoef load_anc_coef(const float* coef) {
-  return AncCoef{coef[kAncAx],      coef[kAncAf],           coef[kAncCoef1], coef[kAncCoef2],
-                 coef[kAncLogBeta], coef[kAncLogBetaTilde], coef[kAncS],     coef[kAncC]};
+// A row of `cols` floats (8, or >= 16 with cf and the clip bound); columns past an 8-float row
+// are never read, and the clip bound only when clipping.
+EDMFAST_HD AncCoef load_anc_coef(const float* coef, int64_t cols, bool clip) {
+  const bool wide = cols > kAncCf;
+  return AncCoef{coef[kAncAx],
+                 coef[kAncAf],
+                 coef[kAncCoef1],
+                 coef[kAncCoef2],
+                 coef[kAncLogBeta],
+                 coef[kAncLogBetaTilde],
+                 coef[kAncS],
+                 coef[kAncC],
+                 wide ? coef[kAncCf] : 0.0f,
+                 (wide && clip) ? coef[kAncClip] : 1.0f,
+                 wide};
 }
 
-// clamp(v, -1, 1) as compare-and-select, so NaN passes through (fminf / fmaxf would hide it and
+// clamp(v, -b, b) as compare-and-select, so NaN passes through (fminf / fmaxf would hide it and
 // the bad-row check could not see a model that produced NaN).
-EDMFAST_HD float clamp_unit(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
+EDMFAST_HD float clamp_bound(float v, float b) { return v < -b ? -b : (v > b ? b : v); }
 
-// The posterior mean from the state x and the (guided) prediction F.
+// The posterior mean from the state x and the (guided) prediction F: coef1 x0 + coef2 x + cf F.
+// Without the cf column the term is selected away (not multiplied by 0: an inf F that clipping
+// turned into a finite x0 must give the finite mean of the original 8-float row).
 template <bool kClip>
 EDMFAST_HD float ancestral_mean(const AncCoef& a, float x, float f) {
   float x0 = a.ax * x + a.af * f;
-  if (kClip) x0 = clamp_unit(x0);
-  return a.coef1 * x0 + a.coef2 * x;
+  if (kClip) x0 = clamp_bound(x0, a.clip);
+  const float cf_term = a.cf * f;
+  return a.coef1 * x0 + a.coef2 * x + (a.has_cf ? cf_term : 0.0f);
 }
 
 // exp(x) in float32, branch-free (compare-and-select only) so the CPU loops vectorize it: a libm
