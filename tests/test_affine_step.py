@@ -479,20 +479,6 @@ def test_zero_elements_launch_nothing(backend_device):
     assert ops.affine_step(x, torch.rand(16, device=device), out=out, backend=backend) is out
 
 
-def test_same_signature_on_every_backend():
-    """STYLE rule 1: one keyword signature per op on every backend (the public op minus backend)."""
-    import inspect
-
-    from edmfast import native
-    from edmfast import triton as T
-
-    public = inspect.signature(ops.affine_step).parameters
-    want = [(n, p.kind, p.default) for n, p in public.items() if n != "backend"]
-    for fn in (ops._torch_affine_step, native.affine_step, T.affine_step):
-        got = [(n, p.kind, p.default) for n, p in inspect.signature(fn).parameters.items()]
-        assert got == want, fn.__module__
-
-
 def test_case_matrix_covers_every_history_subset():
     assert {c.hist for c in FEATURE_CASES} == set(HIST_SUBSETS)
     assert {c.f for c in FEATURE_CASES} == {"none", "b", "cfg", "cfg_k"}

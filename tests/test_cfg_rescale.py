@@ -169,3 +169,63 @@ def test_prepared_factors_equal_the_public_op(backend_device, numel):
         assert torch.equal(k, want), (wv, pv)
     with pytest.raises(ValueError, match="f_like"):
         ops.prepare_cfg_rescale_factors(backend, f_like[:3], w, phi, out=k)
+
+
+# --------------------------------------------------------------------- poisoned workspaces (issue 22 item 13)
+
+
+def _triton_on_cpu():
+    reason = ops.backend_status("triton", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    import importlib
+
+    return importlib.import_module("edmfast.triton.cfg_rescale")  # the module, not the package's entry
+
+
+def test_a_launch_that_died_mid_grid_does_not_poison_the_workspace():
+    """Run the real factors kernel over only the first programs of each sample (the state of a
+    launch that died mid-grid: partial sums written, arrivals counted, nobody finalized), then a
+    full launch on other data through the same workspace: its k must be the reference's. With bare
+    counters the second launch's second program would finalize early, on stale partial sums."""
+    C = _triton_on_cpu()
+    batch, row = 2, 7000
+    f_old = torch.randn(2 * batch, row) * 5
+    f = torch.randn(2 * batch, row) * 0.5 + 1
+    ws = ops.cfg_workspace(f, "triton")
+    block, tiles, programs, warps = C.reduction_config(row, batch)
+    assert programs >= 3, "the case needs several programs per sample"
+    k = poisoned((batch,), torch.float32, "cpu")
+    counts = C.counters(ws, f)
+    C._cfg_factors_kernel[(programs - 1, batch)](
+        f_old[:batch], f_old[batch:], ws, counts, k, k, k, row, row, programs, 7.5, 0.7, tiles,
+        C._next_tag(), W_FROM_PTR=False, PHI_FROM_PTR=False, BLOCK=block, P_BLOCK=programs, num_warps=warps,
+    )  # fmt: skip
+    assert [v & 0xFFFFFFFF for v in counts.tolist()] == [programs - 1] * batch  # the dead launch's trace
+    assert torch.isnan(k).all()
+    for trial in range(2):  # and the workspace stays good for the launches after
+        ops.cfg_rescale_factors(f, 7.5, 0.7, out=k, workspace=ws, backend="triton")
+        assert rel_err(k, reference.cfg_rescale_factors(f, 7.5, 0.7)) <= TOL[torch.float32], trial
+        assert [v & 0xFFFFFFFF for v in counts.tolist()] == [0] * batch
+
+
+@pytest.mark.parametrize("garbage", ["stale tag", "all ones"])
+def test_garbage_arrival_words_are_replaced(backend_device, garbage):
+    """Arrival words with any other launch's tag (or none of ours) and any count are replaced by
+    the next launch, whatever its backend (cuda on a GPU, triton everywhere)."""
+    backend, device = backend_device
+    batch, row = 3, 20000
+    f = torch.randn(2 * batch, row, device=device)
+    ws = ops.cfg_workspace(f, backend)
+    if ws.numel() == 0:
+        pytest.skip(f"the {backend} backend keeps no arrival counters")
+    if backend == "triton":
+        from edmfast.triton.cfg_rescale import counters
+    else:
+        from edmfast.native import counters
+    words = counters(ws, f)
+    ws.normal_()  # stale partial sums everywhere
+    words.fill_(-1 if garbage == "all ones" else (12345 << 32) | 3)
+    k = poisoned((batch,), torch.float32, device)
+    ops.cfg_rescale_factors(f, 3.0, 1.0, out=k, workspace=ws, backend=backend)
+    assert rel_err(k, reference.cfg_rescale_factors(f, 3.0, 1.0)) <= TOL[torch.float32]

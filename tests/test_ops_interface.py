@@ -1,5 +1,8 @@
 """The engine-facing additions of edmfast.ops (coord INTERFACE items 1-3), on every backend.
 
+* one keyword signature per op on every backend (STYLE rule 1), and registered custom-op schemas
+  without default arguments (issue 21: torch 2.11 fails on a mutated argument among defaulted ones).
+
 * ``bad`` / ``bad_step``: per-sample non-finite recording inside heun_step and churn (min of the
   steps, only rows that hold inf or NaN; finite rows whose float32 sum would overflow never count).
 * guidance values as float32 one-element tensors read at run time (heun_step, cfg_rescale_factors).
@@ -269,3 +272,57 @@ def test_one_graph_serves_any_guidance(backend):
     x[1, 7] = float("nan")
     graph.replay()
     assert bad.tolist() == [ops.BAD_NONE, 5, ops.BAD_NONE]
+
+
+# ----------------------------------------------------------------------------- signatures and schemas
+
+ENTRY_OPS = ("affine_step", "heun_step", "churn", "ancestral_step", "cfg_rescale_factors")
+
+
+@pytest.mark.parametrize("op", ENTRY_OPS)
+def test_every_backend_entry_has_the_public_signature(op):
+    """STYLE rule 1: the unchecked entry of every backend takes the public op's keywords (minus
+    backend), in the same order, with the same defaults."""
+    import inspect
+
+    from edmfast import native
+    from edmfast import triton as T
+
+    public = inspect.signature(getattr(ops, op)).parameters
+    want = [(n, p.kind, p.default) for n, p in public.items() if n != "backend"]
+    for entry in (ops._TORCH_ENTRIES[op], getattr(native, op), getattr(T, op)):
+        got = [(n, p.kind, p.default) for n, p in inspect.signature(entry).parameters.items()]
+        assert got == want, f"{entry.__module__}.{entry.__name__}"
+
+
+def _registered_schemas() -> dict[str, list]:
+    """Every overload schema of the ops registered under torch.ops.edmfast and torch.ops.edmfast_triton."""
+    from edmfast import native  # noqa: F401  (registers torch.ops.edmfast.*)
+    from edmfast import triton as T
+
+    T._ops()  # registers torch.ops.edmfast_triton.*
+    schemas: dict[str, list] = {}
+    for name in torch._C._dispatch_get_all_op_names():
+        namespace, _, op = name.partition("::")
+        if namespace not in ("edmfast", "edmfast_triton"):
+            continue
+        packet = getattr(getattr(torch.ops, namespace), op)
+        schemas[name] = [getattr(packet, overload)._schema for overload in packet.overloads()]
+    return schemas
+
+
+def test_registered_ops_have_no_default_arguments():
+    """torch 2.11's custom_ops raise IndexError when a mutated argument sits among trailing
+    defaulted arguments (issue 21 item 1): no edmfast op schema may declare a default."""
+    schemas = _registered_schemas()
+    for namespace in ("edmfast", "edmfast_triton"):
+        for op in ("affine_step", "ancestral_step", "cfg_rescale_factors", "cfg_rescale"):
+            assert f"{namespace}::{op}" in schemas, f"{namespace}::{op} is not registered"
+    defaulted = [
+        f"{schema.name}({arg.name})"
+        for overloads in schemas.values()
+        for schema in overloads
+        for arg in schema.arguments
+        if arg.has_default_value()
+    ]
+    assert defaulted == [], f"arguments with defaults: {defaulted}"
