@@ -680,3 +680,35 @@ def test_prepared_launches_record_into_a_cuda_graph(backend):
         )  # fmt: skip
         assert torch.equal(k, want_k)
         assert torch.equal(out, want_out) and torch.equal(net, want_net) and torch.equal(h0, want_h)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_raw_entry_traces_under_torch_compile(backend):
+    """The unchecked entry compiles without graph breaks (the registered custom op when tracing)
+    and gives the eager results, in-place history slot included."""
+    if ops.backend_status(backend, torch.device("cpu")) is not None:
+        pytest.skip(ops.backend_status(backend, torch.device("cpu")))
+    step = ops.raw_affine_step(backend)
+    x, f, h0, h1 = (torch.randn(2, 40) for _ in range(4))
+    coef = torch.rand(layout.COEF_SIZE)
+    seeds = torch.tensor([3, 4])
+
+    def body(x, f, h0, h1, out, net):
+        step(
+            x, coef, out=out, f=f, hist=(h0, None, h1), hist_out=h0, seeds=seeds, step=5, stage=1, out_net=net
+        )
+        return out * 2
+
+    compiled = torch.compile(body, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (body, compiled):
+        hist0 = h0.clone()
+        out, net = torch.empty(2, 40), torch.empty(2, 40)
+        doubled = fn(x, f, hist0, h1, out, net)
+        results.append((doubled, out, net, hist0))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=TOL[torch.float32], atol=0)
+    ref_out, _, ref_h = reference.affine_step(
+        x, coef, f=f, hist=(h0, None, h1), seeds=seeds, step=5, stage=1, hist_out=True
+    )
+    assert rel_err(results[1][1], ref_out) <= 1e-5 and rel_err(results[1][3], ref_h) <= 1e-5

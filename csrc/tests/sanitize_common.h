@@ -100,62 +100,100 @@ struct Rng {
   float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>((next() >> 40) * 0x1.0p-24); }
 };
 
-// ------------------------------------------------------------------ the fused step (heun_step)
+// ------------------------------------------------------------------ the fused affine pass (affine_step)
 
 enum class FMode { kNone, kB, kCfg, kCfgK };  // no f, f [B], f [2B] (CFG), f [2B] + k [B]
 enum class EpsMode { kNone, kNoise, kSeeds };
+// Exact aliases the op allows: out == x; out == the last present h_k; hist_out == the first
+// present h_k (the slot a multistep method replaces).
+enum class Alias { kNone, kOutX, kOutH, kHistOutH };
 
 struct StepCase {
   int64_t B = 1, M = 1;
   DType dtype = DType::kFloat32;
   bool churn = false;
-  bool x_prime = false;
+  unsigned hist = 0;  // bit j: history buffer h_j present
   FMode f = FMode::kNone;
   EpsMode eps = EpsMode::kNone;
-  bool alias = false;  // out == x_hat
+  uint32_t stage = 0;  // Philox counter word c3
+  bool hist_out = false;
+  Alias alias = Alias::kNone;
   int net_rows = 0;    // 0: no out_net, 1: [B], 2: [2B]
   bool w_ptr = false;  // guidance scale read from device memory (StepArgs::guidance)
   bool bad = false;    // a bad [B] buffer (StepArgs::bad): finite inputs must leave it untouched
 
   int64_t f_rows() const { return f == FMode::kNone ? 0 : (f == FMode::kB ? B : 2 * B); }
+  bool has(int j) const { return (hist >> j) & 1u; }
+  int first_hist() const {
+    for (int j = 0; j < edmfast::kHistory; ++j)
+      if (has(j)) return j;
+    return -1;
+  }
+  int last_hist() const {
+    for (int j = edmfast::kHistory - 1; j >= 0; --j)
+      if (has(j)) return j;
+    return -1;
+  }
+  // The floats of the coefficient row this case may read: up to its last used column (0 when it
+  // reads none). The drivers allocate exactly this many, so a read of any other column (an absent
+  // operand's, or past a 5-float Heun row) is out of bounds.
+  int64_t coef_floats() const {
+    int last = -1;
+    auto use = [&](int col) { last = col > last ? col : last; };
+    if (!churn) use(edmfast::kCoefA);
+    if (f != FMode::kNone) use(edmfast::kCoefB);
+    for (int j = 0; j < edmfast::kHistory; ++j)
+      if (has(j)) use(edmfast::history_column(j));
+    if (eps != EpsMode::kNone) use(edmfast::kCoefStd);
+    if (net_rows) use(edmfast::kCoefNet);
+    if (hist_out) use(f != FMode::kNone ? edmfast::kCoefHq : edmfast::kCoefHp);
+    return last + 1;
+  }
   std::string name() const {
     static const char* fn[] = {"none", "B", "2B", "2B+k"};
     static const char* en[] = {"none", "noise", "seeds"};
-    char buf[240];
+    static const char* an[] = {"none", "out=x", "out=h", "hist_out=h"};
+    char buf[300];
     std::snprintf(buf, sizeof(buf),
-                  "heun B=%lld M=%lld %s%s x_prime=%d f=%s eps=%s alias=%d net_rows=%d w_ptr=%d bad=%d",
-                  static_cast<long long>(B), static_cast<long long>(M), dtype_name(dtype), churn ? " churn" : "",
-                  x_prime ? 1 : 0, fn[static_cast<int>(f)], en[static_cast<int>(eps)], alias ? 1 : 0, net_rows,
-                  w_ptr ? 1 : 0, bad ? 1 : 0);
+                  "affine B=%lld M=%lld %s%s hist=%x f=%s eps=%s stage=%u hist_out=%d alias=%s net_rows=%d "
+                  "w_ptr=%d bad=%d coef=%lld",
+                  static_cast<long long>(B), static_cast<long long>(M), dtype_name(dtype), churn ? " churn" : "", hist,
+                  fn[static_cast<int>(f)], en[static_cast<int>(eps)], stage, hist_out ? 1 : 0,
+                  an[static_cast<int>(alias)], net_rows, w_ptr ? 1 : 0, bad ? 1 : 0,
+                  static_cast<long long>(coef_floats()));
     return buf;
   }
 };
 
-// Every feature combination for one (B, M, dtype): 144 plain passes and 18 churns.
+// Every history subset x f x eps for one (B, M, dtype) (192 passes) and 3 churns; the other
+// switches (stage, hist_out, the aliases, net_rows, w_ptr, bad) spread over them.
 inline std::vector<StepCase> step_feature_cases(int64_t B, int64_t M, DType dtype) {
   std::vector<StepCase> cases;
+  int i = 0;
   for (int churn = 0; churn < 2; ++churn)
-    for (int xp = 0; xp < 2; ++xp)
+    for (unsigned hist = 0; hist < 16; ++hist)
       for (int f = 0; f < 4; ++f) {
-        if (churn && (xp || f)) continue;  // a churn has no x_prime and no f (validate rejects it)
-        for (int e = 0; e < 3; ++e)
-          for (int alias = 0; alias < 2; ++alias)
-            for (int net = 0; net < 3; ++net) {
-              StepCase c;
-              c.B = B;
-              c.M = M;
-              c.dtype = dtype;
-              c.churn = churn != 0;
-              c.x_prime = xp != 0;
-              c.f = static_cast<FMode>(f);
-              c.eps = static_cast<EpsMode>(e);
-              c.alias = alias != 0;
-              c.net_rows = net;
-              // Spread over the matrix instead of multiplying it: half the cases each.
-              c.w_ptr = (net + alias) % 2 == 1;
-              c.bad = (e + net) % 2 == 0;
-              cases.push_back(c);
-            }
+        if (churn && (hist || f)) continue;  // a churn has no history and no f (validate rejects it)
+        for (int e = 0; e < 3; ++e, ++i) {
+          StepCase c;
+          c.B = B;
+          c.M = M;
+          c.dtype = dtype;
+          c.churn = churn != 0;
+          c.hist = hist;
+          c.f = static_cast<FMode>(f);
+          c.eps = static_cast<EpsMode>(e);
+          c.stage = (i / 3) % 2;
+          c.hist_out = !churn && i % 3 != 1;
+          const int alias = i % 4;
+          if (alias == 1) c.alias = Alias::kOutX;
+          if (alias == 2 && hist) c.alias = Alias::kOutH;
+          if (alias == 3 && hist && c.hist_out) c.alias = Alias::kHistOutH;
+          c.net_rows = (i / 2) % 3;
+          c.w_ptr = i % 5 == 1;
+          c.bad = (e + i) % 2 == 0;
+          cases.push_back(c);
+        }
       }
   return cases;
 }
@@ -164,7 +202,7 @@ inline std::vector<StepCase> step_feature_cases(int64_t B, int64_t M, DType dtyp
 struct StepInputs {
   int64_t B = 0, M = 0;
   DType dtype = DType::kFloat32;
-  std::vector<float> x_hat, x_prime, noise, k;
+  std::vector<float> x, h[edmfast::kHistory], noise, k;
   std::vector<unsigned char> f1, f2;  // f [B, M] and f [2B, M] in dtype storage
   std::vector<int64_t> seeds;
   float w = 7.5f;
@@ -178,12 +216,12 @@ inline StepInputs make_step_inputs(int64_t B, int64_t M, DType dtype, uint64_t s
   in.dtype = dtype;
   Rng rng(seed);
   const size_t n = static_cast<size_t>(B * M);
-  in.x_hat.resize(n);
-  in.x_prime.resize(n);
+  in.x.resize(n);
+  for (auto& h : in.h) h.resize(n);
   in.noise.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    in.x_hat[i] = rng.uniform(-2.0f, 2.0f);
-    in.x_prime[i] = rng.uniform(-2.0f, 2.0f);
+    in.x[i] = rng.uniform(-2.0f, 2.0f);
+    for (auto& h : in.h) h[i] = rng.uniform(-2.0f, 2.0f);
     in.noise[i] = rng.uniform(-3.0f, 3.0f);
   }
   const size_t es = dtype_size(dtype);
@@ -203,17 +241,25 @@ inline StepInputs make_step_inputs(int64_t B, int64_t M, DType dtype, uint64_t s
   return in;
 }
 
-// [p, q, r, std, c] for a case: coefficients of absent operands are NaN (the kernels must ignore
-// them, see load_coef in step.h), and so is p of a churn (p = 1 there).
-constexpr float kP = 0.9f, kQ = 0.3f, kR = -0.7f, kStd = 0.5f, kC = 0.25f;
+// The columns of a row (edmfast/layout.py). An absent operand's column inside the case's row is
+// NaN (the kernels must ignore it, see load_coef in step.h), and so is a churn's a.
+constexpr float kA = 0.9f, kB = -0.7f, kStd = 0.5f, kNet = 0.25f, kHp = 1.1f, kHq = -0.35f;
+constexpr float kC[edmfast::kHistory] = {0.3f, -0.45f, 0.2f, 0.6f};
 
-inline void step_coef(const StepCase& c, float coef[5]) {
-  const bool has_f = c.f != FMode::kNone, has_eps = c.eps != EpsMode::kNone;
-  coef[0] = c.churn ? NAN : kP;
-  coef[1] = (c.x_prime && !c.churn) ? kQ : NAN;
-  coef[2] = (has_f && !c.churn) ? kR : NAN;
-  coef[3] = has_eps ? kStd : NAN;
-  coef[4] = kC;
+inline std::vector<float> step_coef(const StepCase& c) {
+  std::vector<float> coef(static_cast<size_t>(c.coef_floats()), NAN);
+  auto set = [&](int col, float v) {
+    if (col < static_cast<int>(coef.size())) coef[static_cast<size_t>(col)] = v;
+  };
+  if (!c.churn) set(edmfast::kCoefA, kA);
+  if (c.f != FMode::kNone) set(edmfast::kCoefB, kB);
+  for (int j = 0; j < edmfast::kHistory; ++j)
+    if (c.has(j)) set(edmfast::history_column(j), kC[j]);
+  if (c.eps != EpsMode::kNone) set(edmfast::kCoefStd, kStd);
+  if (c.net_rows) set(edmfast::kCoefNet, kNet);
+  if (c.hist_out) set(edmfast::kCoefHp, kHp);
+  if (c.hist_out && c.f != FMode::kNone) set(edmfast::kCoefHq, kHq);
+  return coef;
 }
 
 inline edmfast::StepArgs step_args(const StepCase& c, const StepInputs& in) {
@@ -225,8 +271,24 @@ inline edmfast::StepArgs step_args(const StepCase& c, const StepInputs& in) {
   a.dtype = c.dtype;
   a.guidance_scale = in.w;
   a.step = in.step;
+  a.stage = c.stage;
   a.churn = c.churn;
   return a;  // the driver fills in the pointers
+}
+
+// The input a case's aliased output starts from (the drivers copy it into the shared buffer).
+inline const std::vector<float>* alias_source(const StepCase& c, const StepInputs& in) {
+  switch (c.alias) {
+    case Alias::kOutX:
+      return &in.x;
+    case Alias::kOutH:
+      return &in.h[c.last_hist()];
+    case Alias::kHistOutH:
+      return &in.h[c.first_hist()];
+    case Alias::kNone:
+      break;
+  }
+  return nullptr;
 }
 
 struct Report {
@@ -247,13 +309,14 @@ struct Report {
 
 inline bool close(double got, double want, double tol) { return std::fabs(got - want) <= tol; }  // NaN: false
 
-// Checks out [B, M] (float32) and out_net [net_rows B, M] (dtype) of one case against the
-// double-precision formula; returns "" or the first mismatch.
-inline std::string check_step(const StepCase& c, const StepInputs& in, const float* out, const void* out_net) {
+// Checks out [B, M] (float32), hist_out [B, M] (float32, when the case has it) and out_net
+// [net_rows B, M] (dtype) of one case against the double-precision formula; returns "" or the
+// first mismatch.
+inline std::string check_step(const StepCase& c, const StepInputs& in, const float* out, const float* hist_out,
+                              const void* out_net) {
   const int64_t B = c.B, M = c.M;
   const bool has_f = c.f != FMode::kNone, has_eps = c.eps != EpsMode::kNone;
-  const double p = c.churn ? 1.0 : kP, q = (c.x_prime && !c.churn) ? kQ : 0.0;
-  const double r = (has_f && !c.churn) ? kR : 0.0, sd = has_eps ? kStd : 0.0, cc = kC;
+  const double a = c.churn ? 1.0 : kA, bf = has_f ? kB : 0.0, sd = has_eps ? kStd : 0.0;
   const double w = in.w;
   const double out_eps = dtype_eps(c.dtype);
   char msg[300];
@@ -262,13 +325,12 @@ inline std::string check_step(const StepCase& c, const StepInputs& in, const flo
     edmfast::float4x32 z{0, 0, 0, 0};
     for (int64_t e = 0; e < M; ++e) {
       const int64_t i = b * M + e;
-      const double xh = in.x_hat[static_cast<size_t>(i)];
-      const double xp = c.x_prime ? in.x_prime[static_cast<size_t>(i)] : 0.0;
+      const double x = in.x[static_cast<size_t>(i)];
       double F = 0, F_scale = 0;
       if (c.f == FMode::kB) {
         F = load_elem(c.dtype, in.f1.data(), i);
         F_scale = std::fabs(F);
-      } else if (c.f != FMode::kNone) {
+      } else if (has_f) {
         const double cond = load_elem(c.dtype, in.f2.data(), i);
         const double uncond = load_elem(c.dtype, in.f2.data(), B * M + i);
         F = kb * (uncond + w * (cond - uncond));
@@ -278,13 +340,20 @@ inline std::string check_step(const StepCase& c, const StepInputs& in, const flo
       if (c.eps == EpsMode::kNoise) {
         eps = in.noise[static_cast<size_t>(i)];
       } else if (c.eps == EpsMode::kSeeds) {
-        if (e % 4 == 0) z = edmfast::philox_normal4(static_cast<uint64_t>(in.seeds[static_cast<size_t>(b)]), in.step,
-                                                    static_cast<uint64_t>(e / 4), 0u);
+        if (e % 4 == 0)
+          z = edmfast::philox_normal4(static_cast<uint64_t>(in.seeds[static_cast<size_t>(b)]), in.step,
+                                      static_cast<uint64_t>(e / 4), c.stage);
         const float n4[4] = {z.n0, z.n1, z.n2, z.n3};
         eps = n4[e % 4];
       }
-      const double want = p * xh + q * xp + r * F + sd * eps;
-      const double scale = std::fabs(p * xh) + std::fabs(q * xp) + std::fabs(r) * F_scale + std::fabs(sd * eps);
+      double want = a * x + bf * F + sd * eps;
+      double scale = std::fabs(a * x) + std::fabs(bf) * F_scale + std::fabs(sd * eps);
+      for (int j = 0; j < edmfast::kHistory; ++j) {
+        if (!c.has(j)) continue;
+        const double h = in.h[j][static_cast<size_t>(i)];
+        want += kC[j] * h;
+        scale += std::fabs(kC[j] * h);
+      }
       const double tol = 1e-5 * scale + 1e-6;
       const double got = out[i];
       if (!close(got, want, tol)) {
@@ -292,10 +361,21 @@ inline std::string check_step(const StepCase& c, const StepInputs& in, const flo
                       static_cast<long long>(e), got, want, tol);
         return msg;
       }
+      if (c.hist_out) {
+        const double hq = has_f ? kHq : 0.0;
+        const double want_h = kHp * x + hq * F;
+        const double tol_h = 1e-5 * (std::fabs(kHp * x) + std::fabs(hq) * F_scale) + 1e-6;
+        if (!close(hist_out[i], want_h, tol_h)) {
+          std::snprintf(msg, sizeof(msg), "hist_out[%lld, %lld] = %.9g, want %.9g (tol %.3g)",
+                        static_cast<long long>(b), static_cast<long long>(e), static_cast<double>(hist_out[i]), want_h,
+                        tol_h);
+          return msg;
+        }
+      }
       for (int64_t j = 0; j < c.net_rows; ++j) {
         const double got_net = load_elem(c.dtype, out_net, (j * B + b) * M + e);
-        const double want_net = cc * want;
-        const double tol_net = out_eps * std::fabs(want_net) + cc * tol + 1e-6;
+        const double want_net = kNet * want;
+        const double tol_net = out_eps * std::fabs(want_net) + kNet * tol + 1e-6;
         if (!close(got_net, want_net, tol_net)) {
           std::snprintf(msg, sizeof(msg), "out_net[%lld, %lld] = %.9g, want %.9g (tol %.3g)",
                         static_cast<long long>(j * B + b), static_cast<long long>(e), got_net, want_net, tol_net);
@@ -452,19 +532,22 @@ struct AncCase {
   int net_rows = 0;
   bool w_ptr = false;
   bool bad = false;
+  bool wide = false;       // a 16-float row with cf and the clip bound (else the 8-float row)
 
   int64_t f_rows() const { return f == FMode::kB ? B : 2 * B; }
   int64_t m() const { return variance == 0 ? M : 2 * M; }
+  int64_t coef_floats() const { return wide ? 16 : 8; }
   std::string name() const {
     static const char* vn[] = {"fixed", "learned", "learned_range"};
     static const char* fn[] = {"none", "B", "2B", "2B+k"};
     static const char* en[] = {"none", "noise", "seeds"};
     char buf[240];
     std::snprintf(buf, sizeof(buf),
-                  "ancestral B=%lld M=%lld %s %s clip=%d f=%s eps=%s last=%d alias=%d net_rows=%d w_ptr=%d bad=%d",
+                  "ancestral B=%lld M=%lld %s %s clip=%d f=%s eps=%s last=%d alias=%d net_rows=%d w_ptr=%d bad=%d "
+                  "wide=%d",
                   static_cast<long long>(B), static_cast<long long>(M), dtype_name(dtype), vn[variance], clip ? 1 : 0,
                   fn[static_cast<int>(f)], en[static_cast<int>(eps)], last ? 1 : 0, alias ? 1 : 0, net_rows,
-                  w_ptr ? 1 : 0, bad ? 1 : 0);
+                  w_ptr ? 1 : 0, bad ? 1 : 0, wide ? 1 : 0);
     return buf;
   }
 };
@@ -490,6 +573,7 @@ inline std::vector<AncCase> anc_feature_cases(int64_t B, int64_t M, DType dtype)
           c.net_rows = i % 3;
           c.w_ptr = i % 4 == 1;
           c.bad = i % 2 == 0;
+          c.wide = i % 3 != 1;
           cases.push_back(c);
         }
   return cases;
@@ -542,11 +626,17 @@ inline AncInputs make_anc_inputs(int64_t B, int64_t M, DType dtype, uint64_t see
 }
 
 constexpr float kAx = 1.3f, kAf = -0.6f, kCoef1 = 0.7f, kCoef2 = 0.4f, kLogBeta = -4.0f, kLogBetaTilde = -5.0f,
-                kS = 0.8f, kAncC = 0.25f;
+                kS = 0.8f, kAncC = 0.25f, kCf = -0.3f, kClipBound = 0.8f;
 
-inline void anc_coef(const AncCase& c, float coef[8]) {
-  const float row[8] = {kAx, kAf, kCoef1, kCoef2, kLogBeta, kLogBetaTilde, c.last ? 0.0f : kS, kAncC};
-  for (int j = 0; j < 8; ++j) coef[j] = row[j];
+// The 8-float row, or the 16-float one with cf and the clip bound (NaN padding, never read).
+inline std::vector<float> anc_coef(const AncCase& c) {
+  std::vector<float> row = {kAx, kAf, kCoef1, kCoef2, kLogBeta, kLogBetaTilde, c.last ? 0.0f : kS, kAncC};
+  if (c.wide) {
+    row.push_back(kCf);
+    row.push_back(kClipBound);
+    row.resize(16, NAN);
+  }
+  return row;
 }
 
 // Checks out [B, M] and out_net [net_rows B, M] of one ancestral case against the double formula.
@@ -572,10 +662,12 @@ inline std::string check_anc(const AncCase& c, const AncInputs& in, const float*
         F = kb * (uncond + w * (cond - uncond));
         F_scale = std::fabs(kb) * (std::fabs(uncond) + w * (std::fabs(cond) + std::fabs(uncond)));
       }
+      const double bound = c.wide ? kClipBound : 1.0, cf = c.wide ? kCf : 0.0;
       double x0 = kAx * x + kAf * F;
-      if (c.clip) x0 = x0 < -1.0 ? -1.0 : (x0 > 1.0 ? 1.0 : x0);
-      double want = kCoef1 * x0 + kCoef2 * x;
-      double scale = std::fabs(kCoef1) * (std::fabs(kAx * x) + std::fabs(kAf) * F_scale) + std::fabs(kCoef2 * x);
+      if (c.clip) x0 = x0 < -bound ? -bound : (x0 > bound ? bound : x0);
+      double want = kCoef1 * x0 + kCoef2 * x + cf * F;
+      double scale = std::fabs(kCoef1) * (std::fabs(kAx * x) + std::fabs(kAf) * F_scale) + std::fabs(kCoef2 * x) +
+                     std::fabs(cf) * F_scale;
       if (c.eps != EpsMode::kNone && s != 0.0) {
         double z = 0;
         if (c.eps == EpsMode::kNoise) {

@@ -7,13 +7,16 @@
 //   build + run: csrc/tests/sanitize.sh   (see there)
 //   usage:       sanitize_cpu [--quick]   (--quick: the reduced size set used under valgrind)
 // Exit status 0 when every case passed, 1 otherwise (sanitizer findings abort on their own).
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "../cpu/parallel.h"
 #include "edmfast/ops.h"
 #include "sanitize_common.h"
 
@@ -59,19 +62,22 @@ size_t bytes_of(const V& v) {
   return v.size() * sizeof(v[0]);
 }
 
-// The fused step over every feature combination of one (B, M, dtype), `stride` > 1 runs every
-// stride-th combination only.
+// The affine pass over every feature combination of one (B, M, dtype), `stride` > 1 runs every
+// stride-th combination only. The coefficient row of each case is its own allocation of exactly
+// the floats the case may read (StepCase::coef_floats).
 void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
   const StepInputs in = make_step_inputs(B, M, dtype, static_cast<uint64_t>(B * 1000003 + M * 31 + int(dtype)));
   const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
-  Buf x_hat(n * 4), x_prime(n * 4), noise(n * 4), f1(n * es), f2(2 * n * es), k(static_cast<size_t>(B) * 4),
-      seeds(static_cast<size_t>(B) * 8), coef(5 * 4), out(n * 4), aliased(n * 4), net1(n * es), net2(2 * n * es),
+  Buf x(n * 4), noise(n * 4), f1(n * es), f2(2 * n * es), k(static_cast<size_t>(B) * 4),
+      seeds(static_cast<size_t>(B) * 8), out(n * 4), hist_out(n * 4), aliased(n * 4), net1(n * es), net2(2 * n * es),
       w(4), bad(static_cast<size_t>(B) * 4);
+  Buf h0(n * 4), h1(n * 4), h2(n * 4), h3(n * 4);
+  const Buf* h[edmfast::kHistory] = {&h0, &h1, &h2, &h3};
   const float nan_w = NAN;  // the host value a case reading w from memory must ignore
   w.fill(&in.w);
   const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
-  x_hat.fill(in.x_hat.data());
-  x_prime.fill(in.x_prime.data());
+  x.fill(in.x.data());
+  for (int j = 0; j < edmfast::kHistory; ++j) h[j]->fill(in.h[j].data());
   noise.fill(in.noise.data());
   f1.fill(in.f1.data());
   f2.fill(in.f2.data());
@@ -82,25 +88,32 @@ void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
   for (size_t ci = 0; ci < cases.size(); ci += static_cast<size_t>(stride)) {
     const StepCase& c = cases[ci];
     ++report.cases;
-    step_coef(c, coef.as<float>());
-    float* out_p = c.alias ? aliased.as<float>() : out.as<float>();
-    if (c.alias) {
-      aliased.fill(in.x_hat.data());
-    } else {
-      poison(DType::kFloat32, out_p, static_cast<int64_t>(n));
+    const std::vector<float> coef_host = step_coef(c);
+    Buf coef(coef_host.size() * 4);
+    coef.fill(coef_host.data());
+    StepArgs a = step_args(c, in);
+    a.x = x.as<float>();
+    for (int j = 0; j < edmfast::kHistory; ++j) a.hist[j] = c.has(j) ? h[j]->as<float>() : nullptr;
+    float* out_p = out.as<float>();
+    float* hist_out_p = c.hist_out ? hist_out.as<float>() : nullptr;
+    poison(DType::kFloat32, out_p, static_cast<int64_t>(n));
+    if (hist_out_p) poison(DType::kFloat32, hist_out_p, static_cast<int64_t>(n));
+    if (const std::vector<float>* src = alias_source(c, in)) {
+      aliased.fill(src->data());  // the shared buffer starts as the input it replaces
+      float* shared = aliased.as<float>();
+      if (c.alias == Alias::kOutX) a.x = out_p = shared;
+      if (c.alias == Alias::kOutH) a.hist[c.last_hist()] = out_p = shared;
+      if (c.alias == Alias::kHistOutH) a.hist[c.first_hist()] = hist_out_p = shared;
     }
     void* net_p = c.net_rows == 1 ? net1.as() : (c.net_rows == 2 ? net2.as() : nullptr);
     if (net_p) poison(dtype, net_p, static_cast<int64_t>(n) * c.net_rows);
-
-    StepArgs a = step_args(c, in);
-    a.x = c.alias ? aliased.as<float>() : x_hat.as<float>();
-    a.hist[0] = c.x_prime ? x_prime.as<float>() : nullptr;
     a.f = c.f == FMode::kNone ? nullptr : (c.f == FMode::kB ? f1.as() : f2.as());
     a.k = c.f == FMode::kCfgK ? k.as<float>() : nullptr;
     a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
     a.seeds = c.eps == EpsMode::kSeeds ? seeds.as<int64_t>() : nullptr;
     a.coef = coef.as<float>();
     a.out = out_p;
+    a.hist_out = hist_out_p;
     a.out_net = net_p;
     if (c.w_ptr) {
       a.guidance = w.as<float>();
@@ -116,7 +129,7 @@ void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
       report.fail(c.name() + " threads=" + std::to_string(threads) + ": status " + std::to_string(rc));
       continue;
     }
-    std::string err = check_step(c, in, out_p, net_p);
+    std::string err = check_step(c, in, out_p, hist_out_p, net_p);
     if (err.empty() && c.bad) err = check_bad(bad.as<int32_t>(), B, M, true);
     if (!err.empty()) report.fail(c.name() + " threads=" + std::to_string(threads) + ": " + err);
   }
@@ -126,8 +139,8 @@ void run_step_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
 void run_anc_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
   const AncInputs in = make_anc_inputs(B, M, dtype, static_cast<uint64_t>(B * 7741 + M * 13 + int(dtype)));
   const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
-  Buf x(n * 4), noise(n * 4), k(static_cast<size_t>(B) * 4), seeds(static_cast<size_t>(B) * 8), coef(8 * 4),
-      out(n * 4), aliased(n * 4), net1(n * es), net2(2 * n * es), w(4), bad(static_cast<size_t>(B) * 4);
+  Buf x(n * 4), noise(n * 4), k(static_cast<size_t>(B) * 4), seeds(static_cast<size_t>(B) * 8), out(n * 4),
+      aliased(n * 4), net1(n * es), net2(2 * n * es), w(4), bad(static_cast<size_t>(B) * 4);
   Buf f_fixed1(in.f_fixed1.size()), f_fixed2(in.f_fixed2.size()), f_learn1(in.f_learn1.size()),
       f_learn2(in.f_learn2.size());
   f_fixed1.fill(in.f_fixed1.data());
@@ -145,9 +158,9 @@ void run_anc_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
   for (size_t ci = 0; ci < cases.size(); ci += static_cast<size_t>(stride)) {
     const AncCase& c = cases[ci];
     ++report.cases;
-    float coef_host[8];
-    anc_coef(c, coef_host);
-    coef.fill(coef_host);
+    const std::vector<float> coef_host = anc_coef(c);
+    Buf coef(coef_host.size() * 4);  // exactly the row: a read past an 8-float row is out of bounds
+    coef.fill(coef_host.data());
     float* out_p = c.alias ? aliased.as<float>() : out.as<float>();
     if (c.alias) {
       aliased.fill(in.x.data());
@@ -165,6 +178,7 @@ void run_anc_size(int64_t B, int64_t M, DType dtype, int threads, int stride) {
     a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
     a.seeds = c.eps == EpsMode::kSeeds ? seeds.as<int64_t>() : nullptr;
     a.coef = coef.as<float>();
+    a.coef_cols = c.coef_floats();
     a.out = out_p;
     a.out_net = net_p;
     a.batch = B;
@@ -318,15 +332,17 @@ void run_bad_arguments() {
   a = base(), a.net_rows = 1, bad.push_back({"net_rows without out_net", a});
   a = base(), a.churn = true, a.hist[0] = x.as<float>(), bad.push_back({"churn with h0", a});
   a = base(), a.churn = true, a.f = f.as(), a.f_rows = B, bad.push_back({"churn with f", a});
+  a = base(), a.churn = true, a.hist[3] = x.as<float>(), bad.push_back({"churn with h3", a});
+  a = base(), a.churn = true, a.hist_out = net.as<float>(), bad.push_back({"churn with hist_out", a});
   for (const Bad& b : bad) {
     ++report.cases;
     poison(DType::kFloat32, out.as(), n);
     poison(DType::kFloat32, net.as(), 2 * n);
     const int rc = edmfast::affine_step_cpu(b.a, 1);
-    if (rc != kBadArgument) report.fail(std::string("bad heun_step (") + b.what + "): status " + std::to_string(rc));
+    if (rc != kBadArgument) report.fail(std::string("bad affine_step (") + b.what + "): status " + std::to_string(rc));
     for (int64_t i = 0; i < n; ++i)
       if (!std::isnan(out.as<float>()[i])) {
-        report.fail(std::string("bad heun_step (") + b.what + ") wrote out");
+        report.fail(std::string("bad affine_step (") + b.what + ") wrote out");
         break;
       }
   }
@@ -397,6 +413,8 @@ void run_bad_arguments() {
   g = abase(), g.noise = noise.as<float>(), g.seeds = seeds.as<int64_t>(), bad_anc.push_back({"noise and seeds", g});
   g = abase(), g.out_net = net.as(), g.net_rows = 3, bad_anc.push_back({"net_rows 3", g});
   g = abase(), g.net_rows = 1, bad_anc.push_back({"net_rows without out_net", g});
+  g = abase(), g.coef_cols = 10, bad_anc.push_back({"coef_cols 10", g});
+  g = abase(), g.coef_cols = 0, bad_anc.push_back({"coef_cols 0", g});
   for (const BadAnc& b : bad_anc) {
     ++report.cases;
     poison(DType::kFloat32, out.as(), n);
@@ -416,6 +434,37 @@ void run_bad_arguments() {
   if (edmfast::cfg_rescale_factors_cpu(cbase(), nullptr, 1) != kBadArgument) report.fail("cfg factors without k_out");
   ++report.cases;
   if (edmfast::cfg_rescale_cpu(cbase(), nullptr, 1) != kBadArgument) report.fail("cfg_rescale without out");
+}
+
+// The helper pool under adversarial timing: helpers that stall mid-item (sleeping like a descheduled
+// thread, longer than the pool's stall threshold, so its backoff engages), helpers that wake late
+// into the next call, and several callers at once. Every item must run exactly once per call.
+void run_pool_stress(bool quick) {
+  auto one_caller = [](uint64_t seed, int calls, std::atomic<int64_t>* errors) {
+    Rng rng(seed);
+    for (int call = 0; call < calls; ++call) {
+      const int64_t items = 1 + static_cast<int64_t>(rng.next() % 97);
+      const int threads = 2 + static_cast<int>(rng.next() % 3);
+      const uint64_t sleepy = rng.next();
+      std::vector<std::atomic<int>> hits(static_cast<size_t>(items));
+      const std::thread::id caller = std::this_thread::get_id();
+      edmfast::parallel_for(items, threads, [&](int64_t i) {
+        if (std::this_thread::get_id() != caller && ((sleepy >> (i % 64)) & 1u) && i % 5 == 0)
+          std::this_thread::sleep_for(std::chrono::microseconds(300));
+        hits[static_cast<size_t>(i)].fetch_add(1, std::memory_order_relaxed);
+      });
+      for (const auto& h : hits)
+        if (h.load() != 1) errors->fetch_add(1);
+    }
+  };
+  std::atomic<int64_t> errors{0};
+  const int calls = quick ? 60 : 300;
+  one_caller(1, calls, &errors);
+  std::thread other(one_caller, 2, calls, &errors);  // concurrent callers: one runs alone, busy pool
+  one_caller(3, calls, &errors);
+  other.join();
+  report.cases += 3 * calls;
+  if (errors.load() != 0) report.fail("pool stress: " + std::to_string(errors.load()) + " items not run exactly once");
 }
 
 }  // namespace
@@ -447,6 +496,7 @@ int main(int argc, char** argv) {
   if (quick) extras = {{2, 16411, 9}};
 
   run_bad_arguments();
+  run_pool_stress(quick);
   for (const int threads : {1, 2}) {
     for (const DType dtype : kDTypes) {
       for (const int64_t B : batches)

@@ -90,27 +90,29 @@ std::vector<unsigned char> nan_bytes(DType d, size_t n) {
   return v;
 }
 
-// The fused step over the feature combinations of one (B, M, dtype, offset): every stride-th one.
+// The affine pass over the feature combinations of one (B, M, dtype, offset): every stride-th one.
+// Each case's coefficient row is its own allocation of exactly the floats it may read.
 void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
   const StepInputs in = make_step_inputs(B, M, dtype, static_cast<uint64_t>(B * 1000003 + M * 31 + int(dtype)));
   const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
   const size_t o4 = offset ? 4 : 0, oe = offset ? es : 0;
-  DevBuf x_hat(n * 4, o4), x_prime(n * 4, o4), noise(n * 4, o4), f1(n * es, oe), f2(2 * n * es, oe),
-      k(static_cast<size_t>(B) * 4, o4), seeds(static_cast<size_t>(B) * 8, offset ? 8 : 0), coef(5 * 4, o4),
-      out(n * 4, o4), aliased(n * 4, o4), net1(n * es, oe), net2(2 * n * es, oe), w(4, o4),
-      bad(static_cast<size_t>(B) * 4, o4);
+  DevBuf x(n * 4, o4), noise(n * 4, o4), f1(n * es, oe), f2(2 * n * es, oe), k(static_cast<size_t>(B) * 4, o4),
+      seeds(static_cast<size_t>(B) * 8, offset ? 8 : 0), out(n * 4, o4), hist_out(n * 4, o4), aliased(n * 4, o4),
+      net1(n * es, oe), net2(2 * n * es, oe), w(4, o4), bad(static_cast<size_t>(B) * 4, o4);
+  DevBuf h0(n * 4, o4), h1(n * 4, o4), h2(n * 4, o4), h3(n * 4, o4);
+  const DevBuf* h[edmfast::kHistory] = {&h0, &h1, &h2, &h3};
   w.upload(&in.w);
   const std::vector<int32_t> bad_none(static_cast<size_t>(B), kBadNone);
   std::vector<int32_t> host_bad(static_cast<size_t>(B));
-  x_hat.upload(in.x_hat.data());
-  x_prime.upload(in.x_prime.data());
+  x.upload(in.x.data());
+  for (int j = 0; j < edmfast::kHistory; ++j) h[j]->upload(in.h[j].data());
   noise.upload(in.noise.data());
   f1.upload(in.f1.data());
   f2.upload(in.f2.data());
   k.upload(in.k.data());
   seeds.upload(in.seeds.data());
   const std::vector<unsigned char> nan_out = nan_bytes(DType::kFloat32, n), nan_net = nan_bytes(dtype, 2 * n);
-  std::vector<float> host_out(n);
+  std::vector<float> host_out(n), host_hist_out(n);
   std::vector<unsigned char> host_net(2 * n * es);
 
   const std::vector<StepCase> cases = step_feature_cases(B, M, dtype);
@@ -118,23 +120,31 @@ void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
     const StepCase& c = cases[ci];
     const std::string where = c.name() + (offset ? " offset" : "");
     ++report.cases;
-    float coef_host[5];
-    step_coef(c, coef_host);
-    coef.upload(coef_host);
-    const DevBuf& out_buf = c.alias ? aliased : out;
-    out_buf.upload(c.alias ? static_cast<const void*>(in.x_hat.data()) : nan_out.data());
+    const std::vector<float> coef_host = step_coef(c);
+    DevBuf coef(coef_host.size() * 4, o4);
+    coef.upload(coef_host.data());
+    StepArgs a = step_args(c, in);
+    a.x = x.as<float>();
+    for (int j = 0; j < edmfast::kHistory; ++j) a.hist[j] = c.has(j) ? h[j]->as<float>() : nullptr;
+    const DevBuf* out_buf = &out;
+    const DevBuf* hist_out_buf = c.hist_out ? &hist_out : nullptr;
+    out.upload(nan_out.data());
+    if (hist_out_buf) hist_out.upload(nan_out.data());
+    if (const std::vector<float>* src = alias_source(c, in)) {
+      aliased.upload(src->data());  // the shared buffer starts as the input it replaces
+      if (c.alias == Alias::kOutX) a.x = aliased.as<float>(), out_buf = &aliased;
+      if (c.alias == Alias::kOutH) a.hist[c.last_hist()] = aliased.as<float>(), out_buf = &aliased;
+      if (c.alias == Alias::kHistOutH) a.hist[c.first_hist()] = aliased.as<float>(), hist_out_buf = &aliased;
+    }
     const DevBuf* net_buf = c.net_rows == 1 ? &net1 : (c.net_rows == 2 ? &net2 : nullptr);
     if (net_buf) net_buf->upload(nan_net.data(), n * es * static_cast<size_t>(c.net_rows));
-
-    StepArgs a = step_args(c, in);
-    a.x = c.alias ? aliased.as<float>() : x_hat.as<float>();
-    a.hist[0] = c.x_prime ? x_prime.as<float>() : nullptr;
     a.f = c.f == FMode::kNone ? nullptr : (c.f == FMode::kB ? f1.as() : f2.as());
     a.k = c.f == FMode::kCfgK ? k.as<float>() : nullptr;
     a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
     a.seeds = c.eps == EpsMode::kSeeds ? seeds.as<int64_t>() : nullptr;
     a.coef = coef.as<float>();
-    a.out = out_buf.as<float>();
+    a.out = out_buf->as<float>();
+    a.hist_out = hist_out_buf ? hist_out_buf->as<float>() : nullptr;
     a.out_net = net_buf ? net_buf->as() : nullptr;
     if (c.w_ptr) {
       a.guidance = w.as<float>();
@@ -151,11 +161,12 @@ void run_step_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
       sync_or_die(where);
       continue;
     }
-    out_buf.download(host_out.data(), n * 4);
+    out_buf->download(host_out.data(), n * 4);
+    if (hist_out_buf) hist_out_buf->download(host_hist_out.data(), n * 4);
     if (net_buf) net_buf->download(host_net.data(), n * es * static_cast<size_t>(c.net_rows));
     if (c.bad) bad.download(host_bad.data(), static_cast<size_t>(B) * 4);
     sync_or_die(where);
-    std::string err = check_step(c, in, host_out.data(), host_net.data());
+    std::string err = check_step(c, in, host_out.data(), host_hist_out.data(), host_net.data());
     if (err.empty() && c.bad) err = check_bad(host_bad.data(), B, M, true);
     if (!err.empty()) report.fail(where + ": " + err);
   }
@@ -167,8 +178,8 @@ void run_anc_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
   const size_t n = static_cast<size_t>(B * M), es = dtype_size(dtype);
   const size_t o4 = offset ? 4 : 0, oe = offset ? es : 0;
   DevBuf x(n * 4, o4), noise(n * 4, o4), k(static_cast<size_t>(B) * 4, o4),
-      seeds(static_cast<size_t>(B) * 8, offset ? 8 : 0), coef(8 * 4, o4), out(n * 4, o4), aliased(n * 4, o4),
-      net1(n * es, oe), net2(2 * n * es, oe), w(4, o4), bad(static_cast<size_t>(B) * 4, o4);
+      seeds(static_cast<size_t>(B) * 8, offset ? 8 : 0), out(n * 4, o4), aliased(n * 4, o4), net1(n * es, oe),
+      net2(2 * n * es, oe), w(4, o4), bad(static_cast<size_t>(B) * 4, o4);
   DevBuf f_fixed1(in.f_fixed1.size(), oe), f_fixed2(in.f_fixed2.size(), oe), f_learn1(in.f_learn1.size(), oe),
       f_learn2(in.f_learn2.size(), oe);
   f_fixed1.upload(in.f_fixed1.data());
@@ -191,9 +202,9 @@ void run_anc_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
     const AncCase& c = cases[ci];
     const std::string where = c.name() + (offset ? " offset" : "");
     ++report.cases;
-    float coef_host[8];
-    anc_coef(c, coef_host);
-    coef.upload(coef_host);
+    const std::vector<float> coef_host = anc_coef(c);
+    DevBuf coef(coef_host.size() * 4, o4);  // exactly the row: a read past an 8-float row is out of bounds
+    coef.upload(coef_host.data());
     const DevBuf& out_buf = c.alias ? aliased : out;
     out_buf.upload(c.alias ? static_cast<const void*>(in.x.data()) : nan_out.data());
     const DevBuf* net_buf = c.net_rows == 1 ? &net1 : (c.net_rows == 2 ? &net2 : nullptr);
@@ -207,6 +218,7 @@ void run_anc_size(int64_t B, int64_t M, DType dtype, bool offset, int stride) {
     a.noise = c.eps == EpsMode::kNoise ? noise.as<float>() : nullptr;
     a.seeds = c.eps == EpsMode::kSeeds ? seeds.as<int64_t>() : nullptr;
     a.coef = coef.as<float>();
+    a.coef_cols = c.coef_floats();
     a.out = out_buf.as<float>();
     a.out_net = net_buf ? net_buf->as() : nullptr;
     a.batch = B;
@@ -342,6 +354,19 @@ void run_cfg_size(int64_t B, int64_t M, DType dtype, bool offset, bool constant_
         const std::string err = rc == kOk ? check_cfg(c, in, k_ref, host_out.data()) : "status " + std::to_string(rc);
         if (!err.empty()) report.fail(where + " cfg_rescale: " + err);
       }
+      {
+        // The arrival words as a launch that died mid-grid (or anything else) leaves them: an
+        // other tag, any count. The next launch must replace them, not count on.
+        report.cases += 1;
+        CUDA_CHECK(cudaMemsetAsync(ws.as<float>() + counters, 0xAB, static_cast<size_t>(2 * B) * 4, g_stream));
+        k.upload(nan_k.data());
+        const int rc = edmfast::cfg_rescale_factors_cuda(a, k.as<float>(), ws.as<float>(), ws_floats, g_device,
+                                                         g_stream);
+        k.download(host_k.data(), static_cast<size_t>(B) * 4);
+        sync_or_die(where + " factors after poisoned arrival words");
+        const std::string err = rc == kOk ? check_cfg_factors(c, k_ref, host_k.data()) : "status " + std::to_string(rc);
+        if (!err.empty()) report.fail(where + " factors after poisoned arrival words: " + err);
+      }
     }
   }
 }
@@ -375,6 +400,17 @@ void run_bad_arguments() {
   g.variance = 3;
   if (edmfast::ancestral_step_cuda(g, g_device, g_stream) != kBadArgument)
     report.fail("bad ancestral_step_cuda (variance 3)");
+  g.variance = 0;
+  g.coef_cols = 10;
+  ++report.cases;
+  if (edmfast::ancestral_step_cuda(g, g_device, g_stream) != kBadArgument)
+    report.fail("bad ancestral_step_cuda (coef_cols 10)");
+  a.f = nullptr;
+  a.f_rows = 0;
+  a.churn = true;
+  a.hist[1] = x.as<float>();
+  ++report.cases;
+  if (edmfast::affine_step_cuda(a, g_device, g_stream) != kBadArgument) report.fail("bad affine_step_cuda (churn, h1)");
   CfgArgs c;
   c.cond = f.as();
   c.uncond = f.as<float>() + n;
