@@ -55,15 +55,20 @@ __device__ __forceinline__ void block_sum(Acc v[kN]) {
 // tag is stale (an earlier launch, finished or dead): the add on it is discarded with it, and
 // the block either installs (tag, 1) or, when a block of its own launch already did, counts in
 // on that.
-__device__ unsigned long long arrive(unsigned long long* word, uint32_t tag) {
+// The slow path stays out of line: it runs once per launch and sample at most, and inlined its
+// loop costs the reduction loop registers (a spill in the fp16 variant).
+__device__ __noinline__ unsigned long long arrive_stale(unsigned long long* word, uint32_t tag) {
   const unsigned long long mine = static_cast<unsigned long long>(tag) << 32;
-  const unsigned long long old = atomicAdd(word, 1ull);
-  if ((old >> 32) == tag) return old & 0xFFFFFFFFull;
   for (;;) {
     const unsigned long long cur = atomicAdd(word, 0ull);  // an atomic read, never a stale cached line
     if ((cur >> 32) == tag) return atomicAdd(word, 1ull) & 0xFFFFFFFFull;
     if (atomicCAS(word, cur, mine | 1ull) == cur) return 0;
   }
+}
+
+__device__ __forceinline__ unsigned long long arrive(unsigned long long* word, uint32_t tag) {
+  const unsigned long long old = atomicAdd(word, 1ull);
+  return (old >> 32) == tag ? (old & 0xFFFFFFFFull) : arrive_stale(word, tag);
 }
 
 template <typename T>
