@@ -463,20 +463,12 @@ class _Noise:
         self.generator, self.seeds, self.noise_sampler = generator, seeds, noise_sampler
         self.shape, self.device, self.dtype = tuple(like.shape), like.device, like.dtype
 
-    def draw(self, step: int, stage: int, sigmas: tuple[float, float], dtype: torch.dtype) -> torch.Tensor:
-        """One draw of standard normals shaped like the state, as float64."""
+    def _stream(self, step: int, stage: int, dtype: torch.dtype) -> torch.Tensor:
+        """A draw of standard normals shaped like the state, as float64: Philox in fused mode, else
+        drawn in ``dtype`` from the generator (or torch's global RNG)."""
         if self.fused:
             numel = math.prod(self.shape[1:])
             return philox_normal(self.seeds, step, numel, stage=stage).reshape(self.shape).to(self.device)
-        if self.noise_sampler is not None:
-            args = (torch.tensor(s, dtype=torch.float64, device=self.device) for s in sigmas)
-            z = self.noise_sampler(*args)
-            if not isinstance(z, torch.Tensor) or tuple(z.shape) != self.shape or not z.is_floating_point():
-                raise ValueError(
-                    f"noise_sampler returned {getattr(z, 'shape', type(z).__name__)}, expected a floating "
-                    f"tensor of the state's shape {self.shape}"
-                )
-            return z.to(self.device, torch.float64)
         return draw_exact_noise(self.generator, self.shape, self.device, dtype).to(torch.float64)
 
     def churn(self, step: int, std: float, opts: SamplerOptions, dtype: torch.dtype) -> torch.Tensor | None:
@@ -484,14 +476,23 @@ class _Noise:
         generate script's rule, kept by k-diffusion's dpm_2), in fused mode where std > 0."""
         if opts.s_churn == 0 or (self.fused and std == 0):
             return None
-        return self.draw(step, 0, (math.nan, math.nan), dtype)
+        return self._stream(step, 0, dtype)
 
-    def add(self, x: torch.Tensor, step: int, stage: int, sigmas: tuple[float, float], scale: float):
-        """x + scale z for a draw of an ancestral / SDE step; exact mode draws even when scale = 0,
-        as k-diffusion calls its noise sampler there too (fused mode: no stream to keep aligned)."""
+    def add(self, x: torch.Tensor, step: int, sigmas: tuple[float, float], scale: float, stage: int = 0):
+        """``x + scale z`` for a draw of an ancestral / SDE step: ``noise_sampler(*sigmas)`` when
+        given, else the stream in the state's dtype. Exact mode draws even when scale = 0, as
+        k-diffusion calls its noise sampler there too (fused mode has no stream to keep aligned)."""
         if self.fused and scale == 0:
             return x
-        return x + self.draw(step, stage, sigmas, self.dtype) * scale
+        if self.noise_sampler is None:
+            return x + self._stream(step, stage, self.dtype) * scale
+        z = self.noise_sampler(*(torch.tensor(s, dtype=torch.float64, device=self.device) for s in sigmas))
+        if not isinstance(z, torch.Tensor) or tuple(z.shape) != self.shape or not z.is_floating_point():
+            raise ValueError(
+                f"noise_sampler returned {getattr(z, 'shape', type(z).__name__)}, expected a floating "
+                f"tensor of the state's shape {self.shape}"
+            )
+        return x + z.to(self.device, torch.float64) * scale
 
 
 class _Run:
@@ -522,9 +523,6 @@ class _Run:
                 }
             )
         return denoised
-
-    def add_noise(self, x, step: int, sigmas: tuple[float, float], scale: float, stage: int = 0):
-        return self.noise.add(x, step, stage, sigmas, scale)
 
 
 def _check_finite(x: torch.Tensor, i: int, sigma: float) -> None:
@@ -627,7 +625,7 @@ def _ancestral(run: _Run, x: torch.Tensor, s: list[float]) -> torch.Tensor:
             x_2 = math.exp(-h / 2) * x - math.expm1(-h / 2) * denoised
             x = math.exp(-h) * x - math.expm1(-h) * run.D(x_2, math.exp(-(t + h / 2)))
         if noise:
-            x = run.add_noise(x, i, (sigma, sigma_next), opts.s_noise * sigma_up)
+            x = run.noise.add(x, i, (sigma, sigma_next), opts.s_noise * sigma_up)
         _check_finite(x, i, sigma)
     return x
 
@@ -647,7 +645,7 @@ def _dpmpp_sde(run: _Run, x: torch.Tensor, s: list[float]) -> torch.Tensor:
             sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
             x = denoised + sigma_down * x
             if sigma_next > 0:
-                x = run.add_noise(x, i, (sigma, sigma_next), opts.s_noise * sigma_up)
+                x = run.noise.add(x, i, (sigma, sigma_next), opts.s_noise * sigma_up)
         elif sigma_next == 0:
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
         else:
@@ -657,12 +655,12 @@ def _dpmpp_sde(run: _Run, x: torch.Tensor, s: list[float]) -> torch.Tensor:
             sigma_t, sigma_s, sigma_n = math.exp(-t), math.exp(-(t + h * r)), math.exp(-t_next)
             sd, su = _ancestral_split(sigma_t, sigma_s, eta)
             x_2 = math.exp(t - _neg_log(sd)) * x - math.expm1(t - _neg_log(sd)) * denoised
-            x_2 = run.add_noise(x_2, i, (sigma_t, sigma_s), opts.s_noise * su, stage=0)
+            x_2 = run.noise.add(x_2, i, (sigma_t, sigma_s), opts.s_noise * su, stage=0)
             fac = 1 / (2 * r)
             denoised_d = (1 - fac) * denoised + fac * run.D(x_2, sigma_s)
             sd, su = _ancestral_split(sigma_t, sigma_n, eta)
             x = math.exp(t - _neg_log(sd)) * x - math.expm1(t - _neg_log(sd)) * denoised_d
-            x = run.add_noise(x, i, (sigma_t, sigma_n), opts.s_noise * su, stage=1)
+            x = run.noise.add(x, i, (sigma_t, sigma_n), opts.s_noise * su, stage=1)
         _check_finite(x, i, sigma)
     return x
 
@@ -708,7 +706,7 @@ def _dpmpp_2m_sde(run: _Run, x: torch.Tensor, s: list[float]) -> torch.Tensor:
             # h = inf: e^(-eta h) = 0 unless eta = 0, and the noise std is sigma_1 itself
             x, old = denoised + (sigma_next if eta == 0 else 0.0) * x, None
             if eta and sigma_next > 0:
-                x = run.add_noise(x, i, (sigma, sigma_next), sigma_next * opts.s_noise)
+                x = run.noise.add(x, i, (sigma, sigma_next), sigma_next * opts.s_noise)
         elif sigma_next == 0:
             x = denoised
         else:
@@ -721,7 +719,7 @@ def _dpmpp_2m_sde(run: _Run, x: torch.Tensor, s: list[float]) -> torch.Tensor:
                 x = x + c * (1 / (h_last / h)) * (denoised - old)
             if eta:
                 std = sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * opts.s_noise
-                x = run.add_noise(x, i, (sigma, sigma_next), std)
+                x = run.noise.add(x, i, (sigma, sigma_next), std)
             old, h_last = denoised, h
         _check_finite(x, i, sigma)
     return x
@@ -745,7 +743,7 @@ def _dpmpp_3m_sde(run: _Run, x: torch.Tensor, s: list[float]) -> torch.Tensor:
             # h = inf: the history it would leave enters later steps divided by inf (no history)
             x, d_1, d_2 = denoised + (sigma_next if eta == 0 else 0.0) * x, None, None
             if eta and sigma_next > 0:
-                x = run.add_noise(x, i, (sigma, sigma_next), sigma_next * opts.s_noise)
+                x = run.noise.add(x, i, (sigma, sigma_next), sigma_next * opts.s_noise)
         elif sigma_next == 0:
             x = denoised
         else:
@@ -764,7 +762,7 @@ def _dpmpp_3m_sde(run: _Run, x: torch.Tensor, s: list[float]) -> torch.Tensor:
                 x = x + phi_2 * ((denoised - d_1) / (h_1 / h))
             if eta:
                 std = sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * opts.s_noise
-                x = run.add_noise(x, i, (sigma, sigma_next), std)
+                x = run.noise.add(x, i, (sigma, sigma_next), std)
             d_1, d_2, h_1, h_2 = denoised, d_1, h, h_1
         _check_finite(x, i, sigma)
     return x
