@@ -587,6 +587,26 @@ def _import_factory(module_name: str, attr: str, user_module: bool) -> Any:
             sys.path.remove(added)
 
 
+def _image_shape(spec: str, shape: Any) -> tuple[int, int, int]:
+    """A factory's image_shape as three positive ints, or a ValueError naming --model and the value."""
+    bad = ValueError(f"--model {spec!r}: image_shape must be (C, H, W), three integers >= 1, got {shape!r}")
+    try:
+        values = list(shape)
+    except TypeError:
+        raise bad from None
+    if len(values) != 3:
+        raise bad
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+            v = v.item()
+        # 3.7 or '3' would otherwise become 3 silently
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+            raise bad
+        out.append(int(v))
+    return out[0], out[1], out[2]
+
+
 def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
     """Import ``module:function``, call ``function()`` and return ``(denoiser, image_shape)``.
 
@@ -610,9 +630,7 @@ def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
         raise ValueError(
             f"--model {spec!r} returned a denoiser without image_shape; return (denoiser, image_shape)"
         )
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"--model {spec!r}: image_shape must be (C, H, W), got {shape}")
+    shape = _image_shape(spec, shape)
     if shape[0] not in _PNG_MODES:
         raise ValueError(f"--model {spec!r}: a PNG holds 1 to 4 channels, image_shape has C = {shape[0]}")
     if not callable(denoiser):
@@ -822,11 +840,24 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 def label_dim_of(denoiser: Any) -> int:
-    """Number of classes of a class-conditional model (EDM's ``label_dim``; 0: unconditional)."""
+    """Number of classes of a class-conditional model (EDM's ``label_dim``; 0: unconditional).
+
+    A ValueError when the attribute is not an integer >= 0 (labels are drawn in [0, label_dim))."""
     dim = getattr(denoiser, "label_dim", None)
+    owner = "label_dim"
     if dim is None:
         dim = getattr(getattr(denoiser, "model", None), "label_dim", 0)
-    return int(dim or 0)
+        owner = "model.label_dim"
+    if dim is None:
+        return 0
+    if isinstance(dim, torch.Tensor) and dim.numel() == 1 and not dim.is_floating_point():
+        dim = dim.item()
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or int(dim) < 0:
+        raise ValueError(
+            f"the model's {owner} must be an integer >= 0 (the number of classes; 0: unconditional), "
+            f"got {dim!r}"
+        )
+    return int(dim)
 
 
 def sample_seeds(
@@ -999,7 +1030,10 @@ def generate(
             denoiser, image_shape = load_model(model)
         if isinstance(denoiser, torch.nn.Module):
             denoiser = denoiser.to(dist.device)
-        label_dim = label_dim_of(denoiser)
+        try:
+            label_dim = label_dim_of(denoiser)
+        except ValueError as e:
+            raise ValueError(f"--model {model!r}: {e}") from None
         if class_idx is not None and not 0 <= class_idx < label_dim:
             raise ValueError(
                 f"--class {class_idx} needs a class-conditional model with label_dim > {class_idx} "
