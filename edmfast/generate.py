@@ -47,6 +47,7 @@ import socket
 import stat
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -718,43 +719,71 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def network_spec(path: str | os.PathLike) -> str:
-    """The manifest's ``model`` entry for ``--network PATH``: the file's content, not only its name."""
-    p = Path(path)
-    return f"network:{p.name}:sha256={_file_digest(p)}"
+def network_spec(path: str | os.PathLike, local: str | os.PathLike | None = None) -> str:
+    """The manifest's ``model`` entry for ``--network PATH`` (or URL): the file's name and content
+    (``local``: where a URL's file was downloaded), so a URL and the same file on disk agree."""
+    from .edm import is_url
+
+    name = urllib.parse.urlsplit(str(path)).path.rsplit("/", 1)[-1] if is_url(path) else Path(path).name
+    return f"network:{name}:sha256={_file_digest(Path(local if local is not None else path))}"
 
 
-def load_network(path: str | os.PathLike, device: Any = "cpu") -> tuple[Any, tuple[int, ...]]:
-    """An official EDM network pickle -> (fused edmfast preconditioner, (C, H, W)).
+def fetch_network(source: str | os.PathLike, progress: bool = True) -> Path:
+    """``--network``'s local file: the path itself, or a URL's copy in the download cache."""
+    from . import edm
 
-    Loaded by `edmfast.edm.load_network` and converted by `edmfast.edm.from_edm` (label_dim, range,
-    dtype; float32 on the CPU, where the official code does not run float16 either). Unpickling
-    needs the official persistence code (``dnnlib``, ``torch_utils``) on the import path; without it
-    this is one ValueError saying so. Unpickling runs code from the pickle, like any ``torch.load``.
+    if not edm.is_url(source):
+        p = Path(source)
+        if "://" in str(source):
+            raise ValueError(f"--network {source}: only http:// and https:// URLs can be downloaded")
+        if not p.is_file():
+            raise ValueError(
+                f"--network {p}: no such file; give the path or the http(s) URL of an official EDM "
+                "network pickle"
+            )
+        return p
+    try:
+        return edm.download_network(str(source), progress=progress)
+    except (edm.DownloadError, edm.NetworkFileError) as e:
+        raise ValueError(f"--network: {e}") from None
+
+
+def load_network(
+    path: str | os.PathLike, device: Any = "cpu", *, progress: bool = True
+) -> tuple[Any, tuple[int, ...], Path]:
+    """An official EDM network pickle (path or http(s) URL) -> (fused edmfast preconditioner,
+    (C, H, W), the local file).
+
+    A URL is downloaded once into the cache (`edmfast.edm.download_network`). Loaded by
+    `edmfast.edm.load_network` and converted by `edmfast.edm.from_edm` (label_dim, range, dtype:
+    float16 only for a ``use_fp16`` network on CUDA, as the official code). Unpickling needs the
+    official persistence code (``dnnlib``, ``torch_utils``) on the import path; without it this is
+    one ValueError saying so. Unpickling runs code from the pickle, like any ``torch.load``.
     """
     from . import edm
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--network {p}: no such file; give the path of an official EDM network pickle")
+    p = fetch_network(path, progress)
+    src = path if edm.is_url(path) else p
     try:
         net = edm.load_network(p, device)
     except ImportError as e:  # the official dnnlib / torch_utils are not importable
-        raise ValueError(f"--network {p}: {e}") from None
+        raise ValueError(f"--network {src}: {e}") from None
+    except edm.NetworkFileError as e:
+        raise ValueError(f"--network {src}: not an official EDM network pickle: {e.reason}") from None
     except (TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"--network {p}: not an official EDM network pickle ({e})") from None
+        raise ValueError(f"--network {src}: not an official EDM network pickle ({e})") from None
     try:
-        denoiser = edm.from_edm(net, dtype=torch.float32 if torch.device(device).type == "cpu" else None)
+        denoiser = edm.from_edm(net)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"--network {p}: {e}") from None
+        raise ValueError(f"--network {src}: {e}") from None
     channels = getattr(denoiser, "img_channels", None)
     resolution = getattr(denoiser, "img_resolution", None)
     if channels is None or resolution is None:
-        raise ValueError(f"--network {p}: the network has no img_channels / img_resolution")
+        raise ValueError(f"--network {src}: the network has no img_channels / img_resolution")
     shape = (int(channels), int(resolution), int(resolution))
     if shape[0] not in _PNG_MODES:
-        raise ValueError(f"--network {p}: {shape[0]} channels cannot be written as PNG (1 to 4)")
-    return denoiser, shape
+        raise ValueError(f"--network {src}: {shape[0]} channels cannot be written as PNG (1 to 4)")
+    return denoiser, shape, p
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -1022,8 +1051,10 @@ def generate(
         if network is not None:
             if model != DEFAULT_MODEL:
                 raise ValueError("give --model or --network, not both")
-            denoiser, image_shape = load_network(network, dist.device)
-            model = network_spec(network)
+            denoiser, image_shape, local = load_network(
+                network, dist.device, progress=progress and dist.rank == 0
+            )
+            model = network_spec(network, local)
         else:
             if ancestral and model == DEFAULT_MODEL:
                 model = DEFAULT_ANCESTRAL_MODEL  # the same shapes, as an epsilon model
