@@ -101,10 +101,10 @@ def _device_of(net: Any) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
     if not isinstance(net, nn.Module):
         return torch.device("cpu")
-    for t in net.parameters():
-        return t.device
-    for t in net.buffers():
-        return t.device
+    for p in net.parameters():
+        return p.device
+    for b in net.buffers():
+        return b.device
     return torch.device("cpu")
 
 
