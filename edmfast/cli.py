@@ -89,8 +89,22 @@ def _sampler_parent() -> _Parser:
         help="where solver 2nd evaluates its 2nd slope, in (0, 1]: 1 = Heun, 0.5 = midpoint; "
         "only with --solver 2nd [default: 1]",
     )
-    g.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level [default: 0.002]")
-    g.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level [default: 80]")
+    g.add_argument(
+        "--sigma-min",
+        "--sigma_min",
+        type=float,
+        default=None,
+        help="lowest noise level, clamped to the network's range [default: 0.002; with --disc etc. the "
+        "discretization's]",
+    )
+    g.add_argument(
+        "--sigma-max",
+        "--sigma_max",
+        type=float,
+        default=None,
+        help="highest noise level, clamped to the network's range [default: 80; with --disc etc. the "
+        "discretization's]",
+    )
     g.add_argument(
         "--rho",
         type=float,
@@ -99,6 +113,7 @@ def _sampler_parent() -> _Parser:
     )
     g.add_argument(
         "--churn",
+        "--S_churn",
         dest="s_churn",
         type=float,
         default=0.0,
@@ -107,13 +122,22 @@ def _sampler_parent() -> _Parser:
         "EDM ImageNet-64 uses 40) [default: 0]",
     )
     g.add_argument(
-        "--s-tmin", type=float, default=0.0, help="churn only at noise levels >= S_tmin [default: 0]"
+        "--s-tmin",
+        "--S_min",
+        type=float,
+        default=0.0,
+        help="churn only at noise levels >= S_tmin [default: 0]",
     )
     g.add_argument(
-        "--s-tmax", type=float, default=math.inf, help="churn only at noise levels <= S_tmax [default: inf]"
+        "--s-tmax",
+        "--S_max",
+        type=float,
+        default=math.inf,
+        help="churn only at noise levels <= S_tmax [default: inf]",
     )
     g.add_argument(
         "--s-noise",
+        "--S_noise",
         type=float,
         default=1.0,
         help="scale of the churn noise S_noise (slightly > 1 offsets detail loss) [default: 1]",
@@ -141,13 +165,23 @@ def _sampler_parent() -> _Parser:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    """argparse namespace -> `edmfast.sample` keyword arguments."""
+    """argparse namespace -> `edmfast.sample` keyword arguments (`edmfast.ablation_sample`'s with
+    ``--disc`` / ``--schedule`` / ``--scaling``, whose sigma range defaults to the discretization's)."""
+    design = {k: getattr(args, k, None) for k in DESIGN}
+    design = {k: v for k, v in design.items() if v is not None}
+    if design:
+        sigma_range = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max}
+    else:
+        sigma_range = {
+            "sigma_min": SIGMA_MIN if args.sigma_min is None else args.sigma_min,
+            "sigma_max": SIGMA_MAX if args.sigma_max is None else args.sigma_max,
+        }
     return {
         "num_steps": HEUN_STEPS if args.steps is None else args.steps,
         "solver": args.solver,
         "alpha": args.alpha,
-        "sigma_min": args.sigma_min,
-        "sigma_max": args.sigma_max,
+        **sigma_range,
+        **design,
         "rho": args.rho,
         "s_churn": args.s_churn,
         "s_tmin": args.s_tmin,
@@ -164,17 +198,23 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 HEUN_STEPS = 18
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # EDM's (the official edm_sampler's) defaults
+# --disc / --schedule / --scaling: EDM's design space, as the official generate script's ablation flags
+DESIGN = ("discretization", "schedule", "scaling")
 # options of the Heun sampler only, with their defaults: --sampler ancestral refuses a changed one
 HEUN_ONLY = {
     "--solver": ("solver", "heun"),
     "--alpha": ("alpha", 1.0),
-    "--sigma-min": ("sigma_min", 0.002),
-    "--sigma-max": ("sigma_max", 80.0),
+    "--sigma-min": ("sigma_min", None),
+    "--sigma-max": ("sigma_max", None),
     "--rho": ("rho", 7.0),
     "--churn": ("s_churn", 0.0),
     "--s-tmin": ("s_tmin", 0.0),
     "--s-tmax": ("s_tmax", math.inf),
     "--s-noise": ("s_noise", 1.0),
+    "--disc": ("discretization", None),
+    "--schedule": ("schedule", None),
+    "--scaling": ("scaling", None),
 }
 ANCESTRAL_ONLY = {
     "--spacing": "spacing",
@@ -263,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         "seeds whose PNG exists and decodes, so an interrupted run resumes where it stopped; jobs with\n"
         "disjoint seeds may write into one OUTDIR at the same time. OUTDIR/manifest.json records the\n"
         "model, image shape, sampler options and edmfast version; a rerun with different ones is refused.\n"
-        "Pixels: uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1] (as EDM).",
+        "Pixels: uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1] (as EDM).\n"
+        "Official commands paste: every NVlabs/edm generate.py option is accepted in its own spelling\n"
+        "(--network, --outdir, --seeds, --subdirs, --class, --batch, --steps, --sigma_min, --sigma_max,\n"
+        "--rho, --S_churn, --S_min, --S_max, --S_noise, --solver, --disc, --schedule, --scaling), so\n"
+        "'edmfast generate' in place of 'python generate.py' gives the official images.",
     )
     g.add_argument(
         "--seeds",
@@ -290,10 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--network",
         default=None,
-        metavar="PATH.pkl",
-        help="an official EDM / EDM2 network pickle (NVlabs/edm network-snapshot-*.pkl), run on "
-        "edmfast's fused preconditioner; instead of --model. Unpickling needs the official "
+        metavar="PATH|URL",
+        help="an official EDM / EDM2 network pickle (NVlabs/edm network-snapshot-*.pkl), a file or an "
+        "http(s) URL (downloaded once into $EDMFAST_NETWORK_CACHE, default ~/.cache/edmfast/networks), "
+        "run on edmfast's fused preconditioner; instead of --model. Unpickling needs the official "
         "dnnlib / torch_utils code on PYTHONPATH and runs code from the pickle",
+    )
+    g.add_argument(
+        "--subdirs",
+        action="store_true",
+        help="write OUTDIR/{seed - seed %% 1000:06d}/{seed:06d}.png: one folder per 1000 seeds, as the "
+        "official script's --subdirs",
+    )
+    g.add_argument(
+        "--explain",
+        action="store_true",
+        help="when OUTDIR was made with other settings, list every recorded setting that differs",
     )
     g.add_argument(
         "--npz",
@@ -327,6 +383,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="CFG rescale phi in [0, 1] (Lin et al. 2023) [default: 0]",
+    )
+    design = g.add_argument_group(
+        "EDM's design space (the official generate script's ablation flags; any of them runs "
+        "edmfast.ablation_sample: --disc vp --schedule vp --scaling vp is the paper's VP baseline, "
+        "--disc ve --schedule ve --scaling none its VE one)"
+    )
+    design.add_argument(
+        "--disc",
+        dest="discretization",
+        choices=("vp", "ve", "iddpm", "edm"),
+        default=None,
+        help="time step discretization {t_i} (EDM Table 1) [default: edm]",
+    )
+    design.add_argument(
+        "--schedule",
+        choices=("vp", "ve", "linear"),
+        default=None,
+        help="noise schedule sigma(t): vp, ve (sqrt t) or linear (t) [default: linear]",
+    )
+    design.add_argument(
+        "--scaling",
+        choices=("vp", "none"),
+        default=None,
+        help="signal scaling s(t): vp (1/sqrt(1+sigma^2)) or none [default: none]",
     )
     g.add_argument(
         "--sampler",
@@ -604,8 +684,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             class_idx=args.class_idx,
             network=args.network,
             sampler=args.sampler,
+            subdirs=args.subdirs,
         )
-    except (ManifestMismatch, OutputError) as e:
+    except ManifestMismatch as e:
+        print(f"edmfast generate: error: {_one_line(e)}", file=sys.stderr)
+        if args.explain:
+            for line in e.details:
+                print(f"  {line}", file=sys.stderr)
+        return 2
+    except OutputError as e:
         print(f"edmfast generate: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
@@ -870,6 +957,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from .ops import BackendUnavailable
 
@@ -877,11 +965,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, TypeError, BackendUnavailable) as e:
         # bad options (e.g. --alpha with --solver heun, --backend cuda without a GPU) come back from
-        # edmfast's validation with the option named; a traceback would only bury that
+        # edmfast's validation with the option named; a traceback would only bury that. The
+        # library names its Python options (num_steps, solver='2nd'): say the flags instead
         where = ""
         if isinstance(e, BackendUnavailable) and "imported from" not in str(e):
             where = f" (edmfast imported from {where_imported()})"
-        print(f"edmfast {args.command}: error: {_one_line(e)}{where}", file=sys.stderr)
+        text = _one_line(e)
+        if args.command in ("sample", "generate"):
+            from .generate import cli_words
+
+            text = cli_words(text, argv)
+        print(f"edmfast {args.command}: error: {text}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C: every finished file is complete (atomic renames), so a rerun picks up from here
