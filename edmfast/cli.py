@@ -956,7 +956,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def shadow_problem() -> str | None:
+    """Why ``edmfast`` is not this package, or None.
+
+    From a clone's parent folder, ``python -m edmfast`` finds the clone (a folder named edmfast
+    without ``__init__.py``) first on sys.path and imports it as an empty namespace package; an
+    editable install then still supplies this module, but ``edmfast.__version__`` and every lazy
+    export are missing. Say so instead of an ImportError deep inside a command."""
+    package = sys.modules.get(__package__ or "edmfast")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return None
+    here = Path(__file__).resolve().parent
+    others = [p for p in getattr(package, "__path__", []) if Path(p).resolve() != here]
+    folder = others[0] if others else "a folder named edmfast"
+    return (
+        f"the folder {folder} shadows the edmfast package: it has no __init__.py, and python -m looks "
+        "in the current folder first, so Python imported that folder as an empty namespace package. "
+        f"Run the command from another folder (e.g. cd {folder}), or use the edmfast command, which "
+        "does not search the current folder"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    shadow = shadow_problem()
+    if shadow is not None:
+        print(f"edmfast: error: {shadow}", file=sys.stderr)
+        return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from .ops import BackendUnavailable
