@@ -964,7 +964,9 @@ def shadow_problem() -> str | None:
     editable install then still supplies this module, but ``edmfast.__version__`` and every lazy
     export are missing. Say so instead of an ImportError deep inside a command."""
     package = sys.modules.get(__package__ or "edmfast")
-    if package is None or getattr(package, "__file__", None) is not None:
+    spec = getattr(package, "__spec__", None)
+    # a namespace package: found by the path finder, no file, only search locations
+    if spec is None or spec.origin is not None or spec.submodule_search_locations is None:
         return None
     here = Path(__file__).resolve().parent
     others = [p for p in getattr(package, "__path__", []) if Path(p).resolve() != here]
