@@ -288,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="enlarge the grid by this integer factor (nearest neighbour) [default: 2]",
     )
+    s.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (torch.set_num_threads); on a machine shared with other work fewer "
+        "threads are often faster [default: torch's, the number of cores]",
+    )
     s.set_defaults(func=cmd_sample)
 
     g = sub.add_parser(
@@ -496,6 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tiny sizes (4x3x16x16, 6 steps, 2 repeats): a smoke test in seconds",
     )
+    b.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (torch.set_num_threads); on a machine shared with other work fewer "
+        "threads are often faster [default: torch's, the number of cores]",
+    )
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser(
@@ -507,6 +523,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_info)
     return parser
+
+
+def _set_threads(threads: int | None) -> int:
+    """Apply ``--threads`` (torch's intra-op threads, which the native CPU kernels follow too)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine_load(threads: int) -> tuple[dict[str, Any], str | None]:
+    """The 1-minute load average beside a timing, and a warning when other work leaves this run
+    fewer cores than ``threads``: ({"load_avg_1min", "cores", "threads"}, warning or None).
+
+    On a loaded 2-core box, 2 torch threads made edmfast sample / bench 3-7x slower than 1 thread
+    (a thread that is descheduled holds up the others at every parallel region). Busy means the
+    load (taken before this run's own work) exceeds cores - threads + 0.5."""
+    cores = _cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return {"load_avg_1min": None, "cores": cores, "threads": threads}, None
+    info = {"load_avg_1min": round(load, 2), "cores": cores, "threads": threads}
+    if load <= cores - threads + 0.5:
+        return info, None
+    fits = max(1, int(cores - load + 0.5))
+    advice = (
+        f"--threads {fits} may be faster" if fits < threads else "rerun on an idle machine for stable numbers"
+    )
+    return info, (
+        f"warning: the machine is busy (1-min load average {load:.2f} on {cores} cores, {threads} "
+        f"thread(s) asked for): timings are slower and noisier than on an idle machine; {advice}"
+    )
+
+
+def load_text(info: dict[str, Any]) -> str:
+    load = info["load_avg_1min"]
+    where = "unknown" if load is None else f"{load:.2f}"
+    return (
+        f"1-min load average {where} on {info['cores']} cores (before the run), {info['threads']} thread(s)"
+    )
 
 
 def _device(name: str | None) -> torch.device:
@@ -589,6 +654,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .generate import atomic_write, sample_seeds
 
     device = _device(args.device)
+    threads = _set_threads(args.threads)
+    load, busy = machine_load(threads)
     options = _options(args)
     seeds = args.seeds
     if len(seeds) > SAMPLE_MAX_SEEDS:  # one batch and one grid: 10^6 seeds would be 12 GB of noise
@@ -643,7 +710,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"({nfe} denoiser call{'s' if nfe != 1 else ''}), "
         f"S_churn={options['s_churn']:g}, backend {backend} on {device}"
     )
-    print(f"time: {elapsed * 1e3 / len(seeds):.3f} ms per image ({elapsed:.3f} s for {len(seeds)})")
+    print(
+        f"time: {elapsed * 1e3 / len(seeds):.3f} ms per image ({elapsed:.3f} s for {len(seeds)}); "
+        + load_text(load)
+    )
+    if busy is not None:
+        print(busy)
     print(
         f"distance to the nearest training image (RMS, 8-bit levels): median {rms.median():.2f}, "
         f"max {rms.max():.2f}"
@@ -853,6 +925,9 @@ def bench_markdown(result: dict[str, Any]) -> str:
         f"{result['repeats']}",
         "",
     ]
+    machine = result.get("machine")
+    if machine is not None:
+        lines[0] += f"; {load_text(machine)}; the whole comparison took {machine['wall_s']:.0f} s"
     for c in result["configs"]:
         extra = (
             f" (S_churn={c['churn']['s_churn']:g}, fused Philox noise for edmfast)" if "churn" in c else ""
@@ -907,14 +982,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .generate import atomic_write
 
     device = _device(args.device)
+    threads = _set_threads(args.threads)
+    load, busy = machine_load(threads)
     out = bench_dir(args.out)
     batch, steps, repeats, size = (4, 6, 2, 16) if args.quick else (args.batch, args.steps, args.repeats, 64)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create it ({e.strerror or e}); pick another folder") from e
-    print(f"timing {batch}x3x{size}x{size}, {steps} Heun steps on {device}; results go to {out}", flush=True)
+    print(
+        f"timing {batch}x3x{size}x{size}, {steps} Heun steps on {device}; {load_text(load)}; results go "
+        f"to {out}",
+        flush=True,
+    )
+    if busy is not None:
+        print(busy, flush=True)
+    t0 = time.perf_counter()
     result = builtin_bench(device, batch, steps, repeats, size)
+    result["machine"] = {**load, "wall_s": round(time.perf_counter() - t0, 1)}
     md = bench_markdown(result)
     print()
     print(md, end="")
@@ -980,6 +1065,11 @@ def shadow_problem() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch's OpenMP threads spin-wait between parallel regions by default; beside the denoiser's
+    # own small ops that burns the cores other threads (or other processes) need: with passive
+    # waiting the 2-thread loop ran at 1.01x of 1 thread beside a busy process. It must be set
+    # before torch is imported (every command imports it later); the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     shadow = shadow_problem()
     if shadow is not None:
         print(f"edmfast: error: {shadow}", file=sys.stderr)
