@@ -1,12 +1,6 @@
 """The ``edmfast`` command: ``sample`` (a quick look), ``generate`` (images to disk), ``bench``, ``info``.
 
-edmfast sample --out grid.png                       # built-in shapes data set, no download
-edmfast generate --seeds 0-49999 --batch 64 --outdir out/
-edmfast generate --seeds 0-49999 --outdir out/ --network edm-cifar10-32x32-cond-vp.pkl
-edmfast generate --sampler ancestral --model my_adm:load --steps 250 --outdir out/   # iDDPM / ADM / DiT
-torchrun --standalone --nproc_per_node 8 -m edmfast generate --seeds 0-49999 --outdir out/
-edmfast bench                                       # about a minute on a 2-core CPU
-edmfast info                                        # which edmfast, which kernels are built
+`EPILOG` is the ``--help`` text's closing part: plain text (argparse prints it as it is).
 """
 
 # torch (and edmfast's own modules, which import it) are imported inside the commands: `--help`
@@ -25,6 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+EPILOG = """examples:
+  edmfast sample --out grid.png                  # the built-in shapes data set, no download
+  edmfast generate --seeds 0-49999 --batch 64 --outdir out/ --model mypkg.nets:load_edm
+  edmfast generate --outdir=out --seeds=0-49999 --subdirs \\
+      --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+  edmfast generate --sampler ancestral --model my_adm:load --steps 250 --outdir out/   # iDDPM / ADM / DiT
+  torchrun --standalone --nproc_per_node 8 -m edmfast generate --seeds 0-49999 --outdir out/
+  edmfast bench --threads 1                      # edmfast against its peers; 44 s on a shared 2-core CPU
+  edmfast info                                   # which edmfast is imported, which kernels are built
+
+Official NVlabs/edm commands paste: 'edmfast generate' in place of 'python generate.py'.
+"""
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 SAMPLE_MAX_SEEDS = 4096  # a 64 x 64 grid
@@ -256,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edmfast",
         description="Fast, verified EDM-style diffusion sampling.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,generate,bench,info}")
     common = _sampler_parent()
@@ -475,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
         "edmfast.reference.sample (a float64 eager loop in the style of EDM's generate script) on the "
         "same analytic Gaussian denoiser and noise, deterministic and with EDM's churn. Prints a "
         "table and writes bench-<time>.{json,md} plus a speedup chart (.png, needs matplotlib) into "
-        "--out. The default run takes about a minute on a 2-core CPU. The full benchmarks are "
-        "benchmarks/*.py in a source checkout.",
+        "--out. The default run took 44 s with --threads 1 on a shared 2-core CPU (1-min load average "
+        "7.7 from other work, 2026-12-07); it prints the load beside its timings. The full benchmarks "
+        "are benchmarks/*.py in a source checkout.",
     )
     b.add_argument(
         "--device",
@@ -566,12 +574,11 @@ def machine_load(threads: int) -> tuple[dict[str, Any], str | None]:
     )
 
 
-def load_text(info: dict[str, Any]) -> str:
+def load_text(info: dict[str, Any], threads: bool = True) -> str:
     load = info["load_avg_1min"]
     where = "unknown" if load is None else f"{load:.2f}"
-    return (
-        f"1-min load average {where} on {info['cores']} cores (before the run), {info['threads']} thread(s)"
-    )
+    text = f"1-min load average {where} on {info['cores']} cores (before the run)"
+    return text + (f", {info['threads']} thread(s)" if threads else "")
 
 
 def _device(name: str | None) -> torch.device:
@@ -927,7 +934,9 @@ def bench_markdown(result: dict[str, Any]) -> str:
     ]
     machine = result.get("machine")
     if machine is not None:
-        lines[0] += f"; {load_text(machine)}; the whole comparison took {machine['wall_s']:.0f} s"
+        lines[0] += (
+            f"; {load_text(machine, threads=False)}; the whole comparison took {machine['wall_s']:.0f} s"
+        )
     for c in result["configs"]:
         extra = (
             f" (S_churn={c['churn']['s_churn']:g}, fused Philox noise for edmfast)" if "churn" in c else ""
