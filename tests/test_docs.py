@@ -1,6 +1,6 @@
 """The docs cover the whole library and say nothing stale (issue 23 item 8): design.md has the
 ancestral engine, the diffusers schedule conversion and a module map listing every module; no
-stale "SPEC §" pointers (no SPEC file ships with the project); the README's layout names every
+stale pointers to sections of a SPEC file (none ships with the project); the README's layout names every
 top-level part; ``--help`` shows plain text, not reStructuredText markup."""
 
 from __future__ import annotations
