@@ -203,3 +203,29 @@ def test_design_space_flags_give_ablation_sample_images(tmp_path, flags, design)
 def test_design_flags_are_heun_only(tmp_path):
     res = _run(f"--outdir={tmp_path}", "--seeds=0", "--sampler=ancestral", "--disc=vp", "--no-progress")
     assert res.returncode == 2 and "--disc applies to --sampler heun only" in res.stderr
+
+
+def test_subdirs_resume_npz_and_cleanup(tmp_path):
+    from edmfast.generate import ManifestMismatch, _machine_id, generate
+
+    seeds = [998, 999, 1000, 1001]
+    out = tmp_path / "out"
+    quiet = {"options": {"num_steps": 3}, "progress": False, "log": lambda s: None, "subdirs": True}
+    generate(seeds, out, batch=3, **quiet)
+    first = {s: image_path(out, s, True).read_bytes() for s in seeds}
+    # a lost image, a damaged one and a dead writer's temporary inside a subfolder
+    image_path(out, 999, True).unlink()
+    image_path(out, 1001, True).write_bytes(first[1001][:50])
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = out / "001000" / f".edmfast-tmp-{_machine_id()}-{proc.pid}-0123abcd.part"
+    stale.write_bytes(b"half")
+    stats = generate(seeds, out, batch=3, npz=True, **quiet)
+    assert stats["generated"] == 2 and stats["skipped"] == 2 and stats["repaired"] == 1
+    assert {s: image_path(out, s, True).read_bytes() for s in seeds} == first
+    assert not stale.exists()
+    with np.load(out / "images.npz") as z:
+        assert z["arr_0"].shape == (4, 32, 32, 3)
+    # the flat layout into a --subdirs folder is refused (the images would be looked for elsewhere)
+    with pytest.raises(ManifestMismatch, match="made with --subdirs"):
+        generate(seeds, out, **{**quiet, "subdirs": False})
