@@ -194,9 +194,9 @@ def cli_words(text: str, argv: Sequence[str] | None = None) -> str:
         def with_value(m: re.Match[str], flag: str = flag) -> str:
             return _flag_with_value(flag, next(g for g in m.groups() if g is not None))
 
-        text = re.sub(rf"(?<![\w.\-]){name}=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;)]+))", with_value, text)
+        text = re.sub(rf"(?<![\w.\-/\\]){name}=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;)]+))", with_value, text)
         if "_" in name:
-            text = re.sub(rf"(?<![\w.\-]){name}\b(?!\()", flag, text)
+            text = re.sub(rf"(?<![\w.\-/\\]){name}\b(?![(/\\])", flag, text)
         elif name in _PLAIN_WORDS:
             text = re.sub(rf"{_CLAUSE_START}{name}{_ABOUT}", flag, text)
     return text

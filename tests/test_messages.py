@@ -71,7 +71,12 @@ def test_cli_words_translates_python_options():
     )
     assert cli_words("clip_denoised=False with eta") == "--no-clip with eta"
     # prose and attributes stay as they are
-    for text in ("the noise schedule must decrease", "net.sigma_min is 0.002", "--steps must be >= 1"):
+    for text in (
+        "the noise schedule must decrease",
+        "net.sigma_min is 0.002",
+        "--steps must be >= 1",
+        "--outdir /data/num_steps/run: cannot write",
+    ):
         assert cli_words(text) == text
 
 
