@@ -1,12 +1,6 @@
 """The ``edmfast`` command: ``sample`` (a quick look), ``generate`` (images to disk), ``bench``, ``info``.
 
-edmfast sample --out grid.png                       # built-in shapes data set, no download
-edmfast generate --seeds 0-49999 --batch 64 --outdir out/
-edmfast generate --seeds 0-49999 --outdir out/ --network edm-cifar10-32x32-cond-vp.pkl
-edmfast generate --sampler ancestral --model my_adm:load --steps 250 --outdir out/   # iDDPM / ADM / DiT
-torchrun --standalone --nproc_per_node 8 -m edmfast generate --seeds 0-49999 --outdir out/
-edmfast bench                                       # about a minute on a 2-core CPU
-edmfast info                                        # which edmfast, which kernels are built
+`EPILOG` is the ``--help`` text's closing part: plain text (argparse prints it as it is).
 """
 
 # torch (and edmfast's own modules, which import it) are imported inside the commands: `--help`
@@ -25,6 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+EPILOG = """examples:
+  edmfast sample --out grid.png                  # the built-in shapes data set, no download
+  edmfast generate --seeds 0-49999 --batch 64 --outdir out/ --model mypkg.nets:load_edm
+  edmfast generate --outdir=out --seeds=0-49999 --subdirs \\
+      --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+  edmfast generate --sampler ancestral --model my_adm:load --steps 250 --outdir out/   # iDDPM / ADM / DiT
+  torchrun --standalone --nproc_per_node 8 -m edmfast generate --seeds 0-49999 --outdir out/
+  edmfast bench --threads 1                      # edmfast against its peers; 44 s on a shared 2-core CPU
+  edmfast info                                   # which edmfast is imported, which kernels are built
+
+Official NVlabs/edm commands paste: 'edmfast generate' in place of 'python generate.py'.
+"""
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 SAMPLE_MAX_SEEDS = 4096  # a 64 x 64 grid
@@ -89,8 +96,22 @@ def _sampler_parent() -> _Parser:
         help="where solver 2nd evaluates its 2nd slope, in (0, 1]: 1 = Heun, 0.5 = midpoint; "
         "only with --solver 2nd [default: 1]",
     )
-    g.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level [default: 0.002]")
-    g.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level [default: 80]")
+    g.add_argument(
+        "--sigma-min",
+        "--sigma_min",
+        type=float,
+        default=None,
+        help="lowest noise level, clamped to the network's range [default: 0.002; with --disc etc. the "
+        "discretization's]",
+    )
+    g.add_argument(
+        "--sigma-max",
+        "--sigma_max",
+        type=float,
+        default=None,
+        help="highest noise level, clamped to the network's range [default: 80; with --disc etc. the "
+        "discretization's]",
+    )
     g.add_argument(
         "--rho",
         type=float,
@@ -99,6 +120,7 @@ def _sampler_parent() -> _Parser:
     )
     g.add_argument(
         "--churn",
+        "--S_churn",
         dest="s_churn",
         type=float,
         default=0.0,
@@ -107,13 +129,22 @@ def _sampler_parent() -> _Parser:
         "EDM ImageNet-64 uses 40) [default: 0]",
     )
     g.add_argument(
-        "--s-tmin", type=float, default=0.0, help="churn only at noise levels >= S_tmin [default: 0]"
+        "--s-tmin",
+        "--S_min",
+        type=float,
+        default=0.0,
+        help="churn only at noise levels >= S_tmin [default: 0]",
     )
     g.add_argument(
-        "--s-tmax", type=float, default=math.inf, help="churn only at noise levels <= S_tmax [default: inf]"
+        "--s-tmax",
+        "--S_max",
+        type=float,
+        default=math.inf,
+        help="churn only at noise levels <= S_tmax [default: inf]",
     )
     g.add_argument(
         "--s-noise",
+        "--S_noise",
         type=float,
         default=1.0,
         help="scale of the churn noise S_noise (slightly > 1 offsets detail loss) [default: 1]",
@@ -141,13 +172,23 @@ def _sampler_parent() -> _Parser:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    """argparse namespace -> `edmfast.sample` keyword arguments."""
+    """argparse namespace -> `edmfast.sample` keyword arguments (`edmfast.ablation_sample`'s with
+    ``--disc`` / ``--schedule`` / ``--scaling``, whose sigma range defaults to the discretization's)."""
+    design = {k: getattr(args, k, None) for k in DESIGN}
+    design = {k: v for k, v in design.items() if v is not None}
+    if design:
+        sigma_range = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max}
+    else:
+        sigma_range = {
+            "sigma_min": SIGMA_MIN if args.sigma_min is None else args.sigma_min,
+            "sigma_max": SIGMA_MAX if args.sigma_max is None else args.sigma_max,
+        }
     return {
         "num_steps": HEUN_STEPS if args.steps is None else args.steps,
         "solver": args.solver,
         "alpha": args.alpha,
-        "sigma_min": args.sigma_min,
-        "sigma_max": args.sigma_max,
+        **sigma_range,
+        **design,
         "rho": args.rho,
         "s_churn": args.s_churn,
         "s_tmin": args.s_tmin,
@@ -164,17 +205,23 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 HEUN_STEPS = 18
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # EDM's (the official edm_sampler's) defaults
+# --disc / --schedule / --scaling: EDM's design space, as the official generate script's ablation flags
+DESIGN = ("discretization", "schedule", "scaling")
 # options of the Heun sampler only, with their defaults: --sampler ancestral refuses a changed one
 HEUN_ONLY = {
     "--solver": ("solver", "heun"),
     "--alpha": ("alpha", 1.0),
-    "--sigma-min": ("sigma_min", 0.002),
-    "--sigma-max": ("sigma_max", 80.0),
+    "--sigma-min": ("sigma_min", None),
+    "--sigma-max": ("sigma_max", None),
     "--rho": ("rho", 7.0),
     "--churn": ("s_churn", 0.0),
     "--s-tmin": ("s_tmin", 0.0),
     "--s-tmax": ("s_tmax", math.inf),
     "--s-noise": ("s_noise", 1.0),
+    "--disc": ("discretization", None),
+    "--schedule": ("schedule", None),
+    "--scaling": ("scaling", None),
 }
 ANCESTRAL_ONLY = {
     "--spacing": "spacing",
@@ -216,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edmfast",
         description="Fast, verified EDM-style diffusion sampling.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,generate,bench,info}")
     common = _sampler_parent()
@@ -248,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="enlarge the grid by this integer factor (nearest neighbour) [default: 2]",
     )
+    s.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (torch.set_num_threads); on a machine shared with other work fewer "
+        "threads are often faster [default: torch's, the number of cores]",
+    )
     s.set_defaults(func=cmd_sample)
 
     g = sub.add_parser(
@@ -263,7 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         "seeds whose PNG exists and decodes, so an interrupted run resumes where it stopped; jobs with\n"
         "disjoint seeds may write into one OUTDIR at the same time. OUTDIR/manifest.json records the\n"
         "model, image shape, sampler options and edmfast version; a rerun with different ones is refused.\n"
-        "Pixels: uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1] (as EDM).",
+        "Pixels: uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1] (as EDM).\n"
+        "Official commands paste: every NVlabs/edm generate.py option is accepted in its own spelling\n"
+        "(--network, --outdir, --seeds, --subdirs, --class, --batch, --steps, --sigma_min, --sigma_max,\n"
+        "--rho, --S_churn, --S_min, --S_max, --S_noise, --solver, --disc, --schedule, --scaling), so\n"
+        "'edmfast generate' in place of 'python generate.py' gives the official images.",
     )
     g.add_argument(
         "--seeds",
@@ -290,10 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--network",
         default=None,
-        metavar="PATH.pkl",
-        help="an official EDM / EDM2 network pickle (NVlabs/edm network-snapshot-*.pkl), run on "
-        "edmfast's fused preconditioner; instead of --model. Unpickling needs the official "
+        metavar="PATH|URL",
+        help="an official EDM / EDM2 network pickle (NVlabs/edm network-snapshot-*.pkl), a file or an "
+        "http(s) URL (downloaded once into $EDMFAST_NETWORK_CACHE, default ~/.cache/edmfast/networks), "
+        "run on edmfast's fused preconditioner; instead of --model. Unpickling needs the official "
         "dnnlib / torch_utils code on PYTHONPATH and runs code from the pickle",
+    )
+    g.add_argument(
+        "--subdirs",
+        action="store_true",
+        help="write OUTDIR/{seed - seed %% 1000:06d}/{seed:06d}.png: one folder per 1000 seeds, as the "
+        "official script's --subdirs",
+    )
+    g.add_argument(
+        "--explain",
+        action="store_true",
+        help="when OUTDIR was made with other settings, list every recorded setting that differs",
     )
     g.add_argument(
         "--npz",
@@ -327,6 +398,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="CFG rescale phi in [0, 1] (Lin et al. 2023) [default: 0]",
+    )
+    design = g.add_argument_group(
+        "EDM's design space (the official generate script's ablation flags; any of them runs "
+        "edmfast.ablation_sample: --disc vp --schedule vp --scaling vp is the paper's VP baseline, "
+        "--disc ve --schedule ve --scaling none its VE one)"
+    )
+    design.add_argument(
+        "--disc",
+        dest="discretization",
+        choices=("vp", "ve", "iddpm", "edm"),
+        default=None,
+        help="time step discretization {t_i} (EDM Table 1) [default: edm]",
+    )
+    design.add_argument(
+        "--schedule",
+        choices=("vp", "ve", "linear"),
+        default=None,
+        help="noise schedule sigma(t): vp, ve (sqrt t) or linear (t) [default: linear]",
+    )
+    design.add_argument(
+        "--scaling",
+        choices=("vp", "none"),
+        default=None,
+        help="signal scaling s(t): vp (1/sqrt(1+sigma^2)) or none [default: none]",
     )
     g.add_argument(
         "--sampler",
@@ -387,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
         "edmfast.reference.sample (a float64 eager loop in the style of EDM's generate script) on the "
         "same analytic Gaussian denoiser and noise, deterministic and with EDM's churn. Prints a "
         "table and writes bench-<time>.{json,md} plus a speedup chart (.png, needs matplotlib) into "
-        "--out. The default run takes about a minute on a 2-core CPU. The full benchmarks are "
-        "benchmarks/*.py in a source checkout.",
+        "--out. The default run took 44 s with --threads 1 on a shared 2-core CPU (1-min load average "
+        "7.7 from other work, 2026-12-07); it prints the load beside its timings. The full benchmarks "
+        "are benchmarks/*.py in a source checkout.",
     )
     b.add_argument(
         "--device",
@@ -416,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tiny sizes (4x3x16x16, 6 steps, 2 repeats): a smoke test in seconds",
     )
+    b.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (torch.set_num_threads); on a machine shared with other work fewer "
+        "threads are often faster [default: torch's, the number of cores]",
+    )
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser(
@@ -427,6 +531,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_info)
     return parser
+
+
+def _set_threads(threads: int | None) -> int:
+    """Apply ``--threads`` (torch's intra-op threads, which the native CPU kernels follow too)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine_load(threads: int) -> tuple[dict[str, Any], str | None]:
+    """The 1-minute load average beside a timing, and a warning when other work leaves this run
+    fewer cores than ``threads``: ({"load_avg_1min", "cores", "threads"}, warning or None).
+
+    On a loaded 2-core box, 2 torch threads made edmfast sample / bench 3-7x slower than 1 thread
+    (a thread that is descheduled holds up the others at every parallel region). Busy means the
+    load (taken before this run's own work) exceeds cores - threads + 0.5."""
+    cores = _cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return {"load_avg_1min": None, "cores": cores, "threads": threads}, None
+    info = {"load_avg_1min": round(load, 2), "cores": cores, "threads": threads}
+    if load <= cores - threads + 0.5:
+        return info, None
+    fits = max(1, int(cores - load + 0.5))
+    advice = (
+        f"--threads {fits} may be faster" if fits < threads else "rerun on an idle machine for stable numbers"
+    )
+    return info, (
+        f"warning: the machine is busy (1-min load average {load:.2f} on {cores} cores, {threads} "
+        f"thread(s) asked for): timings are slower and noisier than on an idle machine; {advice}"
+    )
+
+
+def load_text(info: dict[str, Any], threads: bool = True) -> str:
+    load = info["load_avg_1min"]
+    where = "unknown" if load is None else f"{load:.2f}"
+    text = f"1-min load average {where} on {info['cores']} cores (before the run)"
+    return text + (f", {info['threads']} thread(s)" if threads else "")
 
 
 def _device(name: str | None) -> torch.device:
@@ -509,6 +661,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .generate import atomic_write, sample_seeds
 
     device = _device(args.device)
+    threads = _set_threads(args.threads)
+    load, busy = machine_load(threads)
     options = _options(args)
     seeds = args.seeds
     if len(seeds) > SAMPLE_MAX_SEEDS:  # one batch and one grid: 10^6 seeds would be 12 GB of noise
@@ -563,7 +717,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"({nfe} denoiser call{'s' if nfe != 1 else ''}), "
         f"S_churn={options['s_churn']:g}, backend {backend} on {device}"
     )
-    print(f"time: {elapsed * 1e3 / len(seeds):.3f} ms per image ({elapsed:.3f} s for {len(seeds)})")
+    print(
+        f"time: {elapsed * 1e3 / len(seeds):.3f} ms per image ({elapsed:.3f} s for {len(seeds)}); "
+        + load_text(load)
+    )
+    if busy is not None:
+        print(busy)
     print(
         f"distance to the nearest training image (RMS, 8-bit levels): median {rms.median():.2f}, "
         f"max {rms.max():.2f}"
@@ -604,8 +763,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             class_idx=args.class_idx,
             network=args.network,
             sampler=args.sampler,
+            subdirs=args.subdirs,
         )
-    except (ManifestMismatch, OutputError) as e:
+    except ManifestMismatch as e:
+        print(f"edmfast generate: error: {_one_line(e)}", file=sys.stderr)
+        if args.explain:
+            for line in e.details:
+                print(f"  {line}", file=sys.stderr)
+        return 2
+    except OutputError as e:
         print(f"edmfast generate: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
@@ -766,6 +932,11 @@ def bench_markdown(result: dict[str, Any]) -> str:
         f"{result['repeats']}",
         "",
     ]
+    machine = result.get("machine")
+    if machine is not None:
+        lines[0] += (
+            f"; {load_text(machine, threads=False)}; the whole comparison took {machine['wall_s']:.0f} s"
+        )
     for c in result["configs"]:
         extra = (
             f" (S_churn={c['churn']['s_churn']:g}, fused Philox noise for edmfast)" if "churn" in c else ""
@@ -820,14 +991,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .generate import atomic_write
 
     device = _device(args.device)
+    threads = _set_threads(args.threads)
+    load, busy = machine_load(threads)
     out = bench_dir(args.out)
     batch, steps, repeats, size = (4, 6, 2, 16) if args.quick else (args.batch, args.steps, args.repeats, 64)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create it ({e.strerror or e}); pick another folder") from e
-    print(f"timing {batch}x3x{size}x{size}, {steps} Heun steps on {device}; results go to {out}", flush=True)
+    print(
+        f"timing {batch}x3x{size}x{size}, {steps} Heun steps on {device}; {load_text(load)}; results go "
+        f"to {out}",
+        flush=True,
+    )
+    if busy is not None:
+        print(busy, flush=True)
+    t0 = time.perf_counter()
     result = builtin_bench(device, batch, steps, repeats, size)
+    result["machine"] = {**load, "wall_s": round(time.perf_counter() - t0, 1)}
     md = bench_markdown(result)
     print()
     print(md, end="")
@@ -869,7 +1050,40 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def shadow_problem() -> str | None:
+    """Why ``edmfast`` is not this package, or None.
+
+    From a clone's parent folder, ``python -m edmfast`` finds the clone (a folder named edmfast
+    without ``__init__.py``) first on sys.path and imports it as an empty namespace package; an
+    editable install then still supplies this module, but ``edmfast.__version__`` and every lazy
+    export are missing. Say so instead of an ImportError deep inside a command."""
+    package = sys.modules.get(__package__ or "edmfast")
+    spec = getattr(package, "__spec__", None)
+    # a namespace package: found by the path finder, no file, only search locations
+    if spec is None or spec.origin is not None or spec.submodule_search_locations is None:
+        return None
+    here = Path(__file__).resolve().parent
+    others = [p for p in getattr(package, "__path__", []) if Path(p).resolve() != here]
+    folder = others[0] if others else "a folder named edmfast"
+    return (
+        f"the folder {folder} shadows the edmfast package: it has no __init__.py, and python -m looks "
+        "in the current folder first, so Python imported that folder as an empty namespace package. "
+        f"Run the command from another folder (e.g. cd {folder}), or use the edmfast command, which "
+        "does not search the current folder"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    # torch's OpenMP threads spin-wait between parallel regions by default; beside the denoiser's
+    # own small ops that burns the cores other threads (or other processes) need: with passive
+    # waiting the 2-thread loop ran at 1.01x of 1 thread beside a busy process. It must be set
+    # before torch is imported (every command imports it later); the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    shadow = shadow_problem()
+    if shadow is not None:
+        print(f"edmfast: error: {shadow}", file=sys.stderr)
+        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from .ops import BackendUnavailable
 
@@ -877,11 +1091,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, TypeError, BackendUnavailable) as e:
         # bad options (e.g. --alpha with --solver heun, --backend cuda without a GPU) come back from
-        # edmfast's validation with the option named; a traceback would only bury that
+        # edmfast's validation with the option named; a traceback would only bury that. The
+        # library names its Python options (num_steps, solver='2nd'): say the flags instead
         where = ""
         if isinstance(e, BackendUnavailable) and "imported from" not in str(e):
             where = f" (edmfast imported from {where_imported()})"
-        print(f"edmfast {args.command}: error: {_one_line(e)}{where}", file=sys.stderr)
+        text = _one_line(e)
+        if args.command in ("sample", "generate"):
+            from .generate import cli_words
+
+            text = cli_words(text, argv)
+        print(f"edmfast {args.command}: error: {text}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C: every finished file is complete (atomic renames), so a rerun picks up from here

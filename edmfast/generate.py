@@ -47,6 +47,7 @@ import socket
 import stat
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ from PIL import Image
 from .ancestral import AncestralSampler
 from .data import IMAGE_SHAPE, ShapesDenoiser, to_uint8
 from .options import AncestralOptions, check_betas
+from .plan import AblationOptions
 from .rng import PerSampleGenerator
 from .sampler import Sampler
 from .schedules import ddpm_betas
@@ -85,10 +87,14 @@ MAX_SEED = 2**63 - 1
 # sharing --outdir (disjoint seeds), which is supported.
 MAX_SEEDS = 10_000_000
 _IMAGE_NAME = re.compile(r"[0-9]{6,}\.png")
+_SUBDIR_NAME = re.compile(r"[0-9]{6,}")  # --subdirs folders: 000000, 001000, ...
 _PNG_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # what Image.fromarray makes of C channels
 _MANIFEST_MAX_BYTES = 1 << 20
 WRITERS = 8  # threads encoding and fsync-ing PNGs (both release the GIL)
 
+# --disc / --schedule / --scaling: EDM's design space (`edmfast.ablation_sample`), given among the
+# options; with any of them the Karras range options become the design's (None: its default)
+DESIGN_OPTIONS = ("discretization", "schedule", "scaling")
 # sampler options that change the images; backend, device, compile, cuda_graph change only rounding
 IMAGE_OPTIONS = (
     "num_steps",
@@ -117,23 +123,94 @@ ANCESTRAL_IMAGE_OPTIONS = (
     "guidance_scale",
     "guidance_rescale",
 )
-# AncestralOptions names -> the CLI flags that set them (for error messages)
-_ANCESTRAL_FLAGS = {
-    "num_steps": "--steps",
-    "spacing": "--spacing",
-    "variance": "--variance",
-    "prediction_type": "--prediction-type",
-    "clip_denoised": "--clip",
-    "eta": "--eta",
-    "noise_mode": "--noise-mode",
-    "guidance_scale": "--guidance",
-    "guidance_rescale": "--guidance-rescale",
-    "backend": "--backend",
+# sampler option names (SamplerOptions, AncestralOptions, AblationOptions) -> the command-line flags
+# that set them, edmfast's spelling first, then the official generate script's: errors and the
+# manifest summary speak the command line's language
+OPTION_FLAGS: dict[str, tuple[str, ...]] = {
+    "num_steps": ("--steps",),
+    "solver": ("--solver",),
+    "alpha": ("--alpha",),
+    "sigma_min": ("--sigma-min", "--sigma_min"),
+    "sigma_max": ("--sigma-max", "--sigma_max"),
+    "rho": ("--rho",),
+    "s_churn": ("--churn", "--S_churn"),
+    "s_tmin": ("--s-tmin", "--S_min"),
+    "s_tmax": ("--s-tmax", "--S_max"),
+    "s_noise": ("--s-noise", "--S_noise"),
+    "noise_mode": ("--noise-mode",),
+    "backend": ("--backend",),
+    "guidance_scale": ("--guidance",),
+    "guidance_rescale": ("--guidance-rescale",),
+    "discretization": ("--disc",),
+    "schedule": ("--schedule",),
+    "scaling": ("--scaling",),
+    "spacing": ("--spacing",),
+    "variance": ("--variance",),
+    "prediction_type": ("--prediction-type",),
+    "clip_denoised": ("--clip",),
+    "eta": ("--eta",),
 }
+# single words that are also plain English ("the schedule"): rewritten only where a message states
+# something about the option itself, e.g. "rho must be > 0", "alpha applies to ..."
+_PLAIN_WORDS = {
+    "solver",
+    "alpha",
+    "rho",
+    "backend",
+    "schedule",
+    "scaling",
+    "discretization",
+    "spacing",
+    "eta",
+}
+_ABOUT = r"(?= must\b| applies\b| is not\b| needs\b)"
+_CLAUSE_START = r"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())"
+
+
+def _flag(name: str, argv: Sequence[str] | None) -> str:
+    """The flag for option ``name``: the spelling the user typed (``--S_churn``), else edmfast's."""
+    spellings = OPTION_FLAGS[name]
+    for arg in argv or ():
+        for flag in spellings:
+            if arg == flag or arg.startswith(flag + "="):
+                return flag
+    return spellings[0]
+
+
+def _flag_with_value(flag: str, value: str) -> str:
+    if flag == "--clip" and value in ("True", "False"):
+        return "--clip" if value == "True" else "--no-clip"
+    return f"{flag} {value}"
+
+
+def cli_words(text: str, argv: Sequence[str] | None = None) -> str:
+    """An option error of the Python API in command-line terms: ``num_steps`` -> ``--steps``,
+    ``solver='2nd'`` -> ``--solver 2nd``, ``s_tmin=5.0`` -> ``--s-tmin 5.0`` (the spelling from
+    ``argv`` when the user typed an alias). Text already in flags is left as it is."""
+    for name in OPTION_FLAGS:
+        flag = _flag(name, argv)
+
+        # name=value (a quoted string or a bare token) -> --flag value
+        def with_value(m: re.Match[str], flag: str = flag) -> str:
+            return _flag_with_value(flag, next(g for g in m.groups() if g is not None))
+
+        text = re.sub(rf"(?<![\w.\-/\\]){name}=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;)]+))", with_value, text)
+        if "_" in name:
+            text = re.sub(rf"(?<![\w.\-/\\]){name}\b(?![(/\\])", flag, text)
+        elif name in _PLAIN_WORDS:
+            text = re.sub(rf"{_CLAUSE_START}{name}{_ABOUT}", flag, text)
+    return text
 
 
 class ManifestMismatch(RuntimeError):
-    """The output folder holds images made with different options (or cannot tell which)."""
+    """The output folder holds images made with different options (or cannot tell which).
+
+    ``details``: every recorded setting that differs, one line each (the message names the few
+    that matter, as command-line flags)."""
+
+    def __init__(self, message: str, details: Sequence[str] = ()):
+        super().__init__(message)
+        self.details = list(details)
 
 
 class OutputError(RuntimeError):
@@ -198,8 +275,22 @@ def _check_seeds(seeds: Sequence[Any]) -> list[int]:
 # ----------------------------------------------------------------------------- files
 
 
-def image_path(outdir: Path, seed: int) -> Path:
+def image_path(outdir: Path, seed: int, subdirs: bool = False) -> Path:
+    """``OUTDIR/{seed:06d}.png``; with ``subdirs`` in a folder per 1000 seeds,
+    ``OUTDIR/{seed - seed % 1000:06d}/{seed:06d}.png`` (the official script's ``--subdirs``)."""
+    if subdirs:
+        return outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
     return outdir / f"{seed:06d}.png"
+
+
+def _image_folders(outdir: Path) -> list[Path]:
+    """``outdir`` and its per-1000-seeds subfolders (``--subdirs``): where images and temporaries live."""
+    folders = [outdir]
+    with os.scandir(outdir) as entries:
+        for entry in entries:
+            if _SUBDIR_NAME.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                folders.append(Path(entry.path))
+    return folders
 
 
 @functools.cache
@@ -317,7 +408,14 @@ def remove_stale_temporaries(outdir: Path, max_age_s: float = STALE_AGE_S) -> in
     temporary, a user's file, a folder or a link is left alone.
     """
     me, now, removed = _machine_id(), time.time(), 0
-    with os.scandir(outdir) as entries:
+    for folder in _image_folders(outdir):
+        removed += _remove_stale_in(folder, me, now, max_age_s)
+    return removed
+
+
+def _remove_stale_in(folder: Path, me: str, now: float, max_age_s: float) -> int:
+    removed = 0
+    with os.scandir(folder) as entries:
         for entry in entries:
             m = _TMP_NAME.fullmatch(entry.name)
             if m is None:
@@ -342,10 +440,12 @@ def remove_stale_temporaries(outdir: Path, max_age_s: float = STALE_AGE_S) -> in
 
 
 def _first_image(outdir: Path) -> str | None:
-    with os.scandir(outdir) as entries:
-        for entry in entries:
-            if _IMAGE_NAME.fullmatch(entry.name):
-                return entry.name
+    """The name of an image in ``outdir`` or a ``--subdirs`` folder of it (relative), else None."""
+    for folder in _image_folders(outdir):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if _IMAGE_NAME.fullmatch(entry.name):
+                    return str(Path(entry.path).relative_to(outdir))
     return None
 
 
@@ -401,12 +501,16 @@ def make_manifest(
     options: dict[str, Any],
     class_idx: int | None = None,
     betas: torch.Tensor | None = None,
+    design: AblationOptions | None = None,
+    subdirs: bool = False,
 ) -> dict[str, Any]:
     """What determines the images. Options are validated and completed with their defaults first, so
     ``{}`` and the CLI's explicit defaults give the same manifest, and a bad option fails here,
     before anything is written. With ``betas`` (the training betas of ``--sampler ancestral``) the
     options are `sample_ancestral`'s and the sampler entry says ``"kind": "ancestral"`` and which
-    betas; a Heun manifest is as it always was, so older folders still resume."""
+    betas. ``design`` (``--disc`` / ``--schedule`` / ``--scaling``) is recorded as the sampler's
+    ``"design"`` in place of its sigma range, ``subdirs`` as ``"layout": "subdirs"``; a Heun manifest
+    without them is as it always was, so older folders still resume."""
     from dataclasses import asdict
 
     from . import __version__
@@ -415,6 +519,9 @@ def make_manifest(
     if betas is None:
         options = asdict(SamplerOptions.create(**options))
         sampler = {k: _jsonable(options[k]) for k in IMAGE_OPTIONS}
+        if design is not None:  # the design's own range replaces the Karras one
+            del sampler["sigma_min"], sampler["sigma_max"]
+            sampler["design"] = {k: _jsonable(v) for k, v in asdict(design).items()}
         noise = "per seed: torch.Generator().manual_seed(seed); latents randn [C, H, W] float32, then churn"
     else:
         options = asdict(AncestralOptions.create(**options))
@@ -436,6 +543,7 @@ def make_manifest(
         "sampler": sampler,
         "noise": noise,
         "pixels": "uint8 = clip(x * 127.5 + 128, 0, 255) from x in [-1, 1]",
+        **({"layout": "subdirs"} if subdirs else {}),
     }
 
 
@@ -508,13 +616,84 @@ def check_manifest(outdir: Path, manifest: dict[str, Any]) -> bool:
     differences = _diff(old, manifest)
     if differences:
         empty = _first_image(outdir) is None
+        made, now = manifest_summary(old, manifest)
         raise ManifestMismatch(
-            f"{outdir} holds images generated with different settings; refusing to mix them: "
-            + "; ".join(differences)
-            + ". Rerun with the folder's settings to resume, or pick a new --outdir"
+            f"{outdir} holds images made with {made} (this run: {now}); refusing to mix them. Rerun "
+            "with the folder's settings to resume, or pick a new --outdir"
             + (f" (it holds no images yet: deleting {MANIFEST} starts it afresh)" if empty else "")
+            + f"; --explain lists all {len(differences)} recorded setting(s) that differ",
+            differences,
         )
     return True
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _settings(m: dict[str, Any]) -> dict[str, str]:
+    """A manifest as {setting: how a command line says it}, in the order that matters to a user:
+    the sampler, the model, the design space, the sampler's options, then the rest."""
+    raw = m.get("sampler")
+    sampler: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    out = {"sampler": f"--sampler {sampler.get('kind', 'heun')}"}
+    model = str(m.get("model"))
+    if model.startswith("network:"):
+        name, _, digest = model[len("network:") :].partition(":sha256=")
+        out["model"] = f"--network {name} (sha256 {digest})"
+    else:
+        out["model"] = f"--model {model}"
+    design = sampler.get("design")
+    if isinstance(design, dict):
+        out["design"] = " ".join(
+            f"{OPTION_FLAGS[k][0]} {_shown(design[k])}"
+            for k in (*DESIGN_OPTIONS, "sigma_min", "sigma_max")
+            if design.get(k) is not None
+        )
+    else:
+        out["design"] = "no --disc/--schedule/--scaling"
+    for key in dict.fromkeys([*IMAGE_OPTIONS, *ANCESTRAL_IMAGE_OPTIONS, *sorted(sampler)]):
+        if key in ("kind", "design") or key not in sampler:
+            continue
+        value = sampler[key]
+        if key in OPTION_FLAGS:
+            flag = OPTION_FLAGS[key][0]
+            if key == "clip_denoised" and isinstance(value, bool):
+                out[key] = "--clip" if value else "--no-clip"
+            elif value is None:
+                out[key] = f"no {flag}"
+            else:
+                out[key] = f"{flag} {_shown(value)}"
+        else:
+            out[key] = f"{key} {_shown(value)}"
+    out["class_idx"] = "no --class" if m.get("class_idx") is None else f"--class {m.get('class_idx')}"
+    out["layout"] = "--subdirs" if m.get("layout") == "subdirs" else "no --subdirs"
+    shape = m.get("image_shape")
+    out["image_shape"] = f"image shape {'x'.join(map(str, shape))}" if isinstance(shape, list) else str(shape)
+    for key in sorted(set(m) - {"sampler", "model", "class_idx", "layout", "image_shape"}):
+        out[key] = "edmfast " + str(m[key]) if key == "edmfast_version" else f"{key} {_shown(m[key])}"
+    return out
+
+
+def manifest_summary(old: dict[str, Any], new: dict[str, Any], most: int = 4) -> tuple[str, str]:
+    """(what the folder was made with, what this run uses): the settings that differ, as flags.
+
+    A different sampler says only that (every option of one sampler differs from the other's); at
+    most ``most`` settings are named, then how many more."""
+    a, b = _settings(old), _settings(new)
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    if "sampler" in keys:
+        keys = [k for k in keys if k in ("sampler", "model")]
+    more = len(keys) - most
+    keys = keys[:most]
+    tail = f" and {more} more" if more > 0 else ""
+    # a setting one side lacks (the Karras range beside a design's own) is left unsaid there
+    return (
+        ", ".join(a[k] for k in keys if k in a) + tail,
+        ", ".join(b[k] for k in keys if k in b) + tail,
+    )
 
 
 def claim_manifest(outdir: Path, manifest: dict[str, Any]) -> bool:
@@ -587,6 +766,26 @@ def _import_factory(module_name: str, attr: str, user_module: bool) -> Any:
             sys.path.remove(added)
 
 
+def _image_shape(spec: str, shape: Any) -> tuple[int, int, int]:
+    """A factory's image_shape as three positive ints, or a ValueError naming --model and the value."""
+    bad = ValueError(f"--model {spec!r}: image_shape must be (C, H, W), three integers >= 1, got {shape!r}")
+    try:
+        values = list(shape)
+    except TypeError:
+        raise bad from None
+    if len(values) != 3:
+        raise bad
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+            v = v.item()
+        # 3.7 or '3' would otherwise become 3 silently
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+            raise bad
+        out.append(int(v))
+    return out[0], out[1], out[2]
+
+
 def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
     """Import ``module:function``, call ``function()`` and return ``(denoiser, image_shape)``.
 
@@ -610,9 +809,7 @@ def load_model(spec: str) -> tuple[Any, tuple[int, ...]]:
         raise ValueError(
             f"--model {spec!r} returned a denoiser without image_shape; return (denoiser, image_shape)"
         )
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"--model {spec!r}: image_shape must be (C, H, W), got {shape}")
+    shape = _image_shape(spec, shape)
     if shape[0] not in _PNG_MODES:
         raise ValueError(f"--model {spec!r}: a PNG holds 1 to 4 channels, image_shape has C = {shape[0]}")
     if not callable(denoiser):
@@ -686,10 +883,8 @@ def ancestral_setup(model: Any, spec: str, options: dict[str, Any]) -> tuple[tor
 
 def ancestral_option_error(e: Exception) -> ValueError:
     """An option error of `AncestralSampler` as a ValueError that names the CLI flag."""
-    text = str(e)
-    names = [n for n in _ANCESTRAL_FLAGS if re.search(rf"\b{n}\b", text)]
-    flag = _ANCESTRAL_FLAGS[min(names, key=text.index)] if names else "--sampler ancestral"
-    return ValueError(f"{flag}: {text}")
+    text = cli_words(str(e))
+    return ValueError(text if "--" in text else f"--sampler ancestral: {text}")
 
 
 def _file_digest(path: Path) -> str:
@@ -700,43 +895,71 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def network_spec(path: str | os.PathLike) -> str:
-    """The manifest's ``model`` entry for ``--network PATH``: the file's content, not only its name."""
-    p = Path(path)
-    return f"network:{p.name}:sha256={_file_digest(p)}"
+def network_spec(path: str | os.PathLike, local: str | os.PathLike | None = None) -> str:
+    """The manifest's ``model`` entry for ``--network PATH`` (or URL): the file's name and content
+    (``local``: where a URL's file was downloaded), so a URL and the same file on disk agree."""
+    from .edm import is_url
+
+    name = urllib.parse.urlsplit(str(path)).path.rsplit("/", 1)[-1] if is_url(path) else Path(path).name
+    return f"network:{name}:sha256={_file_digest(Path(local if local is not None else path))}"
 
 
-def load_network(path: str | os.PathLike, device: Any = "cpu") -> tuple[Any, tuple[int, ...]]:
-    """An official EDM network pickle -> (fused edmfast preconditioner, (C, H, W)).
+def fetch_network(source: str | os.PathLike, progress: bool = True) -> Path:
+    """``--network``'s local file: the path itself, or a URL's copy in the download cache."""
+    from . import edm
 
-    Loaded by `edmfast.edm.load_network` and converted by `edmfast.edm.from_edm` (label_dim, range,
-    dtype; float32 on the CPU, where the official code does not run float16 either). Unpickling
-    needs the official persistence code (``dnnlib``, ``torch_utils``) on the import path; without it
-    this is one ValueError saying so. Unpickling runs code from the pickle, like any ``torch.load``.
+    if not edm.is_url(source):
+        p = Path(source)
+        if "://" in str(source):
+            raise ValueError(f"--network {source}: only http:// and https:// URLs can be downloaded")
+        if not p.is_file():
+            raise ValueError(
+                f"--network {p}: no such file; give the path or the http(s) URL of an official EDM "
+                "network pickle"
+            )
+        return p
+    try:
+        return edm.download_network(str(source), progress=progress)
+    except (edm.DownloadError, edm.NetworkFileError) as e:
+        raise ValueError(f"--network: {e}") from None
+
+
+def load_network(
+    path: str | os.PathLike, device: Any = "cpu", *, progress: bool = True
+) -> tuple[Any, tuple[int, ...], Path]:
+    """An official EDM network pickle (path or http(s) URL) -> (fused edmfast preconditioner,
+    (C, H, W), the local file).
+
+    A URL is downloaded once into the cache (`edmfast.edm.download_network`). Loaded by
+    `edmfast.edm.load_network` and converted by `edmfast.edm.from_edm` (label_dim, range, dtype:
+    float16 only for a ``use_fp16`` network on CUDA, as the official code). Unpickling needs the
+    official persistence code (``dnnlib``, ``torch_utils``) on the import path; without it this is
+    one ValueError saying so. Unpickling runs code from the pickle, like any ``torch.load``.
     """
     from . import edm
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--network {p}: no such file; give the path of an official EDM network pickle")
+    p = fetch_network(path, progress)
+    src = path if edm.is_url(path) else p
     try:
         net = edm.load_network(p, device)
     except ImportError as e:  # the official dnnlib / torch_utils are not importable
-        raise ValueError(f"--network {p}: {e}") from None
+        raise ValueError(f"--network {src}: {e}") from None
+    except edm.NetworkFileError as e:
+        raise ValueError(f"--network {src}: not an official EDM network pickle: {e.reason}") from None
     except (TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"--network {p}: not an official EDM network pickle ({e})") from None
+        raise ValueError(f"--network {src}: not an official EDM network pickle ({e})") from None
     try:
-        denoiser = edm.from_edm(net, dtype=torch.float32 if torch.device(device).type == "cpu" else None)
+        denoiser = edm.from_edm(net)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"--network {p}: {e}") from None
+        raise ValueError(f"--network {src}: {e}") from None
     channels = getattr(denoiser, "img_channels", None)
     resolution = getattr(denoiser, "img_resolution", None)
     if channels is None or resolution is None:
-        raise ValueError(f"--network {p}: the network has no img_channels / img_resolution")
+        raise ValueError(f"--network {src}: the network has no img_channels / img_resolution")
     shape = (int(channels), int(resolution), int(resolution))
     if shape[0] not in _PNG_MODES:
-        raise ValueError(f"--network {p}: {shape[0]} channels cannot be written as PNG (1 to 4)")
-    return denoiser, shape
+        raise ValueError(f"--network {src}: {shape[0]} channels cannot be written as PNG (1 to 4)")
+    return denoiser, shape, p
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -822,11 +1045,24 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 def label_dim_of(denoiser: Any) -> int:
-    """Number of classes of a class-conditional model (EDM's ``label_dim``; 0: unconditional)."""
+    """Number of classes of a class-conditional model (EDM's ``label_dim``; 0: unconditional).
+
+    A ValueError when the attribute is not an integer >= 0 (labels are drawn in [0, label_dim))."""
     dim = getattr(denoiser, "label_dim", None)
+    owner = "label_dim"
     if dim is None:
         dim = getattr(getattr(denoiser, "model", None), "label_dim", 0)
-    return int(dim or 0)
+        owner = "model.label_dim"
+    if dim is None:
+        return 0
+    if isinstance(dim, torch.Tensor) and dim.numel() == 1 and not dim.is_floating_point():
+        dim = dim.item()
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or int(dim) < 0:
+        raise ValueError(
+            f"the model's {owner} must be an integer >= 0 (the number of classes; 0: unconditional), "
+            f"got {dim!r}"
+        )
+    return int(dim)
 
 
 def sample_seeds(
@@ -859,14 +1095,14 @@ def sample_seeds(
     return sampler(latents, generator=rng, seeds=rng.seeds.to(device), cond=cond, uncond=uncond)
 
 
-def write_npz(outdir: Path, seeds: Sequence[int]) -> Path:
+def write_npz(outdir: Path, seeds: Sequence[int], subdirs: bool = False) -> Path:
     """All seeds' PNGs as one ``images.npz`` (``arr_0``: uint8 [N, H, W, C] in seed order), atomically.
 
     The layout of the ADM / guided-diffusion evaluation suite's reference batches.
     """
     arrays = []
     for s in seeds:
-        with Image.open(image_path(outdir, s)) as img:
+        with Image.open(image_path(outdir, s, subdirs)) as img:
             arrays.append(np.asarray(img.convert("RGB")))
     path = outdir / "images.npz"
     atomic_write(path, lambda f: np.savez(f, arr_0=np.stack(arrays)))
@@ -874,13 +1110,13 @@ def write_npz(outdir: Path, seeds: Sequence[int]) -> Path:
 
 
 def existing_images(
-    outdir: Path, seeds: Sequence[int], image_shape: Sequence[int]
+    outdir: Path, seeds: Sequence[int], image_shape: Sequence[int], subdirs: bool = False
 ) -> tuple[set[int], dict[int, str]]:
     """(seeds whose PNG is complete, {seed: problem} for damaged ones) among ``seeds``."""
     done: set[int] = set()
     damaged: dict[int, str] = {}
     for s in seeds:
-        path = image_path(outdir, s)
+        path = image_path(outdir, s, subdirs)
         if not os.path.lexists(path):
             continue
         problem = png_problem(path, image_shape)
@@ -891,14 +1127,15 @@ def existing_images(
     return done, damaged
 
 
-def _finish_writes(out: Path, pending: list[Future[None]], bar: Any) -> None:
+def _finish_writes(out: Path, pending: list[Future[None]], bar: Any, folders: set[Path]) -> None:
     """Wait for one batch's PNGs (raising the first error), then make their renames durable."""
     if not pending:
         return
     with _on_output(out, "write"):
         for f in pending:
             f.result()
-        _fsync_dir(out)  # once per batch
+        for folder in sorted(folders):
+            _fsync_dir(folder)  # once per batch and folder
     if bar is not None:
         bar.update(len(pending))
 
@@ -941,11 +1178,28 @@ def plan_text(
     elif steps is not None and solver is not None:
         nfe = steps if solver == "euler" else 2 * steps - 1
         what = f"; {solver}, {steps} step{'s' if steps != 1 else ''} ({nfe} network evaluations per image)"
+        ab = getattr(sampler, "ablation", None)
+        if ab is not None:
+            what += f", design --disc {ab.discretization} --schedule {ab.schedule} --scaling {ab.scaling}"
     return (
         f"plan: seeds {seeds_text(seeds)} ({len(seeds)} image{'s' if len(seeds) != 1 else ''}) on "
         f"{world} process(es); rank 0: {done} of {mine} already on disk, {todo} to sample in "
         f"{math.ceil(todo / batch)} batch(es) of up to {batch} on {device}{what}; writing to {out}"
     )
+
+
+def _design(options: dict[str, Any], ancestral: bool) -> AblationOptions | None:
+    """Take EDM's design-space options (`DESIGN_OPTIONS`, and then the sigma range) out of
+    ``options``: None when none is given (plain `edmfast.sample`)."""
+    given = {k: options.pop(k) for k in DESIGN_OPTIONS if k in options}
+    if not given:
+        return None
+    if ancestral:
+        flags = {"discretization": "--disc", "schedule": "--schedule", "scaling": "--scaling"}
+        raise ValueError(f"{flags[next(iter(given))]} applies to --sampler heun only (EDM's design space)")
+    for k in ("sigma_min", "sigma_max"):
+        given[k] = options.pop(k, None)
+    return AblationOptions.create(**given)
 
 
 def generate(
@@ -962,10 +1216,14 @@ def generate(
     network: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
     sampler: str = "heun",
+    subdirs: bool = False,
 ) -> dict[str, Any]:
     """Write ``{seed:06d}.png`` for every seed into ``outdir``; see the module docstring.
 
-    ``options`` are `edmfast.sample` keyword arguments (num_steps, solver, s_churn, ...). Returns
+    ``options`` are `edmfast.sample` keyword arguments (num_steps, solver, s_churn, ...); with any
+    of ``discretization`` / ``schedule`` / ``scaling`` they are `edmfast.ablation_sample`'s (EDM's
+    design space; ``sigma_min`` / ``sigma_max`` None or absent: the discretization's range).
+    ``subdirs``: one folder per 1000 seeds (`image_path`), as the official script's ``--subdirs``. Returns
     counts and timings for this process. Raises ManifestMismatch when ``outdir`` was made with
     different settings, OutputError when it cannot be written. ``network`` (an official EDM
     network pickle, see `load_network`) takes the place of ``model``. ``sampler="ancestral"``: the
@@ -984,6 +1242,7 @@ def generate(
         raise ValueError(f"--batch must be an integer >= 1, got {batch!r}")
     seeds = _check_seeds(list(seeds))
     options = dict(options or {})
+    design = _design(options, ancestral)
     out = Path(outdir)
     if not str(outdir):
         raise ValueError("--outdir is empty; give a folder path")
@@ -991,15 +1250,20 @@ def generate(
         if network is not None:
             if model != DEFAULT_MODEL:
                 raise ValueError("give --model or --network, not both")
-            denoiser, image_shape = load_network(network, dist.device)
-            model = network_spec(network)
+            denoiser, image_shape, local = load_network(
+                network, dist.device, progress=progress and dist.rank == 0
+            )
+            model = network_spec(network, local)
         else:
             if ancestral and model == DEFAULT_MODEL:
                 model = DEFAULT_ANCESTRAL_MODEL  # the same shapes, as an epsilon model
             denoiser, image_shape = load_model(model)
         if isinstance(denoiser, torch.nn.Module):
             denoiser = denoiser.to(dist.device)
-        label_dim = label_dim_of(denoiser)
+        try:
+            label_dim = label_dim_of(denoiser)
+        except ValueError as e:
+            raise ValueError(f"--model {model!r}: {e}") from None
         if class_idx is not None and not 0 <= class_idx < label_dim:
             raise ValueError(
                 f"--class {class_idx} needs a class-conditional model with label_dim > {class_idx} "
@@ -1017,10 +1281,10 @@ def generate(
                 engine = AncestralSampler(denoiser, betas, **options)
             except (TypeError, ValueError) as e:
                 raise ancestral_option_error(e) from None
-            manifest = make_manifest(model, image_shape, options, class_idx, betas=betas)
+            manifest = make_manifest(model, image_shape, options, class_idx, betas=betas, subdirs=subdirs)
         else:
-            manifest = make_manifest(model, image_shape, options, class_idx)
-            engine = Sampler(denoiser, **options)
+            manifest = make_manifest(model, image_shape, options, class_idx, design=design, subdirs=subdirs)
+            engine = Sampler(denoiser, ablation=design, **options)
         prepare_outdir(out)
         # Every rank and every job checks (and refuses) alike; nothing is written before the
         # barrier, so all ranks see the same folder. Any job may clean up: only dead writers' files.
@@ -1033,13 +1297,13 @@ def generate(
 
         mine = seeds[dist.rank :: dist.world]
         with _on_output(out, "read"):
-            done, damaged = existing_images(out, mine, image_shape)
+            done, damaged = existing_images(out, mine, image_shape, subdirs)
         todo = [s for s in mine if s not in done]
         if damaged:
             first = min(damaged)
             log(
                 f"rank {dist.rank}: {len(damaged)} damaged image(s) will be generated again, e.g. "
-                f"{image_path(out, first).name}: {damaged[first]}"
+                f"{image_path(out, first, subdirs).relative_to(out)}: {damaged[first]}"
             )
         if dist.rank == 0:
             log(plan_text(seeds, dist.world, len(mine), len(done), batch, engine, dist.device, out))
@@ -1054,6 +1318,7 @@ def generate(
         # as sampling a small image on a GPU. A batch's errors surface before the next one is written.
         with ThreadPoolExecutor(WRITERS, thread_name_prefix="edmfast-png") as pool:
             pending: list[Future[None]] = []
+            folders: set[Path] = set()
             for index, batch_seeds in enumerate(_batches(todo, batch)):
                 try:
                     x = sample_seeds(engine, image_shape, batch_seeds, dist.device, label_dim, class_idx)
@@ -1073,17 +1338,24 @@ def generate(
                         f"{rest} batch(es) of rank 0: about {_duration(first_s * rest)}"
                     )
                 images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, C]
-                _finish_writes(out, pending, bar)
+                _finish_writes(out, pending, bar, folders)
                 if not has_manifest:
                     # only now: a run that fails before its first batch leaves the folder as it was
                     with _on_output(out, "write"):
                         claim_manifest(out, manifest)
                     has_manifest = True
+                paths = [image_path(out, seed, subdirs) for seed in batch_seeds]
+                folders = {path.parent for path in paths}
+                if subdirs:
+                    with _on_output(out, "create a folder in"):
+                        for folder in folders - {out}:
+                            folder.mkdir(exist_ok=True)
+                        _fsync_dir(out)  # the new folders' names
                 pending = [
-                    pool.submit(save_png, image_path(out, seed), image, sync_dir=False)
-                    for seed, image in zip(batch_seeds, images, strict=True)
+                    pool.submit(save_png, path, image, sync_dir=False)
+                    for path, image in zip(paths, images, strict=True)
                 ]
-            _finish_writes(out, pending, bar)
+            _finish_writes(out, pending, bar, folders)
         elapsed = time.perf_counter() - t0
         if bar is not None:
             bar.close()
@@ -1091,7 +1363,7 @@ def generate(
         npz_path = None
         if npz and dist.rank == 0:
             with _on_output(out, "write images.npz from"):
-                npz_path = write_npz(out, seeds)
+                npz_path = write_npz(out, seeds, subdirs)
         dist.barrier()
         stats = {
             "rank": dist.rank,

@@ -5,7 +5,8 @@ A sampler is a sequence of fused passes whose coefficients live in float32 rows 
 module names the columns; it imports nothing, so `edmfast.reference`, `edmfast.plan`,
 `edmfast.ops` and the kernels' Python side can all use it without importing each other.
 
-The affine pass (`edmfast.ops.affine_step`, SPEC section 8), per element of sample b::
+The affine pass (`edmfast.ops.affine_step`, the pass every sampler plan is made of), per element of
+sample b::
 
     out   = a x + b F + c0 h0 + c1 h1 + c2 h2 + c3 h3 + std eps
     net   = c_net out                      (the next network input, 1 or 2 row blocks)
@@ -39,7 +40,7 @@ HEUN_COEF_MIN = 5
 
 # ----------------------------------------------------------------------------- ancestral pass row
 # x0 = ax x + af F, clamped to [-clip, clip] when clipping; mean = coef1 x0 + coef2 x + cf F;
-# std from s and the (learned) variance; net = c out (SPEC section 7). cf carries the model's own
+# std from s and the (learned) variance; net = c out (docs/design.md §9). cf carries the model's own
 # eps into DDIM's direction term when it is not recomputed from the clipped x0 (diffusers'
 # use_clipped_model_output=False); rows of 8 (cf = 0, clip = 1) are the original layout.
 ANC_AX, ANC_AF, ANC_COEF1, ANC_COEF2, ANC_LOG_BETA, ANC_LOG_BETA_TILDE, ANC_S, ANC_C = range(8)

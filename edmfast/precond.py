@@ -8,6 +8,7 @@ A preconditioner wraps a raw network F and is itself a denoiser
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -32,6 +33,32 @@ def _model_output(out: Any) -> torch.Tensor:
     raise TypeError(
         f"the model must return a tensor, a tuple or an object with .sample, got {type(out).__name__}"
     )
+
+
+def _call_network(pre: Precond, form: str, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict) -> Any:
+    """``pre.model(x_in, c_noise, **cond)``; a network whose signature cannot take that call gets a
+    TypeError naming the form a preconditioner calls (``form``), not Python's bare arity message.
+
+    Only a failed call is inspected, so a TypeError raised inside a matching network passes through
+    unchanged."""
+    try:
+        return pre.model(x_in, c_noise, **cond)
+    except TypeError as e:
+        target = pre.model.forward if isinstance(pre.model, nn.Module) else pre.model
+        try:
+            sig = inspect.signature(target)
+        except (TypeError, ValueError):
+            raise e from None  # no signature to judge (a builtin): Python's message it is
+        try:
+            sig.bind(x_in, c_noise, **cond)
+        except TypeError as why:
+            name = getattr(target, "__qualname__", type(pre.model).__name__)
+            keys = f", cond keys {sorted(cond)}" if cond else ""
+            raise TypeError(
+                f"{type(pre).__name__} calls its network as {form}, but {name}{sig} cannot take that "
+                f"({why}{keys}); wrap the network so that it takes those arguments"
+            ) from e
+        raise
 
 
 def _on(table: torch.Tensor, host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -120,7 +147,9 @@ class Precond(nn.Module):
 
     def raw(self, x_in: torch.Tensor, c_noise: torch.Tensor, **cond: Any) -> torch.Tensor:
         """The raw network prediction F for an already-scaled input (shape of x_in)."""
-        return _model_output(self.model(x_in.to(self.dtype), c_noise, **cond))
+        return _model_output(
+            _call_network(self, "F(x_in, c_noise, **cond)", x_in.to(self.dtype), c_noise, cond)
+        )
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float64).reshape(-1)
@@ -425,4 +454,5 @@ class DiscreteVPDenoiser(Precond):
         return 0.0, c_out, 1.0, float(self.num_train_timesteps - 1)
 
     def raw(self, x_in, c_noise, **cond):
-        return _model_output(self.model(x_in.to(self.dtype), c_noise.to(torch.float32), **cond))
+        x, t = x_in.to(self.dtype), c_noise.to(torch.float32)
+        return _model_output(_call_network(self, "model(x_t, timestep, **cond)", x, t, cond))

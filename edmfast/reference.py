@@ -126,7 +126,7 @@ def affine_step(
     net_rows: int = 1,
     hist_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One affine pass of the sampler engine (SPEC section 8), in float64.
+    """One affine pass of the sampler engine (the pass every sampler plan is made of), in float64.
 
     With the columns of `edmfast.layout` (a = coef[COEF_A], ...), per sample b and element e::
 

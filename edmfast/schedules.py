@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import sys
 from typing import Any
 
@@ -392,18 +393,39 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 BETA_SCHEDULES = ("linear", "cosine")
 
 
+# a step count in a spacing string: ASCII digits only (int() would also take '٣' or '３'), spaces
+# around a section count allowed as iDDPM's int() allows them
+_ASCII_INT = re.compile(r" *[0-9]+ *")
+
+# the cosine schedule's cap (Nichol & Dhariwal): the linear one must stay below it too
+LINEAR_BETA_MAX = 0.999
+LINEAR_MIN_T = 21  # 20 / T <= 0.999
+
+
 def ddpm_betas(num_train_timesteps: int = 1000, schedule: str = "linear") -> torch.Tensor:
     """The DDPM / iDDPM training betas, float64 [T].
 
     linear: ``linspace(1e-4 s, 0.02 s, T)`` with s = 1000 / T (Ho et al.; the iDDPM scaling, so other
-    T keep the same total noise). cosine: ``beta_t = min(1 - abar((t+1)/T) / abar(t/T), 0.999)`` with
+    T keep the same total noise); its last beta is 20 / T, so T from 2 to 20 (a beta of 1 or more,
+    the whole signal erased in one step) is a ValueError.
+    cosine: ``beta_t = min(1 - abar((t+1)/T) / abar(t/T), 0.999)`` with
     ``abar(u) = cos^2((u + 0.008) / 1.008 pi/2)`` (Nichol & Dhariwal, Eq. 17), as diffusers'
     ``squaredcos_cap_v2``.
     """
     T = _check_int(num_train_timesteps, "num_train_timesteps", 1)
     if schedule == "linear":
         scale = 1000 / T
-        return torch.from_numpy(np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64))
+        betas = torch.from_numpy(np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64))
+        # the scaled range ends at 20/T: from T = 20 down a step would erase the whole signal (beta
+        # >= 1), which no epsilon model can be sampled from; refuse rather than clip, since a
+        # clipped chain is no longer the iDDPM schedule a model was trained on
+        if float(betas.max()) > LINEAR_BETA_MAX:
+            raise ValueError(
+                f"ddpm_betas(num_train_timesteps={T}, 'linear'): the linear schedule scaled to T steps "
+                f"(1e-4 to 0.02, times 1000/T) reaches beta = {float(betas.max()):.3g} > {LINEAR_BETA_MAX}; "
+                f"it needs T >= {LINEAR_MIN_T} (or T = 1), or use 'cosine' for short chains"
+            )
+        return betas
     if schedule == "cosine":
 
         def abar(u: float) -> float:
@@ -426,8 +448,8 @@ def space_timesteps(num_train_timesteps: int, section_counts: str | list[int]) -
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             want = section_counts[len("ddim") :]
-            if not want.isdigit() or int(want) < 1:
-                raise ValueError(f"spacing {section_counts!r}: expected 'ddimN' with an integer N >= 1")
+            if not _ASCII_INT.fullmatch(want) or int(want) < 1:
+                raise ValueError(f"spacing {section_counts!r}: expected 'ddimN' with N >= 1 in ASCII digits")
             n = int(want)
             for i in range(1, T):
                 if len(range(0, T, i)) == n:
@@ -435,13 +457,13 @@ def space_timesteps(num_train_timesteps: int, section_counts: str | list[int]) -
             if n == T:
                 return torch.arange(T - 1, -1, -1, dtype=torch.int64)
             raise ValueError(f"spacing {section_counts!r}: no even stride gives exactly {n} of {T} steps")
-        try:
-            counts = [int(c) for c in section_counts.split(",")]
-        except ValueError:
+        parts = section_counts.split(",")
+        if not all(_ASCII_INT.fullmatch(c) for c in parts):
             raise ValueError(
-                f"spacing must be one of {SPACINGS}, 'ddimN' or section counts like '10,10,20', "
-                f"got {section_counts!r}"
-            ) from None
+                f"spacing must be one of {SPACINGS}, 'ddimN' or section counts like '10,10,20' "
+                f"(ASCII digits), got {section_counts!r}"
+            )
+        counts = [int(c) for c in parts]
     else:
         counts = [_check_int(c, "section_counts", 0) for c in section_counts]
     if not counts or any(c < 0 for c in counts) or sum(counts) < 1:

@@ -132,7 +132,7 @@ def test_changed_option_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert _run(tmp_path, "0-3", 2, "--s-noise", "1.003") == 2
     err = capsys.readouterr().err
-    assert "s_noise: 1.0 in the folder, 1.003 now" in err and "refusing" in err
+    assert "made with --s-noise 1 (this run: --s-noise 1.003)" in err and "refusing" in err
     assert sorted(_files(tmp_path)) == ["000000.png", "000001.png"]  # nothing written
     # a bad option fails before anything is written
     assert _run(tmp_path / "new", "0", 1, "--alpha", "0.5") == 2
@@ -314,6 +314,6 @@ def test_fixed_class_and_guidance(tmp_path, capsys):
     # class 3 has the brightest mean (mu = 0.6 -> ~204 of 255); guidance pushes further from uncond
     assert min(means) > 180
     assert cli.main(["generate", *common, "--class", "3", "--guidance", "3.0"]) == 2  # manifest differs
-    assert "guidance_scale" in capsys.readouterr().err
+    assert "made with --guidance 2 (this run: --guidance 3)" in capsys.readouterr().err
     assert cli.main(["generate", *common[:-2], "--outdir", str(tmp_path / "d"), "--class", "1"]) == 2
     assert "label_dim" in capsys.readouterr().err

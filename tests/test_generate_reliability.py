@@ -221,7 +221,10 @@ def test_different_settings_on_an_imageless_folder_say_how_to_start_afresh(tmp_p
     assert claim_manifest(tmp_path, manifest)
     assert _run(tmp_path, "0", "--s-noise", "1.5") == 2
     line = _one_line(capsys.readouterr().err)
-    assert "s_noise: 1.0 in the folder, 1.5 now" in line and f"deleting {MANIFEST} starts it afresh" in line
+    assert (
+        "made with --s-noise 1 (this run: --s-noise 1.5)" in line
+        and f"deleting {MANIFEST} starts it afresh" in line
+    )
 
 
 @pytest.mark.parametrize(
@@ -278,7 +281,7 @@ def test_manifest_claim_is_atomic(tmp_path, monkeypatch):
         assert sorted(results) == [False] * 7 + [True]
         assert json.loads((d / MANIFEST).read_text()) == manifest
         assert not _temporaries(d)
-        with pytest.raises(ManifestMismatch, match="s_noise"):
+        with pytest.raises(ManifestMismatch, match="--s-noise 1.1"):
             claim_manifest(d, make_manifest("edmfast.data:default_model", (3, 32, 32), {"s_noise": 1.1}))
 
 
@@ -481,7 +484,7 @@ def test_concurrent_jobs_campaign(tmp_path, baseline):
             assert proc.returncode == 0, f"trial {trial}, job {name}: {err.decode()[-2000:]}"
         if c is not None:
             assert c.returncode == 2
-            assert "s_noise" in _one_line(c.stderr)
+            assert "--s-noise" in _one_line(c.stderr)
         assert _pngs(out) == baseline, f"trial {trial}"
         assert not _temporaries(out), f"trial {trial}"
         assert (out / ".tmp-notes.txt").read_text() == "user file" and (out / ".tmp-dir").is_dir()

@@ -1,4 +1,5 @@
-"""SPEC §6: every bad input gets a ValueError/TypeError naming the argument, before any kernel runs.
+"""The bad-input policy (docs/design.md §8): every bad input gets a ValueError/TypeError naming the
+argument, before any kernel runs.
 
 The same table runs against `edmfast.sample` and `edmfast.reference.sample`; the denoiser counts
 its calls, so "before any kernel runs" is checked as "before the network was called".
