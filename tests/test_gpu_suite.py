@@ -144,6 +144,31 @@ def test_rehearsal_record_is_not_filed_as_gpu_results(tmp_path):
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
 
 
+def test_tests_collect_without_hypothesis(tmp_path):
+    """The GPU image may lack hypothesis: the suite's `pytest -m gpu tests` must still collect every
+    module and write its junit (a conftest that imported hypothesis stopped pytest before any test).
+    A package named hypothesis that raises ModuleNotFoundError, first on the path, stands for it."""
+    fake = tmp_path / "hypothesis"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        'raise ModuleNotFoundError("No module named \'hypothesis\'", name="hypothesis")\n'
+    )
+    path = os.pathsep.join(p for p in (str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    junit = tmp_path / "junit.xml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
+        + ["-m", "gpu", "--co", f"--junitxml={junit}", "tests"],
+        env=dict(os.environ, PYTHONPATH=path),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode in (0, 5), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the property tests need hypothesis" in proc.stdout, proc.stdout[-3000:]
+    assert junit.is_file()
+
+
 def _kill_session(sid: int) -> None:
     """SIGKILL every process of the session this test started (sections run in their own process
     groups under `timeout`, so killing one group would leave them running)."""
