@@ -129,30 +129,14 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> tuple[str | None, str]:
-    """(commit, where it came from). The GPU machine gets the working tree without .git, so the
-    caller names the commit: ``EDMFAST_GIT_COMMIT``, else ``.suite/commit`` (written by
-    ``gpu_suite.sh --prepare``), else ``git rev-parse`` (``+dirty`` when the tree differs)."""
-    if os.environ.get("EDMFAST_GIT_COMMIT"):
-        return os.environ["EDMFAST_GIT_COMMIT"], "EDMFAST_GIT_COMMIT"
-    stamp = REPO / ".suite" / "commit"
-    if stamp.is_file() and stamp.read_text().strip():
-        return stamp.read_text().strip(), ".suite/commit"
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None, "unknown"
-    if rev.returncode != 0:
-        return None, "unknown"
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""), "git"
+    """(commit, where it came from): ``collect_results.git_commit`` (no torch there, the GPU suite's
+    summary records it before anything imports torch)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import collect_results  # noqa: PLC0415
+
+    return collect_results.git_commit()
 
 
 # ----------------------------------------------------------------------------- timing

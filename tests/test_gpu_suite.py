@@ -144,6 +144,106 @@ def test_rehearsal_record_is_not_filed_as_gpu_results(tmp_path):
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
 
 
+def test_rehearsal_is_never_filed_under_a_gpu_tag(tmp_path):
+    """`--allow-rehearsal --tag h200` once wrote CPU figures into <date>-h200.json, where a later real
+    collection of that date merged them in as call 1 and the CPU values won."""
+    _init(tmp_path / "r", "rehearsal", "run-r")
+    _update(tmp_path / "r", "--env-json", str(_env(tmp_path, "AMD EPYC")))
+    argv = [str(tmp_path / "r"), "--out", str(tmp_path / "results"), "--date", "2000-01-01"]
+    with pytest.raises(SystemExit, match="refusing --tag"):
+        collect_results.main([*argv, "--allow-rehearsal", "--tag", "h200"])
+    assert not (tmp_path / "results" / "2000-01-01-h200.json").exists()
+    assert collect_results.main([*argv, "--allow-rehearsal"]) == 0
+    assert (tmp_path / "results" / "2000-01-01-rehearsal.json").is_file()
+    # a GPU record never merges into a file of another kind, even one planted under its name
+    shutil.copy(
+        tmp_path / "results" / "2000-01-01-rehearsal.json", tmp_path / "results" / "2000-01-01-h200.json"
+    )
+    _init(tmp_path / "g", "gpu", "run-g")
+    _update(tmp_path / "g", "--env-json", str(_env(tmp_path, "NVIDIA H200")))
+    with pytest.raises(SystemExit, match="kind differs"):
+        collect_results.main(
+            [str(tmp_path / "g"), "--out", str(tmp_path / "results"), "--date", "2000-01-01"]
+        )
+
+
+def test_records_of_other_commits_or_gpus_are_never_merged(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDMFAST_GIT_COMMIT", "aaaa")
+    _init(tmp_path / "c1", "gpu", "run-1")
+    _update(tmp_path / "c1", "--env-json", str(_env(tmp_path, "NVIDIA H200")))
+    (tmp_path / "c1" / "ops.json").write_text(json.dumps(_ops("run-1", "cuda")))
+    _update(tmp_path / "c1", "--section", "ops", "--status", "ok")
+    monkeypatch.setenv("EDMFAST_GIT_COMMIT", "bbbb")
+    # a second invocation on another commit does not continue the first: everything runs again
+    state = _init(tmp_path / "c2", "gpu", "run-2", previous=tmp_path / "c1")
+    assert state["call"] == 1 and state["previous"] is None
+    assert "commit differs" in state["previous_ignored"]
+    assert state["sections"]["ops"]["status"] == "pending"
+    _update(tmp_path / "c2", "--env-json", str(_env(tmp_path, "NVIDIA H200")))
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit, match="commit differs"):
+        collect_results.main([str(tmp_path / "c1"), str(tmp_path / "c2"), "--out", str(results)])
+    assert collect_results.main([str(tmp_path / "c1"), "--out", str(results), "--date", "2000-01-01"]) == 0
+    with pytest.raises(SystemExit, match="commit differs"):  # collected alone into the first's file
+        collect_results.main([str(tmp_path / "c2"), "--out", str(results), "--date", "2000-01-01"])
+    # the same commit on an H100: labelled by its device, never merged with the H200's record
+    monkeypatch.setenv("EDMFAST_GIT_COMMIT", "aaaa")
+    _init(tmp_path / "c3", "gpu", "run-3")
+    _update(tmp_path / "c3", "--env-json", str(_env(tmp_path, "NVIDIA H100 80GB HBM3")))
+    with pytest.raises(SystemExit, match="device differs"):
+        collect_results.main([str(tmp_path / "c1"), str(tmp_path / "c3"), "--out", str(results)])
+    assert collect_results.main([str(tmp_path / "c3"), "--out", str(results), "--date", "2000-01-01"]) == 0
+    h100 = json.loads((results / "2000-01-01-h100.json").read_text())
+    assert h100["device"] == "NVIDIA H100 80GB HBM3" and h100["commit"] == "aaaa"
+    assert "H100 or an H200" in (results / "2000-01-01-h100.md").read_text()
+
+
+def test_second_call_does_not_rerun_tests_call_1_holds(tmp_path):
+    """Call 1's tests ran to the end (some failed: the section is "failed"): call 2 does not run them
+    again. A call 1 cut short passes its junit on; call 2's counts then add to call 1's."""
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0" time="1.0">'
+        '<testcase classname="tests.test_a" name="test_x"/><testcase classname="tests.test_a" name="test_y"/>'
+        '<testcase classname="tests.test_a" name="test_z"><failure message="boom"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    for exit_code, done in ((1, True), (2, False)):
+        call1 = tmp_path / f"call1-{exit_code}"
+        _init(call1, "gpu", "run-1")
+        info = tmp_path / "info.json"
+        info.write_text(json.dumps({"pytest_exit": exit_code}))
+        state = _update(
+            call1,
+            "--section",
+            "tests",
+            "--status",
+            "failed",
+            "--junit",
+            str(junit),
+            "--tests-info",
+            str(info),
+        )
+        assert state["summary"]["tests"]["complete"] is done
+        prev = _init(tmp_path / f"call2-{exit_code}", "gpu", "run-2", previous=call1)
+        assert (prev["sections"]["tests"]["status"] == "done-in-call-1") is done
+    # call 2 ran the two tests call 1 had not reached, deselecting the three it holds
+    call2 = tmp_path / "call2-2"
+    junit2 = tmp_path / "junit2.xml"
+    junit2.write_text(
+        '<testsuite tests="2" failures="0" errors="0" skipped="1" time="1.0">'
+        '<testcase classname="tests.test_b" name="test_p"/>'
+        '<testcase classname="tests.test_b" name="test_q"><skipped/></testcase></testsuite>'
+    )
+    info.write_text(json.dumps({"pytest_exit": 0, "continues_previous": True, "deselected_from_previous": 3}))
+    state = _update(
+        call2, "--section", "tests", "--status", "ok", "--junit", str(junit2), "--tests-info", str(info)
+    )
+    tests = state["summary"]["tests"]
+    assert (tests["passed"], tests["failures"], tests["skipped"], tests["calls"]) == (3, 1, 1, 2)
+    assert tests["complete"] is True
+
+
 def test_tests_collect_without_hypothesis(tmp_path):
     """The GPU image may lack hypothesis: the suite's `pytest -m gpu tests` must still collect every
     module and write its junit (a conftest that imported hypothesis stopped pytest before any test).
