@@ -166,9 +166,18 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
+def temporary_path(path: Path) -> Path:
+    """Where to write ``path``'s next version before renaming it over ``path``. In the GPU suite
+    ``EDMFAST_TMPDIR`` is a folder beside $OUT on the same filesystem: a kill between write and
+    rename then leaves nothing extra among $OUT's files. Else beside ``path``."""
+    folder = os.environ.get("EDMFAST_TMPDIR")
+    where = Path(folder) if folder and Path(folder).is_dir() else path.parent
+    return where / f".{path.name}.{os.getpid()}.tmp"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write to a temporary file and rename it over ``path``: readers see old or new, never half."""
+    tmp = temporary_path(path)
     tmp.write_text(json.dumps(finite_or_none(data), indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
 

@@ -29,6 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # import edmfast from the source tree
     sys.path.insert(0, str(REPO))
 
+if str(REPO / "benchmarks") not in sys.path:  # collect_results (torch-free record helpers)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+import collect_results  # noqa: E402
 import torch  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -131,11 +135,6 @@ def versions() -> dict[str, str | None]:
 def git_commit() -> tuple[str | None, str]:
     """(commit, where it came from): ``collect_results.git_commit`` (no torch there, the GPU suite's
     summary records it before anything imports torch)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import collect_results  # noqa: PLC0415
-
     return collect_results.git_commit()
 
 
@@ -288,7 +287,7 @@ def suite_run() -> str | None:
 def write_json(path: Path, record: dict[str, Any]) -> None:
     """Strict JSON, written to a temporary file and renamed over ``path`` (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = collect_results.temporary_path(path)
     tmp.write_text(json.dumps(_finite_or_none(record), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
