@@ -338,8 +338,13 @@ def sanitize_summary(path: Path) -> dict[str, Any] | None:
             tools.append(json.loads(line))
         except ValueError:
             continue
-    ran = [t for t in tools if t.get("tool")]  # a line without a tool: the reason none could run
-    return {"tools": tools, "clean": all(t.get("exit") == 0 for t in ran) if ran else None}
+    # a line without a tool: the reason none could run; a tool that refused the host ran nothing
+    ran = [t for t in tools if t.get("tool") and not t.get("unavailable")]
+    refused = [t.get("reason") for t in tools if t.get("unavailable")]
+    out: dict[str, Any] = {"tools": tools, "clean": all(t.get("exit") == 0 for t in ran) if ran else None}
+    if refused:
+        out["unavailable"] = " / ".join(str(r) for r in refused)
+    return out
 
 
 # ----------------------------------------------------------------------------- the summary of one call

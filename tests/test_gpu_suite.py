@@ -244,6 +244,67 @@ def test_second_call_does_not_rerun_tests_call_1_holds(tmp_path):
     assert tests["complete"] is True
 
 
+FAKE_NVCC = """#!/bin/sh
+# stands for nvcc: records its arguments, "builds" a program that exits 0
+echo "$*" >>"$(dirname "$0")/nvcc.calls"
+while [ $# -gt 0 ]; do
+  if [ "$1" = -o ]; then printf '#!/bin/sh\\nexit 0\\n' >"$2"; chmod +x "$2"; fi
+  shift
+done
+"""
+# what compute-sanitizer printed on a gVisor host: refused the device, then CUDA's error 999
+REFUSING_SANITIZER = """#!/bin/sh
+echo "========= COMPUTE-SANITIZER"
+echo "========= Error: Device not supported. Target application will not be instrumented"
+echo "probe: CUDA error 999: unknown error"
+exit 1
+"""
+
+
+def _fake_cuda(tmp: Path, sanitizer: str | None) -> dict[str, str]:
+    """A bin folder with a fake nvcc, an nvidia-smi that sees a GPU and (optionally) a fake
+    compute-sanitizer; the environment that makes csrc/tests/sanitize.sh use them."""
+    bin_dir = tmp / "cuda" / "bin"
+    bin_dir.mkdir(parents=True)
+    tools = {"nvcc": FAKE_NVCC, "nvidia-smi": "#!/bin/sh\necho 'GPU 0: NVIDIA H200'\n"}
+    if sanitizer is not None:
+        tools["compute-sanitizer"] = sanitizer
+    for name, text in tools.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, NVCC=str(bin_dir / "nvcc"), SANITIZE_BUILD_DIR=str(tmp / "build"))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["SANITIZE_REPORT"] = str(tmp / "report.jsonl")
+    env.pop("COMPUTE_SANITIZER", None)
+    return env
+
+
+@pytest.mark.parametrize("sanitizer", ["refusing", "absent"])
+def test_sanitizer_refused_or_absent_is_unavailable_not_unclean(tmp_path, sanitizer):
+    """A host whose compute-sanitizer answers "Device not supported" (gVisor), or one without the
+    tool: exit 2 with the reason, the driver never built, and the suite's summary says unavailable
+    (sanitize_clean null), never clean: false."""
+    env = _fake_cuda(tmp_path, REFUSING_SANITIZER if sanitizer == "refusing" else None)
+    if sanitizer == "absent" and shutil.which("compute-sanitizer", path=env["PATH"]):
+        pytest.skip("a real compute-sanitizer is on PATH here")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "csrc" / "tests" / "sanitize.sh"), "cuda", "--quick"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    calls = (tmp_path / "cuda" / "bin" / "nvcc.calls").read_text() if sanitizer == "refusing" else ""
+    assert "sanitize_cuda" not in calls  # the probe only: the driver is not built for nothing
+    lines = [json.loads(line) for line in (tmp_path / "report.jsonl").read_text().splitlines()]
+    assert lines[-1]["unavailable"] is True and lines[-1]["tool"] is None
+    assert ("Device not supported" if sanitizer == "refusing" else "not found") in lines[-1]["reason"]
+    san = collect_results.sanitize_summary(tmp_path / "report.jsonl")
+    assert san["clean"] is None and san["unavailable"] == lines[-1]["reason"]
+
+
 def test_tests_collect_without_hypothesis(tmp_path):
     """The GPU image may lack hypothesis: the suite's `pytest -m gpu tests` must still collect every
     module and write its junit (a conftest that imported hypothesis stopped pytest before any test).
