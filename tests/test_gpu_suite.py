@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -305,6 +306,92 @@ def test_sanitizer_refused_or_absent_is_unavailable_not_unclean(tmp_path, saniti
     assert san["clean"] is None and san["unavailable"] == lines[-1]["reason"]
 
 
+def test_kill_between_write_and_rename_leaves_out_as_it_was(tmp_path, monkeypatch):
+    """$OUT may hold at most 8 named files: a summary write killed between its temporary file and the
+    rename left a ninth. The suite's EDMFAST_TMPDIR puts the temporary beside $OUT instead."""
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("EDMFAST_TMPDIR", str(scratch))
+    _init(out, "gpu", "run-1")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process dies here: written, not renamed
+
+    monkeypatch.setattr(collect_results.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        collect_results.main(["suite-update", "--out", str(out), "--section", "probe", "--status", "ok"])
+    assert [p.name for p in out.iterdir()] == ["summary.json"]
+    assert json.loads((out / "summary.json").read_text())["sections"]["probe"]["status"] == "pending"
+    assert len(list(scratch.iterdir())) == 1
+
+
+def test_suite_names_at_most_seven_files():
+    """Seven named files (+ at most one temporary where no folder beside $OUT can be made) <= 8."""
+    script = (BENCH / "gpu_suite.sh").read_text()
+    cleared = script.split('rm -f "$OUT"/{', 1)[1].split("}", 1)[0].split(",")
+    written = {
+        name
+        for name in (
+            "summary.json",
+            "log",
+            "junit.xml",
+            "ops.json",
+            "sampler.json",
+            "accuracy.json",
+            "accuracy.png",
+        )
+        if name in script
+    }
+    assert len(written) == 7 and written <= set(cleared)
+    assert '"$OUT/overhead.json"' not in script  # kept in summary.json's results instead
+
+
+def test_suite_test_selection_continues_a_previous_junit(tmp_path):
+    """benchmarks/suite_tests.py: the gpu-marked tests plus the named modules, less every test the
+    previous invocation's junit holds (call 2 runs only what call 1 did not reach)."""
+    (tmp_path / "test_paths.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('n', [1, 2])\ndef test_a(n):\n    pass\n\n"
+        "def test_b():\n    pass\n"
+    )
+    (tmp_path / "test_other.py").write_text(
+        "import pytest\n\n@pytest.mark.gpu\ndef test_marked():\n    pass\n\ndef test_plain():\n    pass\n"
+    )
+    previous = tmp_path / "previous.xml"
+    previous.write_text('<testsuite><testcase classname="test_paths" name="test_a[1]"/></testsuite>')
+    info, junit = tmp_path / "info.json", tmp_path / "junit.xml"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(BENCH),
+        EDMFAST_SUITE_TEST_MODULES="test_paths.py",
+        EDMFAST_SUITE_PREVIOUS_JUNIT=str(previous),
+        EDMFAST_SUITE_TESTS_INFO=str(info),
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "suite_tests",
+            "-o",
+            "markers=gpu",
+        ]
+        + [f"--junitxml={junit}", "-o", "junit_family=xunit2", "test_paths.py", "test_other.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ran = {(c.get("classname"), c.get("name")) for c in ET.parse(junit).getroot().iter("testcase")}
+    assert ran == {("test_paths", "test_a[2]"), ("test_paths", "test_b"), ("test_other", "test_marked")}
+    assert json.loads(info.read_text()) == {"continues_previous": True, "deselected_from_previous": 1}
+
+
 def test_tests_collect_without_hypothesis(tmp_path):
     """The GPU image may lack hypothesis: the suite's `pytest -m gpu tests` must still collect every
     module and write its junit (a conftest that imported hypothesis stopped pytest before any test).
@@ -385,6 +472,8 @@ def test_rehearsal_killed_midway_leaves_valid_partial_summary(tmp_path):
     assert state["sections"]["sampler"]["status"] == "running"
     assert state["sections"]["accuracy"]["status"] == "pending"
     assert set(state["summary"]) == set(collect_results.SUMMARY_KEYS)
+    files = [p.name for p in (tmp_path / "out").iterdir()]
+    assert len(files) <= 7 and not [f for f in files if f.startswith(".")], files
 
 
 @pytest.mark.slow
