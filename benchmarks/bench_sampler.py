@@ -472,7 +472,9 @@ SECTION_TIME = {
     "compile_cold": (60, 150),
     "compile_warm": (20, 60),
     "cifar_compiled": (40, 150),
-    "sd_compiled": (150, 400),
+    # diffusers' reduce-overhead compile of the SD UNet plus edmfast with the eager UNet under graph
+    # capture gives the number (~60-90 s); edmfast's own compile follows while the deadline allows
+    "sd_compiled": (90, 400),
     "cifar_diffusers": (60, 200),
 }
 

@@ -832,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--budget", type=int, required=True)
         p.add_argument("--sections", required=True, help="space-separated, in run order")
         p.add_argument("--run", default=None, help="this run's id (EDMFAST_SUITE_RUN)")
-        p.add_argument("--previous", default=None, help="folder holding a previous call's summary.json")
+        p.add_argument("--previous", default=None, help="folder holding a previous invocation's summary.json")
         return cmd_suite_init(p.parse_args(argv[1:]))
     if argv and argv[0] == "suite-update":
         p = argparse.ArgumentParser(prog="collect_results.py suite-update")
@@ -852,10 +852,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--complete", action="store_true")
         return cmd_suite_update(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", nargs="+", help="one or two folders of returned files (files_at), call 1 first")
+    p.add_argument("src", nargs="+", help="one or two suite output folders ($OUT), the first first")
     p.add_argument("--out", default=str(RESULTS_DIR))
-    p.add_argument("--tag", default=None, help="default: from the recorded GPU name (h200)")
-    p.add_argument("--date", default=None, help="default: the date call 1 recorded")
+    p.add_argument("--tag", default=None, help="default: the recorded GPU (h100, h200); not for a rehearsal")
+    p.add_argument("--date", default=None, help="default: the date the first invocation recorded")
     p.add_argument("--allow-rehearsal", action="store_true", help="file a rehearsal record (tag 'rehearsal')")
     return cmd_collect(p.parse_args(argv))
 
