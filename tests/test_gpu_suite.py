@@ -392,6 +392,29 @@ def test_suite_test_selection_continues_a_previous_junit(tmp_path):
     assert json.loads(info.read_text()) == {"continues_previous": True, "deselected_from_previous": 1}
 
 
+def test_headline_sections_come_first_and_sd_before_compile(tmp_path):
+    """The first invocation must bring back every headline number: sd (the SD CFG vs diffusers
+    number) once came after compile with ~80 s left, and the tests (70-120 s) before both."""
+    sections = "probe build ops sampler sd compile tests sanitize accuracy overhead"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), SUITE_WORK=str(tmp_path / "work"), SUITE_SKIP=sections)
+    env.update(PYTHON=sys.executable)
+    env.pop("SUITE_SECTIONS", None)
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_suite.sh"), "--rehearse"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    order = json.loads((tmp_path / "out" / "summary.json").read_text())["order"]
+    headline = ("ops", "sampler", "sd", "compile")
+    assert order.index("sd") < order.index("compile") < order.index("tests")
+    assert max(order.index(s) for s in headline) < min(
+        order.index(s) for s in ("tests", "sanitize", "accuracy")
+    )
+
+
 def test_tests_collect_without_hypothesis(tmp_path):
     """The GPU image may lack hypothesis: the suite's `pytest -m gpu tests` must still collect every
     module and write its junit (a conftest that imported hypothesis stopped pytest before any test).
