@@ -1,6 +1,6 @@
 """End-to-end sampler benchmark: edmfast against its peers, both sides in one process, same inputs.
 
-CPU mode (SPEC §5, the 2-core CPU box): the analytic Gaussian denoiser, 64x3x64x64, 18 Heun steps,
+CPU mode (the 2-core CPU box): the analytic Gaussian denoiser, 64x3x64x64, 18 Heun steps,
 churn on (S_churn=40, S_tmin=0.05, S_tmax=50, S_noise=1.003):
 edmfast (backend "cpu", fused Philox noise) vs k-diffusion's ``sample_heun`` vs the official EDM
 loop (float64, per-sample generators), plus edmfast's "torch" backend and exact-noise mode and two
@@ -9,7 +9,7 @@ whole step compiled with the analytic denoiser inside (the strongest: inductor f
 denoiser in, which beats edmfast on such a cheap denoiser); images/s, speedups, and each result's
 error against a float64 run of the same math on the same noise.
 
-GPU mode (SPEC §5, one H200): sections run one after another, each in its own subprocess under a
+GPU mode (one H100 or H200): sections run one after another, each in its own subprocess under a
 time limit (a crash or a timeout loses that section only) and within an overall ``--budget-s``:
 ``copy`` (device copy bandwidth), ``cifar`` (DDPM++-class UNet2DModel, ~56M parameters, 32x32:
 official loop vs edmfast with graph capture, batches 1/16/64/256, and the graph-replayed denoiser
@@ -464,7 +464,7 @@ SECTION_ORDER = (
     "sd_compiled",
     "cifar_diffusers",
 )
-# (minimum seconds worth starting with, cap in seconds) per section, for the H200
+# (minimum seconds worth starting with, cap in seconds) per section, for an H100 or H200
 SECTION_TIME = {
     "copy": (10, 30),
     "cifar": (40, 150),
@@ -1054,7 +1054,7 @@ def gpu_markdown(record: dict[str, Any]) -> str:
         ]
         for k in GPU_SUMMARY_KEYS
     ]
-    out += "## Summary\n\n" + md_table(["key", "value", "goal (SPEC §5)"], rows)
+    out += "## Summary\n\n" + md_table(["key", "value", "goal"], rows)
     for name in ("cifar", "cifar_compiled"):
         sec = record["sections"].get(name, {})
         table = []

@@ -1,6 +1,6 @@
 """The benchmarks must not rot: run them in --quick mode (seconds) and check their JSON layout.
 
-They time nothing here (SPEC §5: performance is measured by benchmarks, never by timed tests);
+They time nothing here (performance is measured by benchmarks, never by timed tests);
 they check that every script runs end to end and writes the documented keys with finite numbers.
 """
 
