@@ -122,6 +122,30 @@ def pytest_configure(config) -> None:
             torch.library.wrap_triton = lambda k: (
                 k if isinstance(k, interpreter.InterpretedFunction) else wrap(k)
             )
+    # triton < 3.9's interpreter takes a runtime loop bound (`range(n)`, n a loaded scalar) with
+    # int() of a 1-element array, which numpy >= 2.5 refuses: interpreter-only again (compiled
+    # kernels never see numpy). Take the element, and say so.
+    import numpy as np
+
+    try:
+        int(np.zeros(1))
+    except TypeError:
+        patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+        if patch_tensor is not None:
+
+            def patched(tensor, scope):
+                patch_tensor(tensor, scope)
+                scope.set_attr(
+                    tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0])
+                )
+
+            interpreter._patch_lang_tensor = patched
+            with open(path + ".notes", "a") as f:
+                f.write(
+                    f"\nnumpy {np.__version__} refuses int() of a 1-element array, which triton "
+                    f"{importlib.metadata.version('triton')}'s interpreter uses for runtime loop bounds: "
+                    "interpreter-only (compiled kernels never see numpy); the check took the element"
+                )
 
     seen: dict[str, dict[str, Any]] = {}
     original = interpreter.InterpretedFunction.run
@@ -222,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"versions": ver, "target": f"sm_{TARGET[1]}"}
     record = args.compile_only or args.out / "skew_launches.json"
     if args.compile_only is None:
+        for stale in (Path(record), Path(f"{record}.notes")):
+            stale.unlink(missing_ok=True)
         t0 = time.perf_counter()
         env = dict(os.environ, TRITON_INTERPRET="1", EDMFAST_SKEW_RECORD=str(record))
         env["PYTHONPATH"] = os.pathsep.join(
