@@ -72,9 +72,24 @@ def _probe_kernel(x_ptr):  # a kernel's Python function, only ever wrapped (neve
     pass
 
 
+def _launched_by_edmfast() -> bool:
+    """Whether the launch comes from edmfast's own code (not a test launching a kernel directly,
+    with arguments only the interpreter accepts): the first caller outside triton / torch / this
+    file decides."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name.startswith("edmfast."):
+            return True
+        if not (name.split(".")[0] in ("triton", "torch", "functools", "contextlib") or name == __name__):
+            return False
+        frame = frame.f_back
+    return False
+
+
 def _record(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-    if not fn.__module__.startswith("edmfast."):  # the product's kernels, not a test's own
-        return None
+    if not fn.__module__.startswith("edmfast.") or not _launched_by_edmfast():
+        return None  # the product's kernels as the product launches them
     params = list(inspect.signature(fn).parameters.values())
     bound = dict(zip([p.name for p in params], args, strict=False))
     bound.update({k: v for k, v in kwargs.items() if k in {p.name for p in params}})
