@@ -13,7 +13,8 @@ reported against each of them:
   * ``eager``: the step as one would first write it (temporaries for every intermediate);
   * ``eager_tuned``: the strongest eager form: preallocated outputs and noise buffer, ``out=``,
     in-place ``add_(alpha=)`` / ``mul_`` with host scalars (one kernel per term, no allocation);
-  * ``torch.compile``: the first form compiled (inductor fuses it into one or two kernels).
+  * ``torch.compile``: the first form compiled (inductor fuses it into one or two kernels; on the
+    CPU the noise is drawn eagerly into a buffer, inductor's own generator being far slower there).
 GPU timings replay a CUDA graph of the op (the way the sampler runs it) so Python dispatch is
 excluded; they use triton.testing.do_bench (median). CPU timings are time.perf_counter medians.
 Each (op, backend) is measured under its own try/except and the JSON rewritten after it: one op
@@ -266,8 +267,19 @@ def peer_calls(peer: str, device: torch.device, t: dict) -> dict[str, Callable[[
         return tuned_calls(t, gen)
     if peer == "eager":
         fns = naive_ops(lambda like: torch.randn(like.shape, generator=gen, device=like.device))
-    elif peer == "torch.compile":
+    elif peer == "torch.compile" and device.type == "cuda":
         fns = {op: torch.compile(fn) for op, fn in naive_ops(torch.randn_like).items()}
+    elif peer == "torch.compile":
+        # inductor's own random numbers cost several times torch.randn on the CPU (80 vs 19 ms at 1M
+        # elements): the noise is drawn eagerly into a buffer, the rest compiled (the stronger form)
+        eps = torch.empty_like(t["x_hat"])
+        fns = {op: torch.compile(fn) for op, fn in naive_ops(lambda like: eps).items()}
+
+        def call(fn: Callable[[dict], None]) -> None:
+            torch.randn(eps.shape, generator=gen, out=eps)
+            fn(t)
+
+        return {op: (lambda fn=fn: call(fn)) for op, fn in fns.items()}
     else:
         raise ValueError(f"peer must be one of {PEERS}, got {peer!r}")
     return {op: (lambda fn=fn: fn(t)) for op, fn in fns.items()}
