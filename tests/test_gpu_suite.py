@@ -415,6 +415,36 @@ def test_headline_sections_come_first_and_sd_before_compile(tmp_path):
     )
 
 
+def test_skew_check_records_launches_and_compiles_them_for_sm90(tmp_path):
+    """benchmarks/skew_check.py end to end on a small selection under whatever is installed: the
+    interpreted launches of the product's kernels are recorded and each compiles for sm_90 (Triton's
+    front end, LLVM, ptxas: no GPU); the learned-variance ancestral kernels use no ex2.approx."""
+    pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia", reason="this triton has no NVIDIA backend to compile with")
+    selection = "tests/test_churn.py tests/test_ancestral_step.py -q -k triton"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "skew_check.py"),
+            "--any-version",
+            "--out",
+            str(tmp_path),
+            "--workers",
+            "2",
+        ]
+        + ["--pytest-args", selection],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads((tmp_path / "skew_check.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert report["tests"]["passed"] > 0 and report["tests"]["failures"] == 0
+    assert report["variants"] > 0 and not report["compile_failures"] and not report["approx_exp"]
+    assert "edmfast.triton.ancestral_step._ancestral_step_kernel" in report["kernels"]
+
+
 def test_tests_collect_without_hypothesis(tmp_path):
     """The GPU image may lack hypothesis: the suite's `pytest -m gpu tests` must still collect every
     module and write its junit (a conftest that imported hypothesis stopped pytest before any test).
