@@ -7,17 +7,23 @@ figures, kept apart on purpose:
   * ``bound_frac``: the op's minimum-traffic bound (every input read once, every output written
     once, at copy bandwidth) over the measured time (how close the op is to the best possible).
 They differ for cfg_rescale: its per-sample std needs a reduction pass over cond and uncond before
-the pass that writes, so it moves 5 units (2 + 3) against a minimum of 3. Comparisons in the
-same process on the same inputs:
-  * GPU: the same step written as torch ops and compiled with torch.compile (fp32 math);
-  * CPU: the same step in eager PyTorch, with the noise drawn by torch.randn.
+the pass that writes, so it moves 5 units (2 + 3) against a minimum of 3. Three peers run the same
+math in the same process on the same inputs (noise from torch.randn), each op's speedup is
+reported against each of them:
+  * ``eager``: the step as one would first write it (temporaries for every intermediate);
+  * ``eager_tuned``: the strongest eager form: preallocated outputs and noise buffer, ``out=``,
+    in-place ``add_(alpha=)`` / ``mul_`` with host scalars (one kernel per term, no allocation);
+  * ``torch.compile``: the first form compiled (inductor fuses it into one or two kernels; on the
+    CPU the noise is drawn eagerly into a buffer, inductor's own generator being far slower there).
 GPU timings replay a CUDA graph of the op (the way the sampler runs it) so Python dispatch is
 excluded; they use triton.testing.do_bench (median). CPU timings are time.perf_counter medians.
+Each (op, backend) is measured under its own try/except and the JSON rewritten after it: one op
+that fails is recorded in ``errors`` and never costs the others.
 
     python benchmarks/bench_ops.py                  # full run on CUDA if present, else CPU
     python benchmarks/bench_ops.py --quick          # a few seconds (CI smoke run)
-    python benchmarks/bench_ops.py --json benchmarks/results/bench_ops_cpu.json
-    python benchmarks/bench_ops.py --sizes 67108864,134217728,268435456 --no-baseline   # the GPU suite's
+    python benchmarks/bench_ops.py --device cpu --threads 1 --sizes 1048576 --json /tmp/ops.json
+    python benchmarks/bench_ops.py --device cuda --sizes 67108864,134217728,268435456 --peers eager_tuned
 """
 
 from __future__ import annotations
@@ -31,12 +37,16 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import collect_results  # noqa: E402
 
 from edmfast import ops  # noqa: E402
 
@@ -163,49 +173,116 @@ def torch_ancestral(x, f, coef, z, out, out_net):
     out_net.copy_(coef[7] * x_new)
 
 
-def baseline_calls(device: torch.device, t: dict) -> tuple[str, dict[str, Callable[[], object]]]:
-    """GPU: torch.compile of the torch-ops step (noise from torch.randn inside); CPU: eager."""
-    g = torch.Generator(device=device).manual_seed(1)
-    if device.type == "cuda":
+PEERS = ("eager", "eager_tuned", "torch.compile")
 
-        def step(x_hat, x_prime, f, coef, out, out_net):
-            torch_step(x_hat, x_prime, f, coef, torch.randn_like(x_hat), out, out_net)
 
-        def ancestral(x, f, coef, out, out_net):
-            torch_ancestral(x, f, coef, torch.randn_like(x), out, out_net)
+def naive_ops(randn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Callable[[dict], None]]:
+    """The four ops as one would first write them in torch (an expression, temporaries included),
+    each a function of the inputs dict ``t``; ``randn(like)`` draws the noise."""
 
-        step_fn = torch.compile(step)
-        anc_fn = torch.compile(ancestral)
-        return "torch.compile", {
-            "heun_step": lambda: step_fn(t["x_hat"], t["x_prime"], t["f"], t["coef"], t["out"], t["out_net"]),
-            "ancestral_step": lambda: anc_fn(t["x_hat"], t["f_anc"], t["coef_anc"], t["out"], t["out_net"]),
-        }
+    def heun_step(t: dict) -> None:
+        torch_step(t["x_hat"], t["x_prime"], t["f"], t["coef"], randn(t["x_hat"]), t["out"], t["out_net"])
 
-    def eager_step():
-        torch_step(t["x_hat"], t["x_prime"], t["f"], t["coef"], torch.randn(t["x_hat"].shape, generator=g),
-                   t["out"], t["out_net"])  # fmt: skip
-
-    def eager_churn():
-        x = t["x_hat"] + t["coef"][3] * torch.randn(t["x_hat"].shape, generator=g)
+    def churn(t: dict) -> None:
+        x = t["x_hat"] + t["coef"][3] * randn(t["x_hat"])
         t["out"].copy_(x)
         t["out_net"].copy_(t["coef"][4] * x)
 
-    def eager_cfg():
+    def cfg_rescale(t: dict) -> None:
         c, u = t["cond"].float(), t["uncond"].float()
         cfg = u + 7.5 * (c - u)
         k = 0.7 * c.std(dim=1, keepdim=True) / cfg.std(dim=1, keepdim=True) + 0.3
         t["out_cfg"].copy_(k * cfg)
 
-    def eager_ancestral():
-        z = torch.randn(t["x_hat"].shape, generator=g)
-        torch_ancestral(t["x_hat"], t["f_anc"], t["coef_anc"], z, t["out"], t["out_net"])
+    def ancestral_step(t: dict) -> None:
+        torch_ancestral(t["x_hat"], t["f_anc"], t["coef_anc"], randn(t["x_hat"]), t["out"], t["out_net"])
 
-    return "eager", {
-        "heun_step": eager_step,
-        "churn": eager_churn,
-        "cfg_rescale": eager_cfg,
-        "ancestral_step": eager_ancestral,
+    return {
+        "heun_step": heun_step,
+        "churn": churn,
+        "cfg_rescale": cfg_rescale,
+        "ancestral_step": ancestral_step,
     }
+
+
+def tuned_calls(t: dict, generator: torch.Generator | None) -> dict[str, Callable[[], object]]:
+    """The strongest eager form of each op: every buffer preallocated, ``out=`` and in-place ops with
+    host scalars (the coefficients a loop knows on the host), noise drawn into a preallocated buffer.
+    One kernel per term and no allocation; what it cannot do is fuse the terms into one pass."""
+    x_hat, x_prime, f, out, net = t["x_hat"], t["x_prime"], t["f"], t["out"], t["out_net"]
+    p, q, r, std, c = t["coef"][:5].tolist()
+    eps, tmp = torch.empty_like(x_hat), torch.empty_like(x_hat)
+
+    def heun_step():
+        torch.randn(eps.shape, generator=generator, out=eps)
+        torch.mul(x_hat, p, out=out)
+        out.add_(x_prime, alpha=q).add_(f, alpha=r).add_(eps, alpha=std)
+        torch.mul(out, c, out=net)
+
+    def churn():
+        torch.randn(eps.shape, generator=generator, out=eps)
+        torch.add(x_hat, eps, alpha=std, out=out)
+        torch.mul(out, c, out=net)
+
+    def cfg_rescale():
+        cond, uncond = t["cond"], t["uncond"]
+        torch.sub(cond, uncond, out=tmp)
+        tmp.mul_(7.5).add_(uncond)  # cfg = u + w (c - u)
+        k = (
+            torch.std(cond, dim=1, keepdim=True)
+            .float()
+            .div_(tmp.std(dim=1, keepdim=True))
+            .mul_(0.7)
+            .add_(0.3)
+        )
+        torch.mul(tmp, k, out=t["out_cfg"])
+
+    ax, af, c1, c2, log_beta, log_beta_tilde, s, c_anc = t["coef_anc"].tolist()
+    n = x_hat.shape[1]
+
+    def ancestral_step():
+        pred, v = t["f_anc"][:, :n], t["f_anc"][:, n:]
+        torch.randn(eps.shape, generator=generator, out=eps)
+        torch.mul(x_hat, ax, out=out)
+        out.add_(pred, alpha=af).clamp_(-1.0, 1.0)  # x0
+        # s exp(logvar / 2), logvar = lbt + (v + 1) / 2 (lb - lbt)
+        torch.add(v, 1.0, out=tmp)
+        tmp.mul_(0.25 * (log_beta - log_beta_tilde)).add_(0.5 * log_beta_tilde).exp_().mul_(eps).mul_(s)
+        out.mul_(c1).add_(x_hat, alpha=c2).add_(tmp)
+        torch.mul(out, c_anc, out=net)
+
+    return {
+        "heun_step": heun_step,
+        "churn": churn,
+        "cfg_rescale": cfg_rescale,
+        "ancestral_step": ancestral_step,
+    }
+
+
+def peer_calls(peer: str, device: torch.device, t: dict) -> dict[str, Callable[[], object]]:
+    """One peer's four ops on ``t``. CUDA draws from the default generator (safe to capture in a CUDA
+    graph), the CPU from a seeded one; inductor draws its own (torch.randn_like, compiled in)."""
+    gen = None if device.type == "cuda" else torch.Generator().manual_seed(1)
+    if peer == "eager_tuned":
+        return tuned_calls(t, gen)
+    if peer == "eager":
+        fns = naive_ops(lambda like: torch.randn(like.shape, generator=gen, device=like.device))
+    elif peer == "torch.compile" and device.type == "cuda":
+        fns = {op: torch.compile(fn) for op, fn in naive_ops(torch.randn_like).items()}
+    elif peer == "torch.compile":
+        # inductor's own random numbers cost several times torch.randn on the CPU (80 vs 19 ms at 1M
+        # elements): the noise is drawn eagerly into a buffer, the rest compiled (the stronger form)
+        eps = torch.empty_like(t["x_hat"])
+        fns = {op: torch.compile(fn) for op, fn in naive_ops(lambda like: eps).items()}
+
+        def call(fn: Callable[[dict], None]) -> None:
+            torch.randn(eps.shape, generator=gen, out=eps)
+            fn(t)
+
+        return {op: (lambda fn=fn: call(fn)) for op, fn in fns.items()}
+    else:
+        raise ValueError(f"peer must be one of {PEERS}, got {peer!r}")
+    return {op: (lambda fn=fn: fn(t)) for op, fn in fns.items()}
 
 
 def min_bytes(op: str, numel: int, dtype: torch.dtype) -> int:
@@ -255,12 +332,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--md", type=Path, default=None, help="the Markdown's path (default: beside --json)")
     parser.add_argument(
-        "--no-baseline",
-        dest="baseline",
-        action="store_false",
-        help="skip the comparison step (on the GPU its torch.compile costs more than the kernels' timing)",
+        "--peers",
+        default=",".join(PEERS),
+        help=f"comma-separated peers to compare with, of {', '.join(PEERS)} (default: all three)",
     )
+    parser.add_argument("--no-baseline", action="store_true", help="no peers (the same as --peers '')")
+    parser.add_argument("--ops", default=None, help="comma-separated ops (default: all four)")
     args = parser.parse_args(argv)
+    peers = [] if args.no_baseline else [p for p in args.peers.split(",") if p]
+    for p in peers:
+        if p not in PEERS:
+            parser.error(f"--peers: unknown peer {p!r} (known: {', '.join(PEERS)})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        # never a CPU measurement under a GPU's name: the GPU suite asks for cuda explicitly
+        parser.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
 
     if args.threads:
         torch.set_num_threads(args.threads)  # the native CPU ops follow torch's thread count
@@ -296,23 +381,59 @@ def main(argv: list[str] | None = None) -> None:
         sizes=sizes,
     )
 
+    errors: list[dict] = []
+
     def save(rows: list[dict], final: bool) -> None:
         lines = table(rows)
         if final:
             print("\n".join(lines))
+            for e in errors:
+                print(f"ERROR {e['op']} / {e['backend']} at {e['numel']}: {e['error']}")
         if not args.json:
             return
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        # renamed into place: a kill between two sizes leaves the previous complete file
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(dict(meta=dict(meta, complete=final), rows=rows), indent=1) + "\n")
+        # renamed into place: a kill between two measurements leaves the previous complete file
+        tmp = collect_results.temporary_path(args.json)
+        record = dict(meta=dict(meta, complete=final, peers=peers), rows=rows, errors=errors)
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
         os.replace(tmp, args.json)
-        md_path = args.md or args.json.with_suffix(".md")
-        md = [f"# bench_ops ({meta['machine']}, {meta['date']})", "", f"`{json.dumps(meta)}`", "", "```"]
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text("\n".join(md + lines + ["```", ""]))
         if final:
+            md_path = args.md or args.json.with_suffix(".md")
+            md = [f"# bench_ops ({meta['machine']}, {meta['date']})", "", f"`{json.dumps(meta)}`", "", "```"]
+            md_path.parent.mkdir(parents=True, exist_ok=True)
+            md_path.write_text("\n".join(md + lines + ["```", ""] + [f"- error: {e}" for e in errors]))
             print(f"wrote {args.json} and {md_path}")
+
+    wanted_ops = args.ops.split(",") if args.ops else None
+
+    def measure(backend: str, op: str, fn: Callable[[], object], numel: int, copy_gbs: float) -> None:
+        """One (op, backend) at one size, appended to rows; a failure goes to errors, never further."""
+        try:
+            sec = timer(fn)
+        except Exception as e:  # noqa: BLE001 - recorded with its traceback, the other ops go on
+            errors.append(dict(op=op, backend=backend, numel=numel, error=f"{type(e).__name__}: {e}",
+                               traceback=traceback.format_exc(limit=8)))  # fmt: skip
+            save(rows, final=False)
+            return
+        least = min_bytes(op, numel, dtype)
+        # what a peer moves is not known (eager torch makes temporaries): the minimum
+        moved = moved_bytes(op, numel, dtype) if backend in backends else least
+        gbs = moved / sec / 1e9
+        rows.append(
+            dict(
+                op=op,
+                backend=backend,
+                numel=numel,
+                ms=sec * 1e3,
+                moved_bytes=moved,
+                min_bytes=least,
+                gbs=gbs,
+                frac=gbs / copy_gbs,
+                bound_frac=least / (copy_gbs * 1e9) / sec,
+            )
+        )
+        # rewritten after every measurement: a run stopped by a time limit keeps what it measured
+        save(rows, final=False)
 
     for numel in sizes:
         numel -= numel % args.batch
@@ -333,55 +454,45 @@ def main(argv: list[str] | None = None) -> None:
                 bound_frac=1.0,
             )
         )
-        results: dict[tuple[str, str], float] = {}
-        candidates = [(b, op_calls(b, t)) for b in backends]
-        if args.baseline:
-            candidates.append(baseline_calls(device, t))
-        for backend, calls in candidates:
+        candidates = [(b, lambda b=b, t=t: op_calls(b, t)) for b in backends]
+        candidates += [(p, lambda p=p, t=t: peer_calls(p, device, t)) for p in peers]
+        for backend, make in candidates:
+            try:
+                calls = make()
+            except Exception as e:  # noqa: BLE001 - a peer that cannot be built here (no inductor...)
+                errors.append(dict(op="*", backend=backend, numel=numel, error=f"{type(e).__name__}: {e}"))
+                continue
             for op, fn in calls.items():
-                sec = timer(fn)
-                results[(backend, op)] = sec
-                least = min_bytes(op, numel, dtype)
-                # what a baseline moves is not known (eager torch makes temporaries): the minimum
-                moved = moved_bytes(op, numel, dtype) if backend in backends else least
-                gbs = moved / sec / 1e9
-                rows.append(
-                    dict(
-                        op=op,
-                        backend=backend,
-                        numel=numel,
-                        ms=sec * 1e3,
-                        moved_bytes=moved,
-                        min_bytes=least,
-                        gbs=gbs,
-                        frac=gbs / copy_gbs,
-                        bound_frac=least / (copy_gbs * 1e9) / sec,
-                    )
-                )
-        base = "torch.compile" if gpu else "eager"
+                if wanted_ops is None or op in wanted_ops:
+                    measure(backend, op, fn, numel, copy_gbs)
+        ms = {(r["backend"], r["op"]): r["ms"] for r in rows if r["numel"] == numel}
         for row in rows:
-            key = (base, row["op"])
-            if row["numel"] == numel and row["backend"] not in ("torch", base) and key in results:
-                row[f"speedup_vs_{base}"] = results[key] / (row["ms"] * 1e-3)
+            if row["numel"] == numel and row["backend"] in backends:
+                for p in peers:
+                    if (p, row["op"]) in ms:
+                        row[f"speedup_vs_{p}"] = ms[(p, row["op"])] / row["ms"]
         del t
-        # rewritten after every size: a run stopped by the GPU suite's time limit keeps what it measured
         save(rows, final=False)
 
     save(rows, final=True)
 
 
 def table(rows: list[dict]) -> list[str]:
-    """GB/s and 'of copy' on the bytes moved; 'of bound': minimum-traffic time at copy GB/s / time."""
+    """GB/s and 'of copy' on the bytes moved; 'of bound': minimum-traffic time at copy GB/s / time;
+    one speedup column per peer (its time / this row's)."""
+    peers = [p for p in PEERS if any(f"speedup_vs_{p}" in r for r in rows)]
     header = (
-        f"{'op':<16}{'backend':<15}{'elements':>12}{'ms':>10}{'GB/s':>9}{'of copy':>9}"
-        f"{'of bound':>10}{'speedup':>9}"
+        f"{'op':<16}{'backend':<15}{'elements':>12}{'ms':>10}{'GB/s':>9}{'of copy':>9}{'of bound':>10}"
+        + "".join(f"{'vs ' + p:>18}" for p in peers)
     )
     lines = [header, "-" * len(header)]
     for r in rows:
-        speedup = next((f"{v:.2f}x" for k, v in r.items() if k.startswith("speedup")), "")
+        speedups = "".join(
+            f"{r[f'speedup_vs_{p}']:>17.2f}x" if f"speedup_vs_{p}" in r else " " * 18 for p in peers
+        )
         lines.append(
             f"{r['op']:<16}{r['backend']:<15}{r['numel']:>12}{r['ms']:>10.3f}{r['gbs']:>9.1f}"
-            f"{r['frac']:>8.0%}{r['bound_frac']:>10.0%}{speedup:>9}"
+            f"{r['frac']:>8.0%}{r['bound_frac']:>10.0%}{speedups}"
         )
     return lines
 

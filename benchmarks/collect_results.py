@@ -1,22 +1,26 @@
-"""The GPU suite's record: ``$OUT/summary.json`` while it runs, ``results/<date>-h200.*`` afterwards.
+"""The GPU suite's record: ``$OUT/summary.json`` while it runs, ``results/<date>-<gpu>.*`` afterwards.
 
 Three uses, none of which imports torch (the suite calls the first two after every section):
 
     collect_results.py suite-init --out OUT --kind gpu|rehearsal --budget S --sections "a b" [--previous D]
     collect_results.py suite-update --out OUT --section NAME --status ok|failed|... [--seconds S] ...
-    collect_results.py FILES_AT [FILES_AT_2] [--out benchmarks/results] [--date D]
+    collect_results.py OUT_1 [OUT_2] [--out benchmarks/results] [--date D] [--tag T]
 
-``suite-init`` writes a summary with every section ``pending`` (sections that a previous call
-finished, read from ``--previous``, are ``done-in-call-1`` and printed on stdout so the suite skips
-them). ``suite-update`` records one section's status and recomputes the summary from the files in
-OUT that this run wrote (``ops.json``, ``sampler.json``, ``accuracy.json``, ``junit.xml``, ...),
-then rewrites ``summary.json`` atomically (a temporary file renamed over it), so a kill at any
-second leaves a valid file holding every finished section.
+``suite-init`` writes a summary with every section ``pending`` and records the run's identity:
+kind, commit and device (the GPU's name: an H100 or an H200, whichever ran it). A previous
+invocation's summary (``--previous``) is taken only when all three match; its finished sections
+are then ``done-in-call-1`` and printed on stdout so the suite skips them. ``suite-update``
+records one section's status and recomputes the summary from the files in OUT that this run
+wrote (``ops.json``, ``sampler.json``, ``accuracy.json``, ``junit.xml``, ...), then rewrites
+``summary.json`` atomically (a temporary file renamed over it), so a kill at any second leaves a
+valid file holding every finished section.
 
 Never mislabel: a number enters the summary only from a file whose ``suite_run`` is this run's id
 and whose device is this run's device (CUDA for ``kind`` gpu); nothing under ``benchmarks/results/``
-is ever read for it. Merging two calls keeps every number of the first call and fills only its
-gaps from the second (``summary_source`` says which call measured each value).
+is ever read for it. Merging two invocations keeps every number of the first and fills only its
+gaps from the second (``summary_source`` says which measured each value), and only records of one
+kind, one commit and one GPU model are ever merged. Results are filed as ``<date>-<gpu>`` (``h100``,
+``h200``: the recorded device's name); a rehearsal only as ``<date>-rehearsal``.
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 RESULTS_DIR = HERE / "results"
 SCHEMA = "edmfast-gpu-suite/2"
 KERNEL_OPS = ("heun_step", "churn", "cfg_rescale")
-SPEC_MIN_NUMEL = 64 * 2**20  # SPEC §5: the kernel goal holds at >= 64M elements
+SPEC_MIN_NUMEL = 64 * 2**20  # the kernel goal is stated for >= 64M elements
 EDMFAST_BACKENDS = ("cuda", "triton", "cpu")  # rows of bench_ops.py that are edmfast's own kernels
 OFFICIAL_BATCHES = ("b1", "b64")
 # The documented summary keys (benchmarks/README.md), in this order, null until measured.
@@ -64,8 +70,10 @@ PER_OP_KEYS = (
     "kernel_min_traffic_fraction",
     "kernel_backend",
 )
+# Ratios measured on the device that ran (fractions of its own copy bandwidth, speedups in one
+# process), so they hold on an H100 (~3.0 TB/s copy) and an H200 (~4.3 TB/s) alike.
 GOALS = {
-    "kernel_bandwidth_fraction": ">= 0.85 each, at >= 64M elements",
+    "kernel_bandwidth_fraction": ">= 0.85 of measured copy bandwidth, each, at >= 64M elements",
     "sampler_overhead_ratio": "<= 1.02",
     "speedup_vs_official_loop": ">= 3",
     "speedup_vs_diffusers_compiled_cfg_b1": ">= 1.3",
@@ -89,6 +97,64 @@ def load(path: Path) -> Any:
         return None
 
 
+def git_commit() -> tuple[str | None, str]:
+    """(commit, where it came from). A copy of the tree without .git (the GPU machine's) is told the
+    commit: ``EDMFAST_GIT_COMMIT``, else ``.suite/commit`` (written by ``gpu_suite.sh --prepare``),
+    else ``git rev-parse`` (``+dirty`` when the tree differs from it)."""
+    if os.environ.get("EDMFAST_GIT_COMMIT"):
+        return os.environ["EDMFAST_GIT_COMMIT"], "EDMFAST_GIT_COMMIT"
+    stamp = REPO / ".suite" / "commit"
+    if stamp.is_file() and stamp.read_text().strip():
+        return stamp.read_text().strip(), ".suite/commit"
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None, "unknown"
+    if rev.returncode != 0:
+        return None, "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""), "git"
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from nvidia-smi (torch-free), None without one."""
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = smi.stdout.strip().splitlines() if smi.returncode == 0 else []
+    return lines[0].strip() if lines else None
+
+
+def identity(state: dict[str, Any]) -> dict[str, Any]:
+    """What must match for two records to be merged: kind, commit and device (GPU model)."""
+    env = state.get("env") or {}
+    device = state.get("device") or env.get("gpu") or (None if state.get("kind") == "gpu" else "cpu")
+    return {"kind": state.get("kind"), "commit": state.get("commit") or env.get("commit"), "device": device}
+
+
+def mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """Why records ``a`` and ``b`` must not be merged (None when they may)."""
+    ia, ib = identity(a), identity(b)
+    for key in ("kind", "commit", "device"):
+        if ia[key] != ib[key]:
+            return f"{key} differs: {ia[key]!r} vs {ib[key]!r}"
+    return None
+
+
 def finite_or_none(obj: Any) -> Any:
     """Strict JSON: inf / NaN become strings."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -100,9 +166,18 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
+def temporary_path(path: Path) -> Path:
+    """Where to write ``path``'s next version before renaming it over ``path``. In the GPU suite
+    ``EDMFAST_TMPDIR`` is a folder beside $OUT on the same filesystem: a kill between write and
+    rename then leaves nothing extra among $OUT's files. Else beside ``path``."""
+    folder = os.environ.get("EDMFAST_TMPDIR")
+    where = Path(folder) if folder and Path(folder).is_dir() else path.parent
+    return where / f".{path.name}.{os.getpid()}.tmp"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write to a temporary file and rename it over ``path``: readers see old or new, never half."""
+    tmp = temporary_path(path)
     tmp.write_text(json.dumps(finite_or_none(data), indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
@@ -263,8 +338,13 @@ def sanitize_summary(path: Path) -> dict[str, Any] | None:
             tools.append(json.loads(line))
         except ValueError:
             continue
-    ran = [t for t in tools if t.get("tool")]  # a line without a tool: the reason none could run
-    return {"tools": tools, "clean": all(t.get("exit") == 0 for t in ran) if ran else None}
+    # a line without a tool: the reason none could run; a tool that refused the host ran nothing
+    ran = [t for t in tools if t.get("tool") and not t.get("unavailable")]
+    refused = [t.get("reason") for t in tools if t.get("unavailable")]
+    out: dict[str, Any] = {"tools": tools, "clean": all(t.get("exit") == 0 for t in ran) if ran else None}
+    if refused:
+        out["unavailable"] = " / ".join(str(r) for r in refused)
+    return out
 
 
 # ----------------------------------------------------------------------------- the summary of one call
@@ -310,7 +390,7 @@ def build_summary(out: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dic
     results = state.get("results") or {}
     tests = results.get("tests")
     if tests:
-        summary["tests"] = {k: tests.get(k) for k in ("passed", "failures", "errors", "skipped")}
+        summary["tests"] = tests_counts(tests, state)
     san = results.get("sanitize")
     if san:
         summary["sanitize_clean"] = san.get("clean")
@@ -318,6 +398,20 @@ def build_summary(out: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dic
     if "extension_cuda" in build:
         summary["extension_cuda"] = build["extension_cuda"]
     return summary, details
+
+
+def tests_counts(tests: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The summary's test counts. A run that continued a previous invocation's (it deselected every
+    test that invocation's junit holds) adds to that one's counts: together they are one run."""
+    keys = ("passed", "failures", "errors", "skipped")
+    out: dict[str, Any] = {k: tests.get(k) for k in keys}
+    out["complete"], out["calls"] = tests.get("complete"), 1
+    prev = ((state.get("previous") or {}).get("results") or {}).get("tests")
+    if tests.get("continues_previous") and prev:
+        out.update({k: (prev.get(k) or 0) + (tests.get(k) or 0) for k in keys})
+        prev_summary = ((state.get("previous") or {}).get("summary") or {}).get("tests") or {}
+        out["calls"] = int(prev_summary.get("calls") or 1) + 1
+    return out
 
 
 def merge_summaries(first: dict[str, Any], second: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -328,8 +422,12 @@ def merge_summaries(first: dict[str, Any], second: dict[str, Any]) -> tuple[dict
         a, b = first.get(key), second.get(key)
         if isinstance(a, dict) or isinstance(b, dict):
             a, b = a or {}, b or {}
-            if key == "tests":  # one test run's counts, never summed across calls
-                merged[key], source[key] = (a, 1) if a else ((b, 2) if b else (None, None))
+            if key == "tests":  # one run's counts: the second only when it continued (covers) the first
+                wider = int(b.get("calls") or 1) > int(a.get("calls") or 1) if a and b else False
+                if b and (not a or wider or (b.get("complete") and not a.get("complete"))):
+                    merged[key], source[key] = b, 2
+                else:
+                    merged[key], source[key] = (a, 1) if a else (None, None)
                 continue
             merged[key], source[key] = {}, {}
             for sub in list(a) + [s for s in b if s not in a]:
@@ -354,6 +452,8 @@ def cmd_suite_init(args: argparse.Namespace) -> int:
     state: dict[str, Any] = {
         "schema": SCHEMA,
         "kind": args.kind,
+        "commit": git_commit()[0],
+        "device": (gpu_name() if args.kind == "gpu" else "cpu"),
         "suite_run": args.run,
         "call": 1,
         "started_utc": now(),
@@ -371,13 +471,21 @@ def cmd_suite_init(args: argparse.Namespace) -> int:
         "results": {},
         "previous": None,
     }
-    if previous and previous.get("schema") == SCHEMA and previous.get("kind") == args.kind:
+    why = None
+    if previous is not None:
+        why = (
+            "not a summary of this schema" if previous.get("schema") != SCHEMA else mismatch(previous, state)
+        )
+    if previous is not None and why is None:
         state["call"] = int(previous.get("call", 1)) + 1
         state["previous"] = {
             k: previous.get(k)
             for k in (
                 "suite_run",
                 "call",
+                "kind",
+                "commit",
+                "device",
                 "env",
                 "summary",
                 "summary_source",
@@ -386,17 +494,19 @@ def cmd_suite_init(args: argparse.Namespace) -> int:
                 "started_utc",
             )
         }
+        tests_done = ((previous.get("results") or {}).get("tests") or {}).get("complete")
         for name in order:
             prev = (previous.get("sections") or {}).get(name) or {}
-            # the build is per machine and the probe per call; everything else that finished stays done
-            if name not in ("probe", "build") and prev.get("status") in ("ok", "done-in-call-1"):
+            # the build is per machine and the probe per call; everything else that finished stays
+            # done, and so do the tests when the previous junit holds every selected test's result
+            # (failures included: running them again would only repeat them)
+            finished = prev.get("status") in ("ok", "done-in-call-1") or (name == "tests" and tests_done)
+            if name not in ("probe", "build") and finished:
                 state["sections"][name] = {"status": "done-in-call-1", "previous": prev}
                 done.append(name)
-    elif previous:
-        print(
-            f"collect_results: ignoring {args.previous}: not a {args.kind} summary of this schema",
-            file=sys.stderr,
-        )
+    elif previous is not None:
+        state["previous_ignored"] = f"{args.previous}: {why}"
+        print(f"collect_results: not continuing {args.previous}: {why}; every section runs", file=sys.stderr)
     write_json_atomic(out / "summary.json", state)
     print(" ".join(done))
     return 0
@@ -436,6 +546,12 @@ def cmd_suite_update(args: argparse.Namespace) -> int:
             }
             total["time_s"] = round(sum(t["time_s"] for t in tests), 1)
             total["failed"] = [f for t in tests for f in t["failed"]][:60]
+            info = load(Path(args.tests_info)) if args.tests_info else None
+            if isinstance(info, dict):
+                # pytest exit 0 / 1 / 5: every selected test has its result in the junit (1: some
+                # failed); anything else (a timeout's interrupt, a crash) leaves it partial
+                total["complete"] = info.get("pytest_exit") in (0, 1, 5)
+                total.update({k: v for k, v in info.items() if k != "complete"})
             state["results"]["tests"] = total
     if args.sanitize_report:
         san = sanitize_summary(Path(args.sanitize_report))
@@ -513,7 +629,7 @@ def merge_calls(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "benchmark": "gpu_suite",
         "schema": SCHEMA,
-        "kind": states[0].get("kind"),
+        **identity(states[0]),
         "date": (states[0].get("env") or {}).get("date") or states[0].get("started_utc", "")[:10],
         "summary": summary,
         "summary_source": source,
@@ -551,7 +667,12 @@ def fmt(v: Any) -> str:
 
 def markdown(merged: dict[str, Any]) -> str:
     kind = "" if merged.get("kind") == "gpu" else f" ({merged.get('kind')}: CPU, tiny sizes; not GPU results)"
-    lines = [f"# edmfast GPU suite — {merged['date']}{kind}", ""]
+    lines = [f"# edmfast GPU suite — {merged['date']}, {merged.get('device')}{kind}", ""]
+    lines += [
+        f"Commit {merged.get('commit')}. Goals are ratios measured on this device (fractions of its own",
+        "copy bandwidth, speedups in one process): they apply to an H100 or an H200 alike.",
+        "",
+    ]
     for c in merged["calls"]:
         env = c.get("env") or {}
         lines.append(
@@ -564,7 +685,7 @@ def markdown(merged: dict[str, Any]) -> str:
         "",
         "## Summary",
         "",
-        "| key | value | measured in call | goal (SPEC §5) |",
+        "| key | value | measured in call | goal |",
         "|---|---|---|---|",
     ]
     for k in SUMMARY_KEYS:
@@ -626,13 +747,23 @@ def sampler_markdown(sampler: dict[str, Any]) -> str:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     records = [call_record(Path(s)) for s in args.src]
-    kinds = {r["state"].get("kind") for r in records}
-    if kinds != {"gpu"} and not args.allow_rehearsal:
+    for r in records[1:]:
+        why = mismatch(records[0]["state"], r["state"])
+        if why is not None:
+            raise SystemExit(
+                f"refusing to merge {records[0]['src']} and {r['src']}: {why} (collect them apart)"
+            )
+    kind = records[0]["state"].get("kind")
+    if kind != "gpu" and not args.allow_rehearsal:
         raise SystemExit(
-            f"refusing to file a {sorted(kinds)} record as GPU results (--allow-rehearsal writes -rehearsal)"
+            f"refusing to file a {kind!r} record as GPU results (--allow-rehearsal writes -rehearsal)"
+        )
+    if kind != "gpu" and args.tag:
+        raise SystemExit(
+            f"refusing --tag {args.tag!r} for a {kind!r} record: it is filed as <date>-rehearsal only"
         )
     env = records[0]["state"].get("env") or {}
-    tag = args.tag or (machine_tag(env) if kinds == {"gpu"} else "rehearsal")
+    tag = args.tag or (machine_tag(env) if kind == "gpu" else "rehearsal")
     if tag is None:
         raise SystemExit(f"the record names no known GPU ({env.get('gpu')!r}); pass --tag")
     out = Path(args.out)
@@ -643,7 +774,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     target = out / f"{date}-{tag}.json"
     earlier = load(target)
     runs = {c.get("suite_run") for c in merged["calls"]}
-    if isinstance(earlier, dict) and earlier.get("schema") == SCHEMA:
+    if earlier is not None:
+        why = (
+            "not a record of this schema"
+            if not isinstance(earlier, dict) or earlier.get("schema") != SCHEMA
+            else mismatch(earlier, merged)
+        )
+        if why is not None:
+            raise SystemExit(f"refusing to merge into {target}: {why} (pass another --tag or --date)")
         old_runs = [c.get("suite_run") for c in earlier.get("calls", [])]
         if not runs & set(old_runs):  # a later call collected alone: the earlier file is call 1
             merged = _prepend(earlier, merged)
@@ -694,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--budget", type=int, required=True)
         p.add_argument("--sections", required=True, help="space-separated, in run order")
         p.add_argument("--run", default=None, help="this run's id (EDMFAST_SUITE_RUN)")
-        p.add_argument("--previous", default=None, help="folder holding a previous call's summary.json")
+        p.add_argument("--previous", default=None, help="folder holding a previous invocation's summary.json")
         return cmd_suite_init(p.parse_args(argv[1:]))
     if argv and argv[0] == "suite-update":
         p = argparse.ArgumentParser(prog="collect_results.py suite-update")
@@ -708,15 +846,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--env-json", default=None)
         p.add_argument("--result-json", default=None, help="a JSON object stored as results[section]")
         p.add_argument("--junit", nargs="*", default=None)
+        p.add_argument("--tests-info", default=None, help="JSON: pytest_exit, continues_previous, ...")
         p.add_argument("--sanitize-report", default=None)
         p.add_argument("--elapsed", type=int, default=None)
         p.add_argument("--complete", action="store_true")
         return cmd_suite_update(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", nargs="+", help="one or two folders of returned files (files_at), call 1 first")
+    p.add_argument("src", nargs="+", help="one or two suite output folders ($OUT), the first first")
     p.add_argument("--out", default=str(RESULTS_DIR))
-    p.add_argument("--tag", default=None, help="default: from the recorded GPU name (h200)")
-    p.add_argument("--date", default=None, help="default: the date call 1 recorded")
+    p.add_argument("--tag", default=None, help="default: the recorded GPU (h100, h200); not for a rehearsal")
+    p.add_argument("--date", default=None, help="default: the date the first invocation recorded")
     p.add_argument("--allow-rehearsal", action="store_true", help="file a rehearsal record (tag 'rehearsal')")
     return cmd_collect(p.parse_args(argv))
 

@@ -29,6 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # import edmfast from the source tree
     sys.path.insert(0, str(REPO))
 
+if str(REPO / "benchmarks") not in sys.path:  # collect_results (torch-free record helpers)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+import collect_results  # noqa: E402
 import torch  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -129,30 +133,9 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> tuple[str | None, str]:
-    """(commit, where it came from). The GPU machine gets the working tree without .git, so the
-    caller names the commit: ``EDMFAST_GIT_COMMIT``, else ``.suite/commit`` (written by
-    ``gpu_suite.sh --prepare``), else ``git rev-parse`` (``+dirty`` when the tree differs)."""
-    if os.environ.get("EDMFAST_GIT_COMMIT"):
-        return os.environ["EDMFAST_GIT_COMMIT"], "EDMFAST_GIT_COMMIT"
-    stamp = REPO / ".suite" / "commit"
-    if stamp.is_file() and stamp.read_text().strip():
-        return stamp.read_text().strip(), ".suite/commit"
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None, "unknown"
-    if rev.returncode != 0:
-        return None, "unknown"
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""), "git"
+    """(commit, where it came from): ``collect_results.git_commit`` (no torch there, the GPU suite's
+    summary records it before anything imports torch)."""
+    return collect_results.git_commit()
 
 
 # ----------------------------------------------------------------------------- timing
@@ -304,7 +287,7 @@ def suite_run() -> str | None:
 def write_json(path: Path, record: dict[str, Any]) -> None:
     """Strict JSON, written to a temporary file and renamed over ``path`` (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = collect_results.temporary_path(path)
     tmp.write_text(json.dumps(_finite_or_none(record), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 

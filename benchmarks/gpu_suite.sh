@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# The GPU suite: one device call (<= 420 s of wall time on an H200) brings back every headline
-# number; a second call runs what the first did not reach and merges. benchmarks/README.md
-# describes the two calls, the files and the summary keys.
+# The GPU suite: on a machine with one NVIDIA H100 or H200, builds the CUDA extension, runs the
+# GPU tests and every benchmark, and writes summary.json. It ends by itself inside its budget
+# (SUITE_BUDGET_S, default 420 s) and brings back every headline number in that one invocation; a
+# second invocation given the first's summary runs only what the first did not reach, and merges.
+# benchmarks/README.md describes the sections, the files and the summary keys.
 #
-#   bash benchmarks/gpu_suite.sh --prepare [FILES_AT_OF_CALL_1]   here: .suite/ (commit, previous call)
-#   run(command="bash benchmarks/gpu_suite.sh", carry=[".whl", ".suite"], timeout_s=480)
-#   python benchmarks/collect_results.py FILES_AT_1 [FILES_AT_2]  here: results/<date>-h200.{json,md}
-#   bash benchmarks/gpu_suite.sh --rehearse                        the whole script on the CPU, tiny sizes
+#   bash benchmarks/fetch_wheels.sh            once, where pip reaches the index: .whl/ (the
+#                                              peers' wheels, for a GPU machine without network)
+#   bash benchmarks/gpu_suite.sh               the suite; its files go to $OUT (default: a new
+#                                              folder under /tmp, printed at the end)
+#   bash benchmarks/gpu_suite.sh --prepare DIR a second invocation will continue the one whose files
+#                                              are in DIR (copies its summary.json and junit.xml to
+#                                              .suite/previous/, where the next invocation reads them)
+#   python benchmarks/collect_results.py DIR [DIR2]   files them as benchmarks/results/<date>-<gpu>.*
+#   bash benchmarks/gpu_suite.sh --rehearse    the whole script on the CPU, tiny sizes (CI runs it)
 #
-# Sections, in priority order, each under its own time limit inside SUITE_BUDGET_S (default 420):
-#   probe build tests ops sampler compile sd sanitize accuracy [overhead]
-# After every section $OUT/summary.json is rewritten atomically (benchmarks/collect_results.py),
-# so a kill at any second returns every finished section. Files in $OUT (at most 8):
-#   summary.json  log  junit.xml  ops.json  sampler.json  accuracy.json  accuracy.png  [overhead.json]
+# Sections, in priority order, each under its own time limit inside the budget:
+#   probe build ops sampler sd compile tests sanitize accuracy overhead
+# The sections before tests bring back the headline numbers; tests a first invocation cannot
+# finish are continued by a second. After every section $OUT/summary.json is rewritten atomically
+# (benchmarks/collect_results.py), so a kill at any second returns every finished section. Files
+# in $OUT (at most 7, temporary files are written outside it):
+#   summary.json  log  junit.xml  ops.json  sampler.json  accuracy.json  accuracy.png
 #
 # Environment: SUITE_BUDGET_S (420), SUITE_SECTIONS (default: all, in the order above),
-#   SUITE_SKIP (sections to leave out), SUITE_PREVIOUS (folder with a previous call's
-#   summary.json; default .suite/previous), EDMFAST_GIT_COMMIT (else .suite/commit, else git),
-#   PYTHON (python3), OUT (the device tool sets it; a fresh temporary folder otherwise),
-#   SUITE_WORK (scratch: Markdown, logs; a temporary folder, removed at the end, otherwise).
+#   SUITE_SKIP (sections to leave out), SUITE_PREVIOUS (folder with a previous invocation's
+#   summary.json [+ junit.xml]; default .suite/previous), EDMFAST_GIT_COMMIT (else .suite/commit,
+#   else git), PYTHON (python3), OUT (default: a fresh folder under /tmp), SUITE_WORK (scratch:
+#   Markdown, logs; a temporary folder, removed at the end, otherwise).
 set +e
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -31,14 +40,14 @@ case ${1:-} in
   --prepare) MODE=prepare ;;
   "") ;;
   *)
-    echo "usage: $0 [--rehearse | --prepare [FILES_AT_OF_A_PREVIOUS_CALL]]" >&2
+    echo "usage: $0 [--rehearse | --prepare [FOLDER_OF_A_PREVIOUS_RUN]]" >&2
     exit 2
     ;;
 esac
 
-# --- --prepare: here, before a call --------------------------------------------------------
-# The device gets a copy of the working tree without .git: the commit (and whether the tree
-# differed from it) travels in .suite/commit; a previous call's files travel in .suite/previous/.
+# --- --prepare: in the clone, before running the suite where the clone's .git is not ----------
+# .suite/commit names the commit (and whether the tree differed from it) for a copy of the tree
+# without .git; .suite/previous/ holds a previous invocation's summary.json and junit.xml.
 if [[ $MODE == prepare ]]; then
   exclude=$(git rev-parse --git-path info/exclude) || exit 1
   mkdir -p "$(dirname "$exclude")" .suite
@@ -53,10 +62,10 @@ if [[ $MODE == prepare ]]; then
     [[ -f $2/summary.json ]] || { echo "$2 holds no summary.json" >&2; exit 2; }
     mkdir -p .suite/previous
     cp "$2/summary.json" .suite/previous/
+    [[ -f $2/junit.xml ]] && cp "$2/junit.xml" .suite/previous/
   fi
-  compgen -G ".whl/*.whl" >/dev/null || echo "warning: no .whl/ (bash benchmarks/fetch_wheels.sh): diffusers and k-diffusion will be missing there" >&2
-  echo "commit $commit; previous call: ${2:-none}"
-  echo 'run(command="bash benchmarks/gpu_suite.sh", carry=[".whl", ".suite"], timeout_s=480)'
+  compgen -G ".whl/*.whl" >/dev/null || echo "note: no .whl/ (bash benchmarks/fetch_wheels.sh): an offline machine without diffusers / k-diffusion skips their peers" >&2
+  echo "commit $commit; continuing: ${2:-nothing}. Next: bash benchmarks/gpu_suite.sh (copy .suite/ and .whl/ with the tree)"
   exit 0
 fi
 
@@ -65,40 +74,60 @@ RESERVE=3 # seconds kept for the last summary update
 if [[ -z ${OUT:-} ]]; then OUT=$(mktemp -d /tmp/edmfast-suite-out.XXXXXX); fi
 mkdir -p "$OUT"
 # this run's files only: anything an earlier run left in $OUT is removed, never reported
-rm -f "$OUT"/{summary.json,log,junit.xml,ops.json,sampler.json,accuracy.json,accuracy.png,overhead.json}
+rm -f "$OUT"/{summary.json,log,junit.xml,ops.json,sampler.json,accuracy.json,accuracy.png,overhead.json} "$OUT"/.*.tmp
+# Files are written to a temporary name and renamed over the old one. The temporary names live
+# beside $OUT on the same filesystem (a rename across filesystems is not atomic): a kill between
+# write and rename then leaves nothing extra in $OUT. Inside $OUT only where no such folder can be
+# made; the suite then removes leftovers when it ends or is stopped (7 named files + 1 <= 8).
+EDMFAST_TMPDIR=$(mktemp -d "$(dirname "$OUT")/.edmfast-suite-tmp.XXXXXX" 2>/dev/null) || EDMFAST_TMPDIR=""
+if [[ -n $EDMFAST_TMPDIR && $(stat -c %d "$EDMFAST_TMPDIR") != $(stat -c %d "$OUT") ]]; then
+  rmdir "$EDMFAST_TMPDIR"
+  EDMFAST_TMPDIR=""
+fi
+export EDMFAST_TMPDIR
 if [[ -n ${SUITE_WORK:-} ]]; then # scratch (Markdown, junit of the extra module, build logs)
   WORK=$SUITE_WORK
   mkdir -p "$WORK"
 else
   WORK=$(mktemp -d /tmp/edmfast-suite.XXXXXX)
-  trap 'rm -rf "$WORK"' EXIT
 fi
+cleanup() {
+  [[ -z ${SUITE_WORK:-} ]] && rm -rf "$WORK"
+  [[ -n $EDMFAST_TMPDIR ]] && rm -rf "$EDMFAST_TMPDIR"
+  rm -f "$OUT"/.*.tmp
+}
+trap cleanup EXIT
 RUN_ID="$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM"
 export EDMFAST_SUITE_RUN=$RUN_ID OUT WORK MODE ROOT PY
 exec > >(tee -a "$OUT/log") 2>&1
 TEE_PID=$!
 
-ALL="probe build tests ops sampler compile sd sanitize accuracy"
+ALL="probe build ops sampler sd compile tests sanitize accuracy"
 [[ -f benchmarks/bench_overhead.py ]] && ALL="$ALL overhead"
 SECTIONS=${SUITE_SECTIONS:-$ALL}
 PREV=${SUITE_PREVIOUS:-.suite/previous}
 prev_arg=()
-[[ -f $PREV/summary.json ]] && prev_arg=(--previous "$PREV") # taken only when of the same kind
+[[ -f $PREV/summary.json ]] && prev_arg=(--previous "$PREV") # taken only for the same kind, commit and GPU
 update() { "$PY" benchmarks/collect_results.py suite-update --out "$OUT" --elapsed "$SECONDS" "$@"; }
 DONE=" $("$PY" benchmarks/collect_results.py suite-init --out "$OUT" --kind "$MODE" --budget "$BUDGET" \
   --sections "$SECTIONS" --run "$RUN_ID" "${prev_arg[@]}") "
+# whether suite-init continued the previous invocation (same kind, commit and GPU model)
+PREVIOUS_TAKEN=$("$PY" -c 'import json, sys; print(int(bool(json.load(open(sys.argv[1])).get("previous"))))' "$OUT/summary.json")
+export PREV PREVIOUS_TAKEN
 echo "=== edmfast GPU suite ($MODE) $(date -u +%FT%TZ) run $RUN_ID, budget ${BUDGET} s, out $OUT"
-[[ $DONE != "  " ]] && echo "=== done in a previous call (skipped):$DONE"
+[[ $DONE != "  " ]] && echo "=== finished by the invocation this one continues (skipped):$DONE"
 
 # Section limits in seconds, "cap minimum": a section starts only with its minimum left and runs
-# at most min(cap, what is left). The GPU caps add up to more than the budget on purpose: call 1
-# reaches as far as it can in this order, call 2 does the rest.
+# at most min(cap, what is left). The headline sections' estimates on an H200 (benchmarks/README.md)
+# add up to 310-450 s: at 420 s the first invocation reaches compile; tests take what is left
+# and a second invocation continues them, then sanitize, accuracy and overhead.
 declare -A LIMITS
 if [[ $MODE == gpu ]]; then
-  # sampler / compile / sd: the minimum is bench_sampler.py's own (SECTION_TIME: copy 10 + cifar 40,
-  # compile_cold 60, sd_compiled 150) plus the 10 s it is given for start-up and wrap-up
-  LIMITS=([probe]="30 5" [build]="150 30" [tests]="120 30" [ops]="60 20" [sampler]="90 60"
-    [compile]="120 70" [sd]="240 160" [sanitize]="60 20" [accuracy]="60 15" [overhead]="60 20")
+  # sampler / sd / compile: the minimum is bench_sampler.py's own (SECTION_TIME: copy 10 + cifar 40,
+  # sd_compiled 90, compile_cold 60) plus the 10 s it is given for start-up and wrap-up; sd's cap
+  # keeps >= 90 s for compile at the estimates' high end
+  LIMITS=([probe]="30 5" [build]="120 30" [ops]="60 20" [sampler]="90 60" [sd]="150 100"
+    [compile]="120 70" [tests]="150 30" [sanitize]="150 40" [accuracy]="60 15" [overhead]="60 20")
 else
   LIMITS=([probe]="30 3" [build]="60 5" [tests]="60 10" [ops]="30 5" [sampler]="60 10"
     [compile]="10 1" [sd]="60 10" [sanitize]="20 2" [accuracy]="40 5" [overhead]="30 5")
@@ -186,10 +215,6 @@ print(json.dumps({"extension": True, "extension_cuda": status["cuda"] is None, "
 if status["cuda"] is not None:
     sys.exit("BUILD BROKEN: the CUDA part of edmfast._C is missing: " + status["cuda"])
 PYEOF
-    # the compute-sanitizer driver compiles while the tests run (its section then only runs it)
-    (bash csrc/tests/sanitize.sh cuda --build-only >"$WORK/sanitize-build.log" 2>&1
-      echo $? >"$WORK/sanitize-build.rc") &
-    echo $! >"$WORK/sanitize-build.pid"
     return 0
   fi
   # rehearsal: a CPU-only build out of the tree (the checkout's own extension stays as it is)
@@ -211,8 +236,11 @@ PYEOF
 }
 
 sec_tests() {
-  # Only what touches the GPU: every test marked gpu, plus the modules whose code paths differ when
-  # CUDA is present. Threads are split between the xdist workers: W workers x (cores / W) threads.
+  # Only what touches the GPU, in one pytest run (one junit): every test marked gpu, plus the modules
+  # whose code paths differ when CUDA is present (the CLI and generate pick the CUDA device and
+  # backend). benchmarks/suite_tests.py selects them and, continuing a previous invocation, leaves out
+  # every test that invocation's junit holds. Threads are split between the xdist workers:
+  # W workers x (cores / W) threads.
   local cores workers threads xd=()
   cores=$(nproc)
   workers=1
@@ -223,25 +251,42 @@ sec_tests() {
   # one hung test must not take the whole section (pytest-timeout is in the image)
   "$PY" -c "import pytest_timeout" 2>/dev/null && xd+=(--timeout 90)
   export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads TORCHINDUCTOR_COMPILE_THREADS=1
+  export EDMFAST_SUITE_TEST_MODULES="tests/test_cli.py tests/test_generate.py"
+  # the rehearsal exercises the selection with the quick module only (generate's take a minute on
+  # 2 cores, and CI's own test run covers both)
+  [[ $MODE == rehearsal ]] && EDMFAST_SUITE_TEST_MODULES="tests/test_cli.py"
+  export EDMFAST_SUITE_TESTS_INFO=$WORK/tests-select.json
+  export PYTHONPATH=$ROOT/benchmarks:$PYTHONPATH
+  if [[ -f $PREV/junit.xml && $PREVIOUS_TAKEN == 1 ]]; then
+    export EDMFAST_SUITE_PREVIOUS_JUNIT=$PREV/junit.xml
+    echo "tests: continuing $PREV/junit.xml (its tests are not run again)"
+  fi
   echo "tests: $workers worker(s) x $threads thread(s)"
-  "$PY" -m pytest -q -p no:cacheprovider "${xd[@]}" -m gpu --durations=10 \
+  "$PY" -m pytest -q -p no:cacheprovider -p suite_tests "${xd[@]}" --durations=10 \
     --junitxml="$OUT/junit.xml" -o junit_family=xunit2 tests
   local rc=$?
-  ((rc == 5)) && rc=0 # nothing selected is not a failure in the rehearsal (no gpu tests run on a CPU)
-  # the CLI and generate pick the CUDA device (and backend) when there is one
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_cli.py tests/test_generate.py \
-    --junitxml="$WORK/junit-cuda-paths.xml" -o junit_family=xunit2 || rc=1
+  "$PY" - "$rc" "$EDMFAST_SUITE_TESTS_INFO" >"$WORK/tests.json" <<'PYEOF'
+import json, sys
+try:
+    info = json.load(open(sys.argv[2]))
+except (OSError, ValueError):
+    info = {}
+print(json.dumps({"pytest_exit": int(sys.argv[1]), **info}))
+PYEOF
+  ((rc == 5)) && rc=0 # nothing selected: every test was in the previous junit
   return "$rc"
 }
 
 sec_ops() {
+  # the eager peers only: torch.compile's four compiles cost more than the kernels' timing
+  # (python benchmarks/bench_ops.py --device cuda runs all three peers)
   if [[ $MODE == gpu ]]; then
-    # three sizes >= 64M elements (SPEC §5's goal is stated there); no torch.compile baseline
-    # (its compile costs more than the three sizes together; bench_ops.py runs it by default)
-    "$PY" benchmarks/bench_ops.py --sizes 67108864,134217728,268435456 --reps 20 --no-baseline \
-      --json "$OUT/ops.json" --md "$WORK/ops.md"
+    # three sizes >= 64M elements (the kernel goal is stated there)
+    "$PY" benchmarks/bench_ops.py --device cuda --sizes 67108864,134217728,268435456 --reps 20 \
+      --peers eager,eager_tuned --json "$OUT/ops.json" --md "$WORK/ops.md"
   else
-    "$PY" benchmarks/bench_ops.py --device cpu --quick --threads 1 --json "$OUT/ops.json" --md "$WORK/ops.md"
+    "$PY" benchmarks/bench_ops.py --device cpu --quick --threads 1 --peers eager,eager_tuned \
+      --json "$OUT/ops.json" --md "$WORK/ops.md"
   fi
 }
 
@@ -261,7 +306,7 @@ sec_sampler() { sampler "$(inner)" --sections copy cifar --cifar-batches 1 64; }
 
 sec_compile() {
   if [[ $MODE == rehearsal ]]; then
-    echo "rehearsal: torch.compile of even the tiny UNet takes minutes on a 2-core CPU (the GPU call runs it)" >"$WORK/compile.skip"
+    echo "rehearsal: torch.compile of even the tiny UNet takes minutes on a 2-core CPU (the GPU run does it)" >"$WORK/compile.skip"
     return 0
   fi
   sampler "$(inner)" --sections compile_cold compile_warm
@@ -276,19 +321,16 @@ sec_sd() {
 }
 
 sec_sanitize() {
-  # memcheck + racecheck on the driver's reduced matrix (--quick), one report line per tool
+  # memcheck + racecheck on the driver's reduced matrix (--quick), one report line per tool.
+  # sanitize.sh checks that compute-sanitizer exists and can run here (a tiny probe under it)
+  # before it compiles its driver; exit 2 says why it cannot (no tool, no GPU, a host where the
+  # tool answers "Device not supported"): recorded as skipped with that reason, never as unclean.
   local build=()
-  if [[ -f $WORK/sanitize-build.pid ]]; then # the driver compiled in the background since the build
-    local waited=0
-    while [[ ! -f $WORK/sanitize-build.rc ]] && ((waited < LIMIT / 2)); do sleep 1; waited=$((waited + 1)); done
-    cat "$WORK/sanitize-build.log" 2>/dev/null
-    build=(--no-build)
-  fi
   [[ $MODE == rehearsal ]] && build=(--no-build) # nvcc works on a CPU box, but nothing can run what it builds
   SANITIZE_CUDA_TOOLS="memcheck racecheck" SANITIZE_REPORT="$WORK/sanitize.jsonl" \
     bash csrc/tests/sanitize.sh cuda --quick "${build[@]}"
   local rc=$?
-  if ((rc == 2)); then # a missing tool, GPU or driver binary: recorded as skipped, with the reason
+  if ((rc == 2)); then
     tail -1 "$WORK/sanitize.jsonl" 2>/dev/null | "$PY" -c "import json,sys; print(json.loads(sys.stdin.read() or '{}').get('reason', 'sanitize.sh exit 2: a required tool is missing'))" >"$WORK/sanitize.skip"
     return 0
   fi
@@ -302,13 +344,13 @@ sec_accuracy() {
 }
 
 sec_overhead() {
-  # benchmarks/bench_overhead.py (host overhead vs k-diffusion; runs on the CPU): its JSON becomes
-  # $OUT/overhead.json (summary.json does not read it)
+  # benchmarks/bench_overhead.py (host overhead vs k-diffusion; runs on the CPU): its JSON is kept
+  # in summary.json as results.overhead (no file of its own: $OUT holds at most 8)
   local args=(--out "$WORK/overhead") f
   [[ $MODE == rehearsal ]] && args+=(--quick)
   "$PY" benchmarks/bench_overhead.py "${args[@]}" || return 1
   for f in "$WORK"/overhead/*.json; do
-    [[ -f $f ]] && cp "$f" "$OUT/overhead.json" && return 0
+    [[ -f $f ]] && cp "$f" "$WORK/overhead.json" && return 0
   done
   echo "bench_overhead.py wrote no JSON" >&2
   return 1
@@ -357,7 +399,8 @@ run_section() {
   case $name in
     probe) extra=(--env-json "$WORK/env.json") ;;
     build) [[ -f $WORK/build.json ]] && extra=(--result-json "$WORK/build.json") ;;
-    tests) extra=(--junit "$OUT/junit.xml" "$WORK/junit-cuda-paths.xml") ;;
+    tests) extra=(--junit "$OUT/junit.xml" --tests-info "$WORK/tests.json") ;;
+    overhead) [[ -f $WORK/overhead.json ]] && extra=(--result-json "$WORK/overhead.json") ;;
     sanitize) [[ -f $WORK/sanitize.jsonl ]] && extra=(--sanitize-report "$WORK/sanitize.jsonl") ;;
   esac
   update --section "$name" --status "$status" --seconds $((SECONDS - t0)) --exit "$rc" --reason "$reason" "${extra[@]}"
@@ -370,6 +413,7 @@ on_signal() {
   trap - INT TERM
   [[ -n ${SECTION_PID:-} ]] && kill -TERM "$SECTION_PID" 2>/dev/null
   [[ -n ${CURRENT:-} ]] && update --section "$CURRENT" --status killed --reason "the suite was stopped by a signal"
+  rm -f "$OUT"/.*.tmp # a write the stopped section left half done (when temporaries live in $OUT)
   exit 143
 }
 trap on_signal INT TERM
@@ -379,21 +423,15 @@ for name in $SECTIONS; do
   export LIMIT
   run_section "$name"
 done
-# the background sanitizer build, when the budget ended before its section: stopped, not awaited
-if [[ -f $WORK/sanitize-build.pid && ! -f $WORK/sanitize-build.rc ]]; then
-  # its process group is the finished build section's: nothing else of the suite is in it
-  pgid=$(ps -o pgid= -p "$(cat "$WORK/sanitize-build.pid")" 2>/dev/null | tr -d ' ')
-  [[ -n $pgid ]] && kill -- "-$pgid" 2>/dev/null
-fi
 update --complete
 echo "=== edmfast GPU suite done in $SECONDS s of $BUDGET s; files in $OUT:"
 ls -la "$OUT"
-# the device returns files up to 16 MiB: keep the log's head and tail if it grew past that
+# a log past 16 MiB (a runaway test) is cut to its head and tail, so it still travels with the results
 if [[ $(stat -c %s "$OUT/log" 2>/dev/null || echo 0) -gt 15000000 ]]; then
-  { head -c 5000000 "$OUT/log"; echo; echo "[... log cut to fit the 16 MiB return limit ...]"; tail -c 9000000 "$OUT/log"; } >"$WORK/log"
+  { head -c 5000000 "$OUT/log"; echo; echo "[... log cut to 16 MiB ...]"; tail -c 9000000 "$OUT/log"; } >"$WORK/log"
   cp "$WORK/log" "$OUT/log"
 fi
-# The GPU call exits 0 (its files come back either way). A rehearsal fails when a section failed,
+# A GPU run exits 0 (its files are there either way). A rehearsal fails when a section failed,
 # which on the CPU means a broken script or benchmark (a budget cut is "timeout"/"no-time", not that).
 if [[ $MODE == rehearsal ]]; then
   failed=$("$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); print(" ".join(k for k, v in s["sections"].items() if v["status"] == "failed"))' "$OUT/summary.json")

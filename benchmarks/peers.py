@@ -12,8 +12,12 @@
     around a diffusers scheduler (EulerDiscreteScheduler, HeunDiscreteScheduler, EDMEulerScheduler),
     for an eager or ``torch.compile(mode="reduce-overhead")`` network.
 (d) `compiled_reference_sampler`: EDM Algorithm 2 with float32 state whose per-step elementwise
-    math (edmfast's fused-op contract, `edmfast.reference.heun_step`) is ``torch.compile``'d:
-    what the compiler alone makes of the step, without hand-written kernels.
+    math (edmfast's fused-op contract, `edmfast.reference.heun_step`) is ``torch.compile``'d, the
+    denoiser called eagerly: what the compiler makes of the step around an opaque network.
+(e) `compiled_whole_step_sampler`: the whole Heun step, denoiser included, as one
+    ``torch.compile``'d function: the strongest compiler peer. With a cheap analytic denoiser
+    inductor fuses the denoiser into the step's arithmetic, which edmfast (a kernel per pass, the
+    network called between them) cannot; with a real network there is nothing to fuse it with.
 """
 
 from __future__ import annotations
@@ -370,3 +374,71 @@ def compiled_reference_sampler(
     denoiser: Callable[..., torch.Tensor], compile_mode: str | None = "default"
 ) -> CompiledReferenceSampler:
     return CompiledReferenceSampler(denoiser, compile_mode)
+
+
+# ----------------------------------------------------------------------------- (e) compiled whole step
+
+
+def _whole_heun_step(denoiser, x, eps, sigma, sigma_hat, sigma_next, s_noise):
+    """One EDM Heun step (Algorithm 2) with churn, denoiser inside; sigmas are 0-d float32 tensors."""
+    b = x.shape[0]
+    x_hat = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * eps
+    d = (x_hat - denoiser(x_hat, sigma_hat.expand(b))) / sigma_hat
+    x_euler = x_hat + (sigma_next - sigma_hat) * d
+    d2 = (x_euler - denoiser(x_euler, sigma_next.expand(b))) / sigma_next
+    return x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d2)
+
+
+def _whole_euler_step(denoiser, x, eps, sigma, sigma_hat, sigma_next, s_noise):
+    """The last step (sigma_next = 0): Euler only, as Algorithm 2."""
+    b = x.shape[0]
+    x_hat = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * eps
+    return x_hat + (sigma_next - sigma_hat) * (x_hat - denoiser(x_hat, sigma_hat.expand(b))) / sigma_hat
+
+
+class CompiledWholeStepSampler:
+    """EDM Algorithm 2 (Heun, churn), float32 state, each whole step (both denoiser calls, the churn,
+    Euler and the correction) one ``torch.compile``'d call. The churn noise is drawn eagerly with
+    ``torch.randn`` and one generator on every step, as k-diffusion draws it, and passed in (the
+    same draws in every run; sigmas as 0-d tensors, so new values never recompile)."""
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], compile_mode: str | None = "default"):
+        def wrap(fn):
+            def step(*args):
+                return fn(denoiser, *args)
+
+            return torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step
+
+        self.heun, self.euler = wrap(_whole_heun_step), wrap(_whole_euler_step)
+
+    def __call__(
+        self,
+        noise: torch.Tensor,
+        sigmas: torch.Tensor,
+        *,
+        s_churn=0.0,
+        s_tmin=0.0,
+        s_tmax=float("inf"),
+        s_noise=1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        device = noise.device
+        num_steps = len(sigmas) - 1
+        sig = [float(s) for s in sigmas]
+
+        def s(v: float) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.float32, device=device)
+
+        x = (noise.float() * sig[0]).contiguous()
+        for i in range(num_steps):
+            gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
+            eps = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
+            step = self.heun if sig[i + 1] > 0 else self.euler
+            x = step(x, eps, s(sig[i]), s(sig[i] * (1 + gamma)), s(sig[i + 1]), s(s_noise))
+        return x
+
+
+def compiled_whole_step_sampler(
+    denoiser: Callable[..., torch.Tensor], compile_mode: str | None = "default"
+) -> CompiledWholeStepSampler:
+    return CompiledWholeStepSampler(denoiser, compile_mode)

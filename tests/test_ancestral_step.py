@@ -312,6 +312,55 @@ def test_learned_variance_range_ends(backend_device) -> None:
     assert bad.tolist() == [ops.BAD_NONE, 1]
 
 
+def _gpu_exp(a):
+    """tl.exp as NVIDIA GPUs evaluate it: ex2.approx of the float32 product x * log2(e). Only the
+    product's rounding is emulated (ex2.approx's own error is below it): the least a GPU gets wrong."""
+    import numpy as np
+
+    t = (a.astype(np.float32) * np.float32(1.4426950408889634)).astype(np.float32)
+    return np.exp2(t.astype(np.float64)).astype(a.dtype)
+
+
+def test_learned_variance_exp_accurate_where_tl_exp_is_approximate(monkeypatch) -> None:
+    """The triton kernel's exp must not be tl.exp: the interpreter evaluates tl.exp with numpy's exact
+    exp, so CI never saw that on the GPU the argument's float32 rounding alone exceeds
+    test_learned_variance_range_ends' rtol of 3e-6 near the top of the range. Here the interpreter's
+    exp is replaced by that GPU emulation; the kernel must stay within the rtol anyway."""
+    if ops.backend_status("triton", torch.device("cpu")) is not None:
+        pytest.skip("the triton backend on CPU tensors needs TRITON_INTERPRET=1 (set without a GPU)")
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if not (hasattr(builder, "create_exp") and hasattr(builder, "unary_op")):
+        pytest.skip("this triton's interpreter has no create_exp / unary_op to replace")
+    monkeypatch.setattr(builder, "create_exp", lambda self, a: self.unary_op(a, _gpu_exp))
+    v = torch.linspace(-170.0, 177.44, 2001, dtype=torch.float64)
+    v = torch.cat([v, torch.tensor([177.4, 174.3124, 170.0], dtype=torch.float64)])
+    expected = torch.exp(v.float().double() / 2)
+
+    @triton.jit
+    def _tl_exp_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.exp(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+    # the emulation is in force and is what the old kernel's tl.exp(0.5 * logvar) would give
+    half_v, approx = (v.float() / 2).contiguous(), torch.empty(v.numel())
+    _tl_exp_kernel[(triton.cdiv(v.numel(), 1024),)](half_v, approx, v.numel(), BLOCK=1024)
+    assert ((approx.double() - expected).abs() / expected).max() > 3e-6
+    n = v.numel()
+    f = torch.zeros(1, 2 * n)
+    f[0, n:] = v.float()
+    out = poisoned((1, n), torch.float32, "cpu")
+    coef = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    ops.ancestral_step(
+        torch.zeros(1, n), f, coef, out=out, variance="learned", noise=torch.ones(1, n), backend="triton"
+    )
+    rel = (out[0].double() - expected).abs() / expected
+    assert rel.max() < 1e-6, (rel.max(), v[rel.argmax()])  # a few float32 ulp, as exp_poly
+
+
 def test_cpu_parallel_chunks() -> None:
     """The cpu backend's multi-chunk, multi-thread path (past the 2048-element chunk and the
     parallel threshold) against the torch backend."""

@@ -150,3 +150,86 @@ def test_bench_sampler_gpu_code_path_tiny_on_cpu(tmp_path):
     assert cifar["rel_diff_vs_official"] < 1e-3  # the same network and latents: the same images
     sd = record["sections"]["sd"]["rows"]["euler_b1"]
     assert sd["rel_diff_vs_diffusers"] < 1e-3  # the same timesteps, CFG rescale and start point
+
+
+def _import_bench(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_bench_ops_keeps_every_op_when_one_fails(tmp_path, monkeypatch):
+    """One op that raises (torch 2.11 broke three Triton ops this way) is recorded under errors; the
+    other ops, the peers and the JSON are still there (it once lost ops.json entirely)."""
+    bench_ops = _import_bench("bench_ops")
+    real = bench_ops.op_calls
+
+    def broken(backend, t):
+        calls = dict(real(backend, t))
+
+        def churn():
+            raise IndexError("tuple index out of range")
+
+        calls["churn"] = churn
+        return calls
+
+    monkeypatch.setattr(bench_ops, "op_calls", broken)
+    monkeypatch.setenv("EDMFAST_TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out" / "ops.json"
+    bench_ops.main(
+        ["--device", "cpu", "--quick", "--reps", "1", "--peers", "eager,eager_tuned", "--json", str(out)]
+    )
+    record = json.loads(out.read_text())
+    measured = {(r["op"], r["backend"]) for r in record["rows"]}
+    assert ("heun_step", "cpu") in measured and ("cfg_rescale", "cpu") in measured
+    assert ("churn", "cpu") not in measured and ("churn", "eager_tuned") in measured
+    assert [(e["op"], e["backend"]) for e in record["errors"]] == [("churn", "cpu")]
+    assert "IndexError" in record["errors"][0]["error"]
+    heun = next(r for r in record["rows"] if (r["op"], r["backend"]) == ("heun_step", "cpu"))
+    assert finite(heun["speedup_vs_eager"]) and finite(heun["speedup_vs_eager_tuned"])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ops.json", "ops.md"]  # no temporary left
+
+
+def test_bench_ops_refuses_cuda_without_a_gpu(capsys):
+    """The GPU suite asks for --device cuda: without CUDA that is an error, never a CPU benchmark."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    bench_ops = _import_bench("bench_ops")
+    with pytest.raises(SystemExit) as e:
+        bench_ops.main(["--device", "cuda", "--quick"])
+    assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_whole_step_peer_is_algorithm_2():
+    """The compiled-whole-step peer computes EDM's Algorithm 2 (run uncompiled here: the same code
+    inductor compiles) on the same churn draws as the float64 official loop."""
+    import torch
+
+    import edmfast
+
+    peers = _import_bench("peers")
+    den = edmfast.analytic.GaussianDenoiser(mu=0.1, s=0.5)
+    shape, steps = (3, 2, 5, 7), 6
+    noise = torch.randn(shape)
+    sigmas = edmfast.karras_sigmas(steps)
+    churn = dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
+    out = peers.compiled_whole_step_sampler(den, compile_mode=None)(
+        noise, sigmas, generator=torch.Generator().manual_seed(5), **churn
+    )
+    g = torch.Generator().manual_seed(5)
+    ref = peers.official_edm_sampler(
+        peers.OfficialNet(den),
+        noise,
+        randn_like=peers.NoiseFeeder([torch.randn(shape, generator=g) for _ in range(steps)]),
+        num_steps=steps,
+        S_churn=40.0,
+        S_min=0.05,
+        S_max=50.0,
+        S_noise=1.003,
+    )
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5

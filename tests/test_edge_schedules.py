@@ -6,13 +6,15 @@ from decimal import Decimal, localcontext
 
 import pytest
 import torch
-from hypothesis import assume, given, seed, settings
-from hypothesis import strategies as st
 
-import edmfast
-from edmfast.options import check_sigmas
-from edmfast.schedules import iddpm_u, vp_betas_for_range, vp_sigma, vp_sigma_inv
-from tests.conftest import BASE_SEED
+pytest.importorskip("hypothesis", reason="a property test here needs hypothesis (pip install hypothesis)")
+from hypothesis import assume, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import edmfast  # noqa: E402
+from edmfast.options import check_sigmas  # noqa: E402
+from edmfast.schedules import iddpm_u, vp_betas_for_range, vp_sigma, vp_sigma_inv  # noqa: E402
+from tests.conftest import BASE_SEED  # noqa: E402
 
 
 def _assert_schedule(s: torch.Tensor, n: int) -> None:

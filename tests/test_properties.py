@@ -9,10 +9,12 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, seed, settings
-from hypothesis import strategies as st
 
-from edmfast import ops, reference
+pytest.importorskip("hypothesis", reason="the property tests need hypothesis (pip install hypothesis)")
+from hypothesis import HealthCheck, assume, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from edmfast import ops, reference  # noqa: E402
 from tests.conftest import BASE_SEED, TOL, backend_device_pairs, heun_term_scale, net_scale, rel_err
 
 IO = [torch.float32, torch.float16, torch.bfloat16]

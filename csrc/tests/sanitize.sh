@@ -21,10 +21,14 @@
 #   "memcheck racecheck initcheck synccheck"), SANITIZE_BUILD_DIR (/tmp/edmfast-sanitize),
 #   SANITIZE_REQUIRE_VALGRIND=1 (fail instead of skipping when valgrind is missing),
 #   SANITIZE_REPORT=FILE (CUDA: one JSON line per tool as soon as it finishes: tool, exit, seconds;
-#   or one line with the reason when a required tool is missing). Every tool runs even after one
-#   reports, so one run shows them all.
+#   or one line with the reason when a required tool is missing or cannot run here). Every tool
+#   runs even after one reports, so one run shows them all.
+# Before the CUDA driver is compiled, compute-sanitizer, a GPU and the tool's ability to run on
+# this host are checked: a 5-line probe kernel runs plainly and under memcheck. Some sandboxed
+# hosts (gVisor) run CUDA but refuse the tool ("Device not supported", then error 999): that is
+# the tool being unavailable, not a kernel bug, and is reported as such.
 # Exit status: 0 clean; non-zero on any sanitizer report, failed case or build error; 2 when a
-# required tool (compute-sanitizer, a GPU, valgrind if required) is missing.
+# required tool (compute-sanitizer, a GPU, valgrind if required) is missing or cannot run here.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -94,10 +98,44 @@ report() { # report JSON-OBJECT: one line in SANITIZE_REPORT, when set
   [[ -n $REPORT ]] && echo "$1" >>"$REPORT"
   return 0
 }
-missing() { # missing REASON: a required tool is absent; exit 2 (recorded as skipped by the GPU suite)
+json_str() { # a JSON string literal of $1 (quotes, backslashes and control characters escaped)
+  local s=${1//\\/\\\\}
+  s=${s//\"/\\\"}
+  s=${s//$'\n'/ }
+  s=${s//$'\t'/ }
+  s=${s//$'\r'/}
+  printf '"%s"' "$s"
+}
+missing() { # missing REASON: a required tool is absent or refuses this host; exit 2 (skipped by the GPU suite)
   echo "$1" >&2
-  report "{\"tool\": null, \"exit\": 2, \"reason\": \"$1\"}"
+  report "{\"tool\": null, \"exit\": 2, \"unavailable\": true, \"reason\": $(json_str "$1")}"
   exit 2
+}
+# compute-sanitizer's words for "I cannot instrument this device / host" (not a finding)
+REFUSED='device not supported|not supported on this (device|platform|system)|CUDA_ERROR_UNKNOWN|error 999|unknown error'
+
+probe_sanitizer() { # probe_sanitizer NVCC CS: a trivial kernel plainly, then under memcheck
+  local nvcc=$1 cs=$2 out rc
+  cat >"$BUILD/probe.cu" <<'CUEOF'
+#include <cstdio>
+__global__ void touch(int* p) { p[threadIdx.x] = threadIdx.x; }
+int main() {
+  int* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, 32 * sizeof(int));
+  if (e == cudaSuccess) { touch<<<1, 32>>>(p); e = cudaDeviceSynchronize(); }
+  if (e == cudaSuccess) e = cudaFree(p);
+  if (e != cudaSuccess) { std::printf("probe: CUDA error %d: %s\n", int(e), cudaGetErrorString(e)); return 1; }
+  return 0;
+}
+CUEOF
+  "$nvcc" -arch="sm_${CUDA_ARCH:-90}" "$BUILD/probe.cu" -o "$BUILD/probe" ||
+    missing "nvcc could not build the sanitizer probe (see above)"
+  out=$("$BUILD/probe" 2>&1) && rc=0 || rc=$?
+  ((rc == 0)) || missing "a trivial CUDA kernel does not run here (exit $rc): $(echo "$out" | head -3)"
+  out=$("$cs" --tool memcheck --error-exitcode 1 "$BUILD/probe" 2>&1) && rc=0 || rc=$?
+  if ((rc != 0)) || grep -qiE "$REFUSED" <<<"$out"; then
+    missing "compute-sanitizer cannot run on this host (exit $rc on a trivial kernel that runs without it): $(grep -iE "$REFUSED|error" <<<"$out" | head -3 | tr '\n' ' ')"
+  fi
 }
 
 find_nvcc() {
@@ -111,6 +149,13 @@ find_nvcc() {
   return 1
 }
 
+build_cuda_driver() { # build_cuda_driver NVCC: the driver and every CUDA kernel source
+  say "build CUDA driver with $1 (sm_${CUDA_ARCH:-90}, -lineinfo)"
+  # -O2 is for the host-side checks only; device code is optimized as in the real build.
+  "$1" -std=c++17 -arch="sm_${CUDA_ARCH:-90}" -lineinfo -O2 -Icsrc/include \
+    csrc/tests/sanitize_cuda.cu csrc/cuda/*.cu -o "$BUILD/sanitize_cuda"
+}
+
 run_cuda() {
   local nvcc
   if ! nvcc=$(find_nvcc); then
@@ -118,14 +163,12 @@ run_cuda() {
   fi
   local cuda_home
   cuda_home=$(cd "$(dirname "$nvcc")/.." && pwd)
-  if ((!no_build)); then
-    say "build CUDA driver with $nvcc (sm_${CUDA_ARCH:-90}, -lineinfo)"
-    # -O2 is for the host-side checks only; device code is optimized as in the real build.
-    "$nvcc" -std=c++17 -arch="sm_${CUDA_ARCH:-90}" -lineinfo -O2 -Icsrc/include \
-      csrc/tests/sanitize_cuda.cu csrc/cuda/*.cu -o "$BUILD/sanitize_cuda"
+  if ((build_only)); then # no tool or GPU needed (CI checks that the driver compiles)
+    build_cuda_driver "$nvcc"
+    return 0
   fi
-  ((build_only)) && return 0
 
+  # the tool, a GPU and the tool's ability to run here, before spending a build on the driver
   local cs=""
   for c in "${COMPUTE_SANITIZER:-}" "$cuda_home/bin/compute-sanitizer" "$cuda_home/compute-sanitizer/compute-sanitizer" \
     "$(command -v compute-sanitizer || true)"; do
@@ -140,20 +183,23 @@ run_cuda() {
   if ! nvidia-smi -L >/dev/null 2>&1; then
     missing "no GPU visible (nvidia-smi -L failed): CUDA kernels not run"
   fi
+  say "probe: a trivial kernel plainly and under compute-sanitizer memcheck"
+  probe_sanitizer "$nvcc" "$cs"
+  ((no_build)) || build_cuda_driver "$nvcc"
   [[ -x $BUILD/sanitize_cuda ]] || missing "no CUDA driver at $BUILD/sanitize_cuda (--no-build: run --build-only first)"
   local bin="$BUILD/sanitize_cuda"
   local opts=(--error-exitcode 1 --print-limit 20)
-  local tool rc failed=0 t0
+  local tool rc failed=0 t0 log="$BUILD/sanitize-tool.log"
   for tool in ${SANITIZE_CUDA_TOOLS:-memcheck racecheck initcheck synccheck}; do
     t0=$SECONDS
     case $tool in
       memcheck)  # the full matrix (--quick: reduced); leak-check: every cudaMalloc is freed
         say "compute-sanitizer memcheck ($([[ $quick == 1 ]] && echo reduced || echo full) matrix)"
-        "$cs" --tool memcheck "${opts[@]}" --leak-check full "$bin" "${quick_arg[@]}" && rc=0 || rc=$?
+        "$cs" --tool memcheck "${opts[@]}" --leak-check full "$bin" "${quick_arg[@]}" 2>&1 | tee "$log" && rc=0 || rc=${PIPESTATUS[0]}
         ;;
       racecheck | initcheck | synccheck)  # shared-memory races, reads of unwritten memory, barriers
         say "compute-sanitizer $tool (reduced matrix)"
-        "$cs" --tool "$tool" "${opts[@]}" "$bin" --quick && rc=0 || rc=$?
+        "$cs" --tool "$tool" "${opts[@]}" "$bin" --quick 2>&1 | tee "$log" && rc=0 || rc=${PIPESTATUS[0]}
         ;;
       *)
         echo "unknown tool in SANITIZE_CUDA_TOOLS: $tool" >&2
@@ -161,6 +207,10 @@ run_cuda() {
         ;;
     esac
     say "compute-sanitizer $tool: exit $rc after $((SECONDS - t0)) s"
+    if ((rc != 0)) && grep -qiE "$REFUSED" "$log"; then # refused past the probe: unavailable, not unclean
+      report "{\"tool\": \"$tool\", \"exit\": null, \"unavailable\": true, \"reason\": $(json_str "$(grep -iE "$REFUSED" "$log" | head -2 | tr '\n' ' ')")}"
+      continue
+    fi
     report "{\"tool\": \"$tool\", \"exit\": $rc, \"seconds\": $((SECONDS - t0)), \"quick\": $quick}"
     ((rc == 0)) || failed=1
   done

@@ -21,6 +21,34 @@ from .philox import philox_normal_block
 VARIANCE_CODE = {"fixed": 0, "learned": 1, "learned_range": 2}
 
 
+@triton.jit
+def _exp_f32(x):
+    """exp(x) in float32 to a few ulp over the whole range, as ``exp_poly`` in
+    csrc/include/edmfast/ancestral.h. Not tl.exp: on NVIDIA GPUs it is ex2.approx(x * log2 e), and
+    the float32 rounding of that product alone costs up to 2^-24 |x log2 e| ln 2 relative error
+    (5.3e-6 near the top of the range; 3.3e-6 at V = 177.4 where the tests' rtol is 3e-6).
+    Cody-Waite: x = n ln2 + r with n * 0.693359375 exact, |r| <= ln2 / 2, then a degree-7
+    polynomial and 2^n from exponent bits: 1.7e-7 at most over the range (interpreted)."""
+    # clamped (NaN as 0) so the integer exponent below stays in range; the last select restores both
+    xc = tl.where(x != x, 0.0, x)
+    xc = tl.where(xc > 88.7228317, 88.7228317, tl.where(xc < -87.3365479, -87.3365479, xc))
+    n = tl.floor(xc * 1.44269504088896341 + 0.5)
+    r = (xc - n * 0.693359375) + n * 2.12194440e-4
+    p = 1.9875691500e-4 * r + 1.3981999507e-3
+    p = p * r + 8.3334519073e-3
+    p = p * r + 4.1665795894e-2
+    p = p * r + 1.6666665459e-1
+    p = p * r + 5.0000001201e-1
+    p = p * (r * r) + r + 1.0
+    # 2^n as two factors: n reaches 128 at the top of the range, one past a single factor's exponent
+    ni = n.to(tl.int32)
+    half = ni >> 1
+    s1 = ((half + 127) << 23).to(tl.float32, bitcast=True)
+    s2 = ((ni - half + 127) << 23).to(tl.float32, bitcast=True)
+    y = p * s1 * s2
+    return tl.where(x != x, x, tl.where(x > 88.7228317, float("inf"), tl.where(x < -87.3365479, 0.0, y)))
+
+
 @triton.jit(do_not_specialize=["step", "bad_step"])
 def _ancestral_step_kernel(
     x_ptr,
@@ -99,7 +127,7 @@ def _ancestral_step_kernel(
             else:
                 frac = (v + 1.0) * 0.5
                 logvar = frac * tl.load(coef_ptr + 4) + (1.0 - frac) * tl.load(coef_ptr + 5)
-            std = s * tl.exp(0.5 * logvar)
+            std = s * _exp_f32(0.5 * logvar)
         # s = 0 (the last step) adds nothing, even where exp overflows (0 * inf would be NaN).
         acc += tl.where(s != 0.0, std * z, 0.0)
     tl.store(out_ptr + row, acc, mask=mask)
