@@ -329,7 +329,7 @@ def _check_pass(
         [
             (x_name, x),
             *hist,
-            (f_name, f),
+            (f_name, f if f_name == "f" else None),  # f_like is a template, never read
             ("noise", noise),
             ("k", k),
             ("seeds", seeds),
@@ -502,7 +502,7 @@ def check_ancestral_args(
         [("out", out), ("out_net", out_net), ("bad", bad)],
         [
             ("x", x),
-            (f_name, f),
+            (f_name, f if f_name == "f" else None),  # f_like is a template, never read
             ("k", k),
             ("noise", noise),
             ("seeds", seeds),
@@ -888,7 +888,7 @@ def affine_step(
     bad_step: int = 0,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """The generalized fused pass of the sampler engine (SPEC section 8), per element of sample b::
+    """The generalized fused pass of the sampler engine, per element of sample b::
 
         out     = a x + b F + c0 h0 + c1 h1 + c2 h2 + c3 h3 + std eps
         out_net = c_net out            (B or 2B rows: the next network input, in the network dtype)

@@ -61,9 +61,15 @@ def why_unavailable(device: torch.device) -> str | None:
 
 
 def _wrap_triton(kernel: Any) -> Any:
-    """`torch.library.wrap_triton` (torch >= 2.6) so torch.compile can trace the launch."""
+    """`torch.library.wrap_triton` (torch >= 2.6) so torch.compile can trace the launch.
+
+    An interpreted kernel (TRITON_INTERPRET=1, CPU tensors) is passed through as it is: torch
+    < 2.13's wrap_triton refuses one (found by the torch 2.11 skew check), and torch.compile never
+    traces the interpreter anyway."""
     wrap = getattr(torch.library, "wrap_triton", None)
-    return kernel if wrap is None else wrap(kernel)
+    if wrap is None or type(kernel).__name__ == "InterpretedFunction":
+        return kernel
+    return wrap(kernel)
 
 
 def _triton_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable[..., None]], Any]:
