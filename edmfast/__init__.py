@@ -26,7 +26,7 @@ _EXPORTS = {
     "Sampler": (".sampler", "Sampler"),
     "sample": (".sampler", "sample"),
     "ablation_sample": (".sampler", "ablation_sample"),
-    "AblationOptions": (".plan", "AblationOptions"),
+    "AblationOptions": (".solvers", "AblationOptions"),
     "from_edm": (".edm", "from_edm"),
     "load_network": (".edm", "load_network"),
     "AncestralSampler": (".ancestral", "AncestralSampler"),
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from .ancestral import AncestralSampler, sample_ancestral
     from .edm import from_edm, load_network
     from .guidance import cfg_rescale
-    from .plan import AblationOptions
     from .precond import DiscreteVPDenoiser, EDMPrecond, Precond, VEPrecond, VPPrecond, iDDPMPrecond
     from .rng import PerSampleGenerator
     from .sampler import Sampler, ablation_sample, sample
@@ -59,6 +58,7 @@ if TYPE_CHECKING:
         ve_sigmas,
         vp_sigmas,
     )
+    from .solvers import AblationOptions
 else:  # mypy reads the imports above; at run time they happen on first use
 
     def __getattr__(name: str) -> Any:

@@ -61,10 +61,10 @@ from PIL import Image
 from .ancestral import AncestralSampler
 from .data import IMAGE_SHAPE, ShapesDenoiser, to_uint8
 from .options import AncestralOptions, check_betas
-from .plan import AblationOptions
 from .rng import PerSampleGenerator
 from .sampler import Sampler
 from .schedules import ddpm_betas
+from .solvers import AblationOptions
 
 DEFAULT_MODEL = "edmfast.data:default_model"
 # what --sampler ancestral runs when no --model is given (the same shapes, as an epsilon model)

@@ -3,8 +3,9 @@
 A configuration (shapes, dtypes, device, backend, the plan's structure, conditioning layout) is
 captured once; everything that varies between calls with the same configuration lives in
 static device buffers that the caller refills before each replay (noise, seeds, coefficient
-rows, sigma / c_noise per evaluation, guidance values, tensor conditioning, pre-drawn exact
-noise). Nothing the kernels read at replay time is a host scalar frozen at capture.
+rows, the network's evaluation inputs, guidance values, tensor conditioning). Exact noise is drawn
+by the graph itself from registered generator states, or copied in from pinned host memory.
+Nothing the kernels read at replay time is a host scalar frozen at capture.
 """
 
 from __future__ import annotations
@@ -12,28 +13,37 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 
-def capture(run: Callable[[], None], device: torch.device) -> tuple[torch.cuda.CUDAGraph, float]:
-    """Warm ``run`` up on a side stream, then capture it; returns (graph, seconds spent).
+def capture(
+    run: Callable[[bool], None], device: torch.device, generators: Sequence[torch.Generator] = ()
+) -> tuple[torch.cuda.CUDAGraph, float]:
+    """Warm ``run(True)`` up on a side stream, then capture ``run(False)``; returns (graph, seconds).
 
     The warm-up absorbs lazy initialization, compilation and cuDNN autotuning, which must not
-    happen during capture. The capture is thread-local, so another thread may keep using the
-    device (e.g. a concurrent eager call of the same Sampler) meanwhile.
+    happen during capture; it is told so (``True``) and draws no random numbers, so the caller's
+    generators are where they were. ``generators``: CUDA generators (besides the device's default
+    one, which every capture registers) that the captured loop draws from; registered with the
+    graph, each replay advances them by the draws of one run, as eager draws would. The capture is
+    thread-local, so another thread may keep using the device (e.g. a concurrent eager call).
     """
     t0 = time.perf_counter()
     side = torch.cuda.Stream(device=device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        run()
+        run(True)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    default = torch.cuda.default_generators[device.index if device.index is not None else 0]
+    for g in generators:
+        if g is not default:
+            graph.register_generator_state(g)
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        run()
+        run(False)
     torch.cuda.synchronize(device)
     return graph, time.perf_counter() - t0
 

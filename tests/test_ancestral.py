@@ -11,7 +11,7 @@ from edmfast import layout as L
 from edmfast import ops
 from edmfast import reference as R
 from edmfast.ancestral import AncestralOptions as Opts
-from edmfast.ancestral import AncestralSampler, make_plan, sample_ancestral
+from edmfast.ancestral import AncestralSampler, sample_ancestral, step_rows
 from edmfast.rng import PerSampleGenerator
 from edmfast.schedules import ddpm_betas, space_timesteps
 
@@ -270,19 +270,19 @@ def test_ddim_eta0_is_deterministic_and_ignores_the_generator():
 def test_plan_rows_match_the_posterior_formulas():
     betas = ddpm_betas(1000, "linear")
     ts = space_timesteps(1000, "ddim5")
-    plan = make_plan(betas, ts, Opts.create(variance="learned_range"))
+    rows, noise_on, _, _ = step_rows(betas, ts, Opts.create(variance="learned_range"))
     abar = torch.cumprod(1 - betas, 0)
     a, a_prev = float(abar[ts[1]]), float(abar[ts[2]])
     beta = 1 - a / a_prev
-    row = plan.rows[1]
+    row = rows[1]
     assert math.isclose(float(row[L.ANC_COEF1]), beta * math.sqrt(a_prev) / (1 - a), rel_tol=1e-12)
     assert math.isclose(float(row[L.ANC_COEF2]), (1 - a_prev) * math.sqrt(1 - beta) / (1 - a), rel_tol=1e-12)
     assert math.isclose(
         float(row[L.ANC_LOG_BETA_TILDE]), math.log(beta * (1 - a_prev) / (1 - a)), rel_tol=1e-12
     )
     # the last step: no noise, and iDDPM's clipped log variance (the step above's beta_tilde)
-    assert float(plan.rows[-1, L.ANC_S]) == 0 and plan.noise_on == (True,) * 4 + (False,)
-    assert float(plan.rows[-1, L.ANC_LOG_BETA_TILDE]) == float(plan.rows[-2, L.ANC_LOG_BETA_TILDE])
+    assert float(rows[-1, L.ANC_S]) == 0 and tuple(noise_on) == (True,) * 4 + (False,)
+    assert float(rows[-1, L.ANC_LOG_BETA_TILDE]) == float(rows[-2, L.ANC_LOG_BETA_TILDE])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -332,29 +332,24 @@ class _FakeGraph:
         self.run = run
 
     def replay(self):
-        self.run()
-
-
-class _CPUGraphSampler(AncestralSampler):
-    """The graph path (static buffers, pre-drawn exact noise, refill, replay) on the CPU: a "graph"
-    that re-runs the captured loop stands in for torch.cuda.CUDAGraph."""
-
-    def _graph_key(self, call):
-        return ("cpu-graph", tuple(call.noise.shape), call.plan.num_steps, call.use_cfg, call.rescale)
+        self.run(False)
 
 
 def test_graph_path_refills_static_buffers_and_predraws_exact_noise(monkeypatch):
-    import edmfast.ancestral as anc
+    """The graph path (static buffers, staged exact noise, refill, replay) on the CPU: a "graph" that
+    re-runs the captured loop stands in for torch.cuda.CUDAGraph."""
+    import edmfast.engine as engine
 
-    def fake_capture(run, device):
-        run()  # the warm-up run, as graphs.capture does
+    def fake_capture(run, device, generators=()):
+        run(True)  # the warm-up run, as graphs.capture does
         return _FakeGraph(run), 0.0
 
-    monkeypatch.setattr(anc, "capture", fake_capture)
+    monkeypatch.setattr(engine, "capture", fake_capture)
     net = Net(True, seed=4)
     betas = ddpm_betas(1000, "cosine")
     kw = dict(num_steps=6, guidance_scale=2.0, guidance_rescale=0.5, backend="torch")
-    s = _CPUGraphSampler(net, betas, **kw)
+    s = AncestralSampler(net, betas, **kw)
+    s.engine._graph_key = lambda call: ("cpu-graph", tuple(call.noise.shape), call.plan.structure)
     cond, uncond = {"label": torch.tensor([1.0, 2.0])}, {"label": torch.zeros(2)}
     # "auto": the first call runs eagerly, the second captures and replays, the third replays
     for seed in (1, 2, 3):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import edmfast
-from edmfast import reference, sampler
+from edmfast import engine, ops, reference
 from edmfast.analytic import EDMNetworkOf, GaussianDenoiser
 from tests.conftest import rel_err
 
@@ -25,20 +25,39 @@ def _precond():
 
 
 class _Counting:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
+    def __init__(self, fn, shared=None):
+        self.fn, self.calls, self.shared = fn, 0, shared
 
     def __call__(self, *args, **kwargs):
-        self.calls += 1
+        if self.shared is not None:
+            self.shared.calls += 1
+        else:
+            self.calls += 1
         return self.fn(*args, **kwargs)
 
 
 def _profile_call(monkeypatch, num_steps, **options):
     """(kernel launches, other torch ops) of one warm Sampler call whose network runs no torch op."""
     backend = "cpu"
-    real = sampler._kernels(backend)
-    step, cfg = _Counting(real.step), _Counting(real.cfg)
-    monkeypatch.setattr(sampler, "_kernels", lambda b: sampler._Kernels(step, cfg, real.workspace))
+    step, cfg = _Counting(None), _Counting(None)
+
+    def counting(prepare, counter):
+        def make(*args, **kwargs):
+            launch = prepare(*args, **kwargs)
+
+            def counted(*a):
+                counter.calls += 1
+                return launch(*a)
+
+            return counted
+
+        return make
+
+    monkeypatch.setattr(ops, "prepare_affine_step", counting(ops.prepare_affine_step, step))
+    monkeypatch.setattr(ops, "prepare_cfg_rescale_factors", counting(ops.prepare_cfg_rescale_factors, cfg))
+    # the start pass reads the caller's noise through the unchecked entry
+    affine, ancestral, cfg_entry = engine._kernels(backend)
+    monkeypatch.setattr(engine, "_kernels", lambda b: (_Counting(affine, step), ancestral, cfg_entry))
     batch = 2
     use_cfg = options.get("guidance_scale", 1.0) != 1.0
     out = torch.randn(2 * batch if use_cfg else batch, 3, 4, 4)
@@ -53,8 +72,8 @@ def _profile_call(monkeypatch, num_steps, **options):
     step.calls = cfg.calls = 0
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         s(noise, **kw)
-    ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
-    return step.calls, cfg.calls, ops
+    ops_ = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    return step.calls, cfg.calls, ops_
 
 
 @pytest.mark.parametrize(
@@ -166,23 +185,23 @@ def test_guidance_values_per_call():
 
 
 def test_sample_reuses_one_sampler_per_denoiser_and_options_and_forgets_dead_denoisers():
-    sampler._samplers.clear()
+    engine._cache.clear()
     den = _precond()
     noise = torch.randn(2, 3, 4, 4)
     a = edmfast.sample(den, noise, num_steps=5, backend="cpu")
-    assert len(sampler._samplers) == 1
-    (s,) = sampler._samplers.values()
+    assert len(engine._cache) == 1
+    (s,) = engine._cache.values()
     b = edmfast.sample(den, noise, num_steps=5, backend="cpu")
-    assert torch.equal(a, b) and list(sampler._samplers.values()) == [s]
+    assert torch.equal(a, b) and list(engine._cache.values()) == [s]
     edmfast.sample(den, noise, num_steps=6, backend="cpu")
-    assert len(sampler._samplers) == 2
+    assert len(engine._cache) == 2
     del den, s
     gc.collect()
-    assert len(sampler._samplers) == 0  # held weakly: a model is never kept alive by the cache
+    assert len(engine._cache) == 0  # held weakly: a model is never kept alive by the cache
     den = _precond()
     edmfast.sample(den, noise, num_steps=5, backend="cpu")
-    sampler.clear_sample_cache()
-    assert len(sampler._samplers) == 0
+    engine.clear_sample_cache()
+    assert len(engine._cache) == 0
 
 
 # ----------------------------------------------------------------------------- clear errors
@@ -245,8 +264,12 @@ def test_smallest_accepted_alpha_meets_the_run_budget():
     den = _precond()
     noise = torch.randn(3, 3, 5, 7)
     for n in (12, 32):
-        out = edmfast.sample(den, noise, num_steps=n, solver="2nd", alpha=sampler.ALPHA_MIN, backend="cpu")
-        ref = reference.sample(den, noise.double(), num_steps=n, solver="2nd", alpha=sampler.ALPHA_MIN)
+        out = edmfast.sample(
+            den, noise, num_steps=n, solver="2nd", alpha=edmfast.sampler.ALPHA_MIN, backend="cpu"
+        )
+        ref = reference.sample(
+            den, noise.double(), num_steps=n, solver="2nd", alpha=edmfast.sampler.ALPHA_MIN
+        )
         assert rel_err(out, ref) < RUN_TOL
 
 

@@ -171,8 +171,8 @@ def test_ablation_plans_replay_in_one_graph(backend):
     eager loop and to reference.ablation_sample."""
     if backend not in _graph_backends():
         pytest.skip(f"{backend} unavailable")
-    from edmfast.plan import AblationOptions
     from edmfast.sampler import Sampler, ablation_sample
+    from edmfast.solvers import AblationOptions
 
     den = _den()
     noise = torch.randn(4, 3, 16, 16, device=DEV)

@@ -24,7 +24,7 @@ from edmfast import PerSampleGenerator, cli, reference
 from edmfast.data import ShapesDenoiser
 from edmfast.generate import _design, image_path, parse_seeds
 from edmfast.options import SamplerOptions
-from edmfast.plan import AblationOptions
+from edmfast.solvers import AblationOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 CDN = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"

@@ -1,5 +1,5 @@
-"""edmfast.plan: the vectorized plan equals a step-by-step float64 derivation, is cached, and refuses
-what the float32 kernels cannot represent."""
+"""edmfast.plan / edmfast.solvers: EDM's vectorized plan equals a step-by-step float64 derivation,
+plans are cached, and what the float32 kernels cannot represent is refused."""
 
 import math
 
@@ -8,6 +8,7 @@ import torch
 
 import edmfast
 from edmfast import plan as P
+from edmfast import solvers as S
 from edmfast.analytic import EDMNetworkOf, GaussianDenoiser
 from edmfast.layout import COEF_SIZE
 from edmfast.options import SamplerOptions, resolve_sigmas
@@ -15,7 +16,7 @@ from edmfast.options import SamplerOptions, resolve_sigmas
 
 def _slow_rows(den, sigmas, opts):
     """The old per-step derivation (one coefficients() call and one row per step, Python floats)."""
-    steps = P.plan_steps(den, sigmas, opts)
+    steps = S.plan_steps(den, sigmas, opts)
     n, a = len(steps), opts.effective_alpha
 
     def coefs(s):
@@ -91,11 +92,16 @@ def test_vectorized_plan_equals_the_step_by_step_derivation(kind, opts):
     den, sigmas = DENOISERS[kind]()
     o = SamplerOptions.create(**opts)
     sig = resolve_sigmas(den, sigmas, o)
-    plan = P.make_plan(den, sig, o)
+    plan = S.make_plan(den, sig, o)
     rows, sig_in, noise = _slow_rows(den, sig, o)
-    torch.testing.assert_close(plan.coef, rows.float(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(plan.sigma_in, sig_in.float(), rtol=1e-6, atol=0)
-    assert plan.noise_steps == tuple(noise) and plan.n == sig.numel() - 1
+    n = sig.numel() - 1
+    # the program's passes use rows 0 .. 2N (callback and hook rows follow)
+    torch.testing.assert_close(plan.coef[: 1 + 2 * n], rows.float(), rtol=1e-6, atol=0)
+    steps = S.plan_steps(den, sig, o)
+    evals = [v for i, st in enumerate(steps) for v in (sig_in[2 * i], sig_in[2 * i + 1])[: 1 + st.correct]]
+    torch.testing.assert_close(plan.eval_in, torch.stack(evals), rtol=1e-6, atol=0)
+    drawn = tuple(d.used for d in plan.draws) if plan.draws else (False,) * n
+    assert drawn == tuple(noise) and plan.n == n
 
 
 def test_one_coefficients_call_per_plan():
@@ -107,23 +113,39 @@ def test_one_coefficients_call_per_plan():
             return super().coefficients(sigma)
 
     den = Counting(EDMNetworkOf(GaussianDenoiser(0.0, 0.5)))
-    P.make_plan(den, edmfast.karras_sigmas(256), SamplerOptions.create(s_churn=30))
+    S.make_plan(den, edmfast.karras_sigmas(256), SamplerOptions.create(s_churn=30))
     assert Counting.calls == 1
 
 
 def test_plans_are_cached_by_schedule_values_and_options():
     den = GaussianDenoiser(0.0, 0.5)
+    s = edmfast.Sampler(den, num_steps=6)
+    a = s.plan()
+    assert s.plan() is a
+    sig = edmfast.karras_sigmas(5)
+    b = s.plan(sig)
+    assert s.plan(sig.clone()) is b and s.plan(sig.tolist()) is not a
+    sig[1] *= 0.5  # same tensor, new values: a new plan
+    c = s.plan(sig)
+    assert c is not b and dict(c.steps[1].info)["sigma"] == float(sig[1])
+    assert edmfast.Sampler(den, num_steps=7).plan().n == 7
+
+
+def test_plan_cache_is_a_bounded_lru():
     cache = P.PlanCache(size=2)
-    o = SamplerOptions.create(num_steps=6)
-    a = cache.get(den, None, o)
-    assert cache.get(den, None, o) is a
-    s = edmfast.karras_sigmas(5)
-    b = cache.get(den, s, o)
-    assert cache.get(den, s.clone(), o) is b and cache.get(den, s.tolist(), o) is not a
-    s[1] *= 0.5  # same tensor, new values: a new plan
-    c = cache.get(den, s, o)
-    assert c is not b and float(c.steps[1].sigma) == float(s[1])
-    assert cache.get(den, None, SamplerOptions.create(num_steps=7)).n == 7
+    made = []
+
+    def make(k):
+        made.append(k)
+        return k
+
+    assert cache.get("a", lambda: make("a")) == "a" and cache.get("a", lambda: make("x")) == "a"
+    cache.get("b", lambda: make("b"))
+    cache.get("a", lambda: make("x"))  # refreshes a
+    cache.get("c", lambda: make("c"))  # evicts b, the least recently used
+    assert len(cache) == 2 and cache.get("b", lambda: make("b2")) == "b2"
+    assert cache.get(None, lambda: make("n")) == "n" and len(cache) == 2  # None: never cached
+    assert made == ["a", "b", "c", "b2", "n"]
 
 
 def test_predicate_and_protocols():
@@ -162,3 +184,47 @@ def test_a_changed_denoiser_setting_is_not_served_a_stale_plan():
     got = edmfast.sample(den, noise, num_steps=4, backend="cpu")
     fresh = edmfast.EDMPrecond(EDMNetworkOf(GaussianDenoiser(0.0, 0.5)), sigma_data=0.7)
     assert torch.equal(got, edmfast.Sampler(fresh, num_steps=4, backend="cpu")(noise))
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpmpp_sde", "dpmpp_2m", "lms", "dpm_2"])
+def test_plan_memory_per_step_is_bounded(solver):
+    """The per-step bound `check_steps_fit` refuses with holds for every kind of step (peak host
+    memory of making the plan and its per-device views, tables included)."""
+    import gc
+    import tracemalloc
+
+    from edmfast.options import PLAN_BYTES_PER_STEP
+
+    den = edmfast.EDMPrecond(EDMNetworkOf(GaussianDenoiser(0.0, 0.5)))
+    n = 1500
+    churn = {"s_churn": 10.0} if solver in ("heun", "dpm_2") else {}
+    opts = SamplerOptions.create(num_steps=n, solver=solver, **churn)
+    sig = edmfast.karras_sigmas(n)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        plan = S.make_plan(den, sig, opts)
+        plan.rows_on(torch.device("cpu"))
+        plan.eval_rows_on(torch.device("cpu"), 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tables = plan.coef.numel() * 4 * 3 + plan.eval_in.numel() * 8 * 4  # tensor storage is not traced
+    assert (peak + tables) / n < PLAN_BYTES_PER_STEP
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: edmfast.sample(GaussianDenoiser(0.0, 0.5), torch.randn(1, 2), num_steps=10**8),
+        lambda: edmfast.ablation_sample(GaussianDenoiser(0.0, 0.5), torch.randn(1, 2), num_steps=10**8),
+        lambda: edmfast.sample_ancestral(
+            lambda x, t: x, torch.randn(1, 2), edmfast.ddpm_betas(1000), num_steps=10**8
+        ),
+    ],
+    ids=["sample", "ablation_sample", "sample_ancestral"],
+)
+def test_unbounded_num_steps_is_refused_before_allocating(call):
+    """10**8 steps would allocate until the OOM killer ends the process: refused at once, by name."""
+    with pytest.raises(ValueError, match=r"num_steps=100000000 needs about \d+\.\d GiB"):
+        call()

@@ -421,7 +421,7 @@ def test_callback_reports_each_step_and_changes_nothing(kd, solver):
     assert torch.equal(reference.sample(den, noise, sig, solver=solver, **kw, **extra), got)
 
 
-# ----------------------------------------------------------------------------- convergence (SPEC 1)
+# ----------------------------------------------------------------------------- convergence
 
 
 def _order(solver: str, ns: tuple[int, ...], **kw) -> float:

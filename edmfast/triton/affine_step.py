@@ -1,7 +1,7 @@
 """The generalized fused pass: ``out = a x + b F + sum_k c_k h_k + std eps``, ``out_net = c_net out``,
 ``hist_out = p x + q F``.
 
-One read of every operand and one write of every result per element (SPEC sections 3 and 8): the
+One read of every operand and one write of every result per element: the
 Euler point, the Heun / 2nd-order correction, the next step's churn, a multistep method's update
 with its history slots and the next network input are all instances of this kernel with different
 constexpr switches (one per present operand; a churn is a = 1 with noise only). See

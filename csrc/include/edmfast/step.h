@@ -1,6 +1,6 @@
 // Per-element math of the fused sampler pass, shared by the CUDA kernels and the CPU loops.
 //
-// Every sampler of the engine (SPEC section 8) is a plan of one affine pass kind: per element of
+// Every sampler of the engine is a plan of one affine pass kind: per element of
 // sample b, with the float32 coefficient row of the pass (edmfast/layout.py names the columns)
 //     out   = a x + b F + c0 h0 + c1 h1 + c2 h2 + c3 h3 + std eps     (next state, float32)
 //     net   = c_net out                                                (next network input)
