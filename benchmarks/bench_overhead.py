@@ -9,9 +9,15 @@ the part that also bounds a launch-bound GPU loop. For each denoiser (a plain on
 * ``k-diffusion``: the real ``k_diffusion.sampling.sample_heun`` (`peers.load_k_diffusion_sampling`)
   with the same denoiser as its model (a preconditioner's ``forward`` is the full D(x; sigma));
 * ``cold``: the first call of a fresh Sampler at N = 256 (plan + buffers + loop), and the plan
-  alone (`edmfast.plan.make_plan`).
+  alone (`edmfast.solvers.make_plan`).
 
-Medians of interleaved repeats; ratio = k-diffusion time / edmfast time (goal >= 2).
+Then every k-diffusion sampler the engine runs (``Sampler(plain, solver=NAME)`` against the real
+``sample_NAME`` on the same plain denoiser; the SDE samplers get the same Gaussian noise sampler on
+both sides, k-diffusion's Brownian tree would only slow its side), and the engine's own host time
+per fused pass with a zero-cost network (it returns a preallocated tensor).
+
+Medians of interleaved repeats; ratio = k-diffusion time / edmfast time (goals: >= 5 for Heun,
+>= 3 for every other sampler; <= 3 us of host time per fused pass).
 Run: ``python benchmarks/bench_overhead.py`` (writes benchmarks/results/<date>-<machine>-overhead.*).
 """
 
@@ -30,7 +36,7 @@ import edmfast  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import load_k_diffusion_sampling  # noqa: E402
 from edmfast.options import SamplerOptions, resolve_sigmas  # noqa: E402
-from edmfast.plan import make_plan  # noqa: E402
+from edmfast.solvers import make_plan  # noqa: E402
 
 SHAPE = (1, 3, 8, 8)
 
@@ -130,6 +136,7 @@ def run(quick: bool) -> dict:
                 ),
                 flush=True,
             )
+    solver_rows = solvers(kd, noise, quick)
     return {
         "benchmark": "bench_overhead",
         "date": common.today(),
@@ -139,7 +146,60 @@ def run(quick: bool) -> dict:
         "shape": list(SHAPE),
         "threads": torch.get_num_threads(),
         "rows": rows,
+        "solvers": solver_rows,
     }
+
+
+SOLVERS = (
+    "euler_ancestral", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m",
+    "dpmpp_2m_sde", "dpmpp_3m_sde",
+)  # fmt: skip
+
+
+def solvers(kd, noise: torch.Tensor, quick: bool) -> list[dict]:
+    """Every other sampler: a repeated Sampler call vs k-diffusion's function, and the engine's host
+    time per fused pass with a zero-cost network."""
+    rows = []
+    zero = torch.zeros(SHAPE)
+
+    def free(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return zero  # no torch op at all: what is timed is the engine
+
+    for name in SOLVERS:
+        for n in (18, 256):
+            sampler = edmfast.Sampler(plain, num_steps=n, solver=name, backend="cpu")
+            bare = edmfast.Sampler(free, num_steps=n, solver=name, backend="cpu")
+            sigmas = resolve_sigmas(plain, None, sampler.opts).float()
+            x = noise * sigmas[0]
+            fn = getattr(kd, f"sample_{name}")
+            kw = {"noise_sampler": lambda s, sn, x=x: torch.randn_like(x)} if name.endswith("_sde") else {}
+            repeats = (10 if n == 18 else 3) if quick else (100 if n == 18 else 15)
+            t = interleaved(
+                {
+                    "edmfast": lambda s=sampler: s(noise),
+                    "k-diffusion": lambda f=fn, s=sigmas, x=x, kw=kw: f(plain, x, s, disable=True, **kw),
+                    "engine": lambda s=bare: s(noise),
+                },
+                repeats,
+            )
+            ours, theirs = statistics.median(t["edmfast"]), statistics.median(t["k-diffusion"])
+            passes = len(bare.plan().passes)
+            row = {
+                "solver": name,
+                "num_steps": n,
+                "edmfast_ms": ours * 1e3,
+                "k_diffusion_ms": theirs * 1e3,
+                "ratio": theirs / ours,
+                "passes": passes,
+                "engine_us_per_pass": statistics.median(t["engine"]) / passes * 1e6,
+            }
+            rows.append(row)
+            print(
+                f"{name:>20} N={n:<4} edmfast {ours * 1e3:8.3f} ms  k-diffusion {theirs * 1e3:8.3f} ms  "
+                f"ratio {theirs / ours:5.2f}  engine {row['engine_us_per_pass']:5.2f} us/pass",
+                flush=True,
+            )
+    return rows
 
 
 def markdown(record: dict) -> str:
@@ -170,13 +230,28 @@ def markdown(record: dict) -> str:
             for r in record["rows"]
         ],
     )
+    solvers_table = common.md_table(
+        ["solver", "N", "edmfast ms", "k-diffusion ms", "ratio (goal >= 3)", "engine us / pass (goal <= 3)"],
+        [
+            [
+                r["solver"], r["num_steps"], common.fmt(r["edmfast_ms"]), common.fmt(r["k_diffusion_ms"]),
+                common.fmt(r["ratio"]), common.fmt(r["engine_us_per_pass"]),
+            ]
+            for r in record.get("solvers", [])
+        ],
+    )  # fmt: skip
     return (
         common.md_header("Host overhead: repeated Sampler call vs k-diffusion sample_heun", record)
         + f"Shape {record['shape']}, trivial network, {record['threads']} thread, medians of "
         "interleaved repeats; ratio = k-diffusion / edmfast, k-diffusion given the same denoiser as its "
         "model (a preconditioner's forward), and given the plain trivial denoiser (its cheapest "
         "possible model: the strictest ratio). First call = a fresh Sampler's first "
-        "call at N = 256 (plan + buffers + loop); plan = `make_plan` alone.\n\n" + table + "\n"
+        "call at N = 256 (plan + buffers + loop); plan = `make_plan` alone.\n\n"
+        + table
+        + "\n"
+        + "\n## Every other sampler (plain trivial denoiser)\n\nSampler(solver=NAME) vs k-diffusion's "
+        "sample_NAME, same denoiser (SDE samplers: the same Gaussian noise sampler on both sides); engine "
+        "= host time per fused pass with a zero-cost network.\n\n" + solvers_table + "\n"
     )
 
 
