@@ -6,7 +6,8 @@ configuration, cached on the pipe) and return what the stock pipeline returns, w
 rounding. Supported schedulers: `EulerDiscreteScheduler` (any spacing, Karras sigmas),
 `HeunDiscreteScheduler`, `DDIMScheduler` (eta = 0, no clipping / thresholding) and
 `EDMEulerScheduler`; anything else, or an option whose math edmfast does not reproduce, raises a
-ValueError naming it (never a silent switch to different math).
+ValueError naming it (never a silent switch to different math). `CONFIG_OPTIONS` lists every
+constructor option of each supported scheduler with the values edmfast reproduces.
 
 How the switch works: during a call the pipeline sees a scheduler shim with a single timestep
 and a UNet proxy. The pipeline encodes the prompt, prepares the latents (``noise *
@@ -40,8 +41,74 @@ from torch import nn
 from .precond import DiscreteVPDenoiser, EDMPrecond, _model_output
 from .sampler import Sampler
 
-SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "DDIMScheduler", "EDMEulerScheduler")
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+# Every constructor option of each supported scheduler (diffusers 0.42.1), with the values edmfast
+# reproduces: None means every value (the option reaches edmfast through the scheduler's own
+# alphas_cumprod, sigmas or config, or it is inert because the option it refines is refused).
+# Any other value raises a ValueError naming the option (`check_config`). An option missing here
+# (a newer diffusers) is accepted at its default only. To support a scheduler: add its row.
+_BETAS: dict[str, tuple[Any, ...] | None] = {
+    # alphas_cumprod is read from the scheduler, whatever made it
+    "num_train_timesteps": None,
+    "beta_start": None,
+    "beta_end": None,
+    "beta_schedule": None,
+    "trained_betas": None,
+}
+_SPACINGS = ("linspace", "leading", "trailing")
+CONFIG_OPTIONS: dict[str, dict[str, tuple[Any, ...] | None]] = {
+    "EulerDiscreteScheduler": {
+        **_BETAS,
+        "prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
+        "interpolation_type": ("linear",),
+        "use_karras_sigmas": None,
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "sigma_min": None,  # the Karras range (the other conversions are refused)
+        "sigma_max": None,
+        "timestep_spacing": _SPACINGS,
+        "timestep_type": ("discrete",),
+        "steps_offset": None,
+        "rescale_betas_zero_snr": None,
+        "final_sigmas_type": ("zero", "sigma_min"),
+    },
+    "HeunDiscreteScheduler": {
+        **_BETAS,
+        "prediction_type": ("epsilon", "v_prediction", "sample"),  # its step refuses "original_sample"
+        "use_karras_sigmas": None,
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "clip_sample": (False,),  # clamps x0 at each evaluation: not an affine pass
+        "clip_sample_range": None,  # inert without clip_sample
+        "timestep_spacing": _SPACINGS,
+        "steps_offset": None,
+    },
+    "DDIMScheduler": {
+        **_BETAS,
+        "clip_sample": (False,),
+        "set_alpha_to_one": None,
+        "steps_offset": None,
+        "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "thresholding": (False,),  # dynamic thresholding of x0: a per-sample quantile, not affine
+        "dynamic_thresholding_ratio": None,  # inert without thresholding
+        "clip_sample_range": None,  # inert without clip_sample
+        "sample_max_value": None,  # inert without thresholding
+        "timestep_spacing": _SPACINGS,
+        "rescale_betas_zero_snr": None,
+    },
+    "EDMEulerScheduler": {
+        "sigma_min": None,
+        "sigma_max": None,
+        "sigma_data": None,
+        "sigma_schedule": ("karras", "exponential"),
+        "num_train_timesteps": None,  # not used by its math
+        "prediction_type": ("epsilon", "v_prediction"),
+        "rho": None,
+        "final_sigmas_type": ("zero", "sigma_min"),
+    },
+}
+SCHEDULERS = tuple(CONFIG_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -75,10 +142,34 @@ def _name(scheduler: Any) -> str:
     return name
 
 
-def _refuse(name: str, cfg: Any, key: str, ok: Any) -> None:
-    value = cfg.get(key, ok)
-    if value != ok:
-        raise ValueError(f"{name} with {key}={value!r} is not supported by edmfast.diffusers (only {ok!r})")
+def _defaults(cls: type) -> dict[str, Any]:
+    """The constructor options of a scheduler class and their defaults."""
+    params = inspect.signature(cls).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def check_config(scheduler: Any) -> str:
+    """Refuse, by name, any option of ``scheduler``'s config whose value edmfast does not reproduce
+    (`CONFIG_OPTIONS`); returns the scheduler's class name."""
+    name = _name(scheduler)
+    table, cfg = CONFIG_OPTIONS[name], scheduler.config
+    for key, default in _defaults(type(scheduler)).items():
+        value = cfg.get(key, default)
+        ok = table[key] if key in table else (default,)  # an option this table does not know
+        if ok is not None and not any(_same(value, v) for v in ok):
+            raise ValueError(
+                f"{name} with {key}={value!r} is not supported by edmfast.diffusers "
+                f"(it reproduces {key} in {ok!r}; never a silent change of math)"
+            )
+    return name
+
+
+def _same(value: Any, ok: Any) -> bool:
+    """Whether ``value`` acts as ``ok`` does in diffusers, which tests flags by truthiness."""
+    try:
+        return bool(value) is ok if isinstance(ok, bool) else bool(value == ok)
+    except (TypeError, ValueError, RuntimeError):  # an array compared elementwise, say
+        return False
 
 
 def _train_sigmas(scheduler: Any) -> np.ndarray:
@@ -96,10 +187,8 @@ def _spaced(cfg: Any, n: int, integer: bool) -> np.ndarray:
         t = t.round()[::-1].astype(np.int64) if integer else t[::-1]
     elif spacing == "leading":
         t = (np.arange(0, n) * (T // n)).round()[::-1] + int(cfg.get("steps_offset", 0))
-    elif spacing == "trailing":
+    else:  # "trailing" (`check_config` admits no other spacing)
         t = np.round(np.arange(T, 0, -T / n)) - 1
-    else:
-        raise ValueError(f"timestep_spacing={spacing!r} is not supported")
     t = np.ascontiguousarray(t).astype(np.int64 if integer else np.float32).astype(np.float64)
     if len(t) != n or t.min() < 0 or t.max() > T - 1:
         raise ValueError(f"timestep_spacing={spacing!r} gives invalid timesteps for {n} of {T} steps")
@@ -123,7 +212,7 @@ def _karras(lo: float, hi: float, n: int, rho: float, ramp: np.ndarray | None = 
 
 def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
     """The exact schedule ``scheduler`` runs for ``num_inference_steps`` (see `Schedule`), in float64."""
-    name = _name(scheduler)
+    name = check_config(scheduler)
     if (
         isinstance(num_inference_steps, bool)
         or not isinstance(num_inference_steps, int)
@@ -136,14 +225,12 @@ def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
         ramp = np.linspace(0, 1, n)
         if cfg.sigma_schedule == "karras":
             s = _karras(lo, hi, n, rho, ramp)
-        elif cfg.sigma_schedule == "exponential":
+        else:  # "exponential"
             s = torch.linspace(math.log(lo), math.log(hi), n, dtype=torch.float64).exp().flip(0).numpy()
-        else:
-            raise ValueError(f"{name} with sigma_schedule={cfg.sigma_schedule!r} is not supported")
-        last = s[-1] if cfg.final_sigmas_type == "sigma_min" else 0.0
-        sig = np.append(s, last)
+        # "sigma_min" ends with a step from sigma_min to itself (dt = 0, the state unchanged)
+        sig = s.copy() if cfg.final_sigmas_type == "sigma_min" else np.append(s, 0.0)
         return Schedule(
-            torch.from_numpy(sig.copy()),
+            torch.from_numpy(sig),
             torch.from_numpy(0.25 * np.log(s)),
             math.sqrt(hi**2 + 1),
             1 / float(s[0]),
@@ -152,8 +239,6 @@ def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
         )
     train = _train_sigmas(scheduler)
     if name == "DDIMScheduler":
-        for key, ok in (("clip_sample", False), ("thresholding", False)):
-            _refuse(name, cfg, key, ok)
         t = _spaced(cfg, n, integer=True)
         s = train[t.astype(np.int64)]
         last = 0.0 if cfg.set_alpha_to_one else float(train[0])
@@ -170,12 +255,16 @@ def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
             "euler",
         )
     # EulerDiscrete / HeunDiscrete
-    _refuse(name, cfg, "interpolation_type", "linear")
-    _refuse(name, cfg, "timestep_type", "discrete")
-    _refuse(name, cfg, "use_exponential_sigmas", False)
-    _refuse(name, cfg, "use_beta_sigmas", False)
     if not np.isfinite(train).all():
         raise ValueError(f"{name} with alphas_cumprod ending in 0 (sigma = inf) is not supported")
+    if (np.diff(train) < 0).any():
+        # EulerDiscrete's zero-SNR stand-in abar_T = 2^-24 lies above abar_(T-2) for betas that
+        # near zero SNR early (its default linear ones): sigma falls at t = T - 1
+        why = " with rescale_betas_zero_snr=True" if cfg.get("rescale_betas_zero_snr", False) else ""
+        raise ValueError(
+            f"{name}{why}: sigma(t) falls somewhere in t for these betas (alphas_cumprod grows), "
+            "which edmfast.diffusers does not support"
+        )
     t = _spaced(cfg, n, integer=False)
     s = np.interp(t, np.arange(len(train)), train)
     if cfg.get("use_karras_sigmas", False):
@@ -242,13 +331,10 @@ class _UNetCall(nn.Module):
 
 def denoiser(unet: nn.Module, scheduler: Any) -> nn.Module:
     """The edmfast denoiser (preconditioner) that ``scheduler`` assumes for ``unet``."""
-    name = _name(scheduler)
+    name = check_config(scheduler)
     model = _UNetCall(unet)
     if name == "EDMEulerScheduler":
-        pred = scheduler.config.prediction_type
-        if pred not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{name} with prediction_type={pred!r} is not supported")
-        cls = EDMPrecond if pred == "epsilon" else _EDMVPrecond
+        cls = EDMPrecond if scheduler.config.prediction_type == "epsilon" else _EDMVPrecond
         return cls(model, sigma_data=float(scheduler.config.sigma_data))
     return DiscreteVPDenoiser.from_diffusers(model, scheduler)
 

@@ -188,6 +188,7 @@ SCHEDULERS = {
     "edm-euler-exp-v": lambda: diffusers.EDMEulerScheduler(
         sigma_schedule="exponential", prediction_type="v_prediction"
     ),
+    "edm-euler-sigma-min": lambda: diffusers.EDMEulerScheduler(final_sigmas_type="sigma_min"),
 }
 
 
@@ -343,6 +344,28 @@ def test_refusals(sd):
     # the pipe is usable again after a refused call, with its own scheduler and UNet
     assert isinstance(fast.scheduler, diffusers.DDIMScheduler)
     assert isinstance(fast.unet, diffusers.UNet2DConditionModel)
+
+
+def test_heun_clip_sample_is_refused(sd, sdxl):
+    """Heun's clip_sample clamps x0 at every evaluation, which edmfast does not: refused by name.
+    SDXL's constructor keeps the option; SD's resets it, but it can be set afterwards."""
+    kw = dict(prompt=PROMPT, num_inference_steps=3, output_type="latent", height=8, width=8)
+    heun = diffusers.HeunDiscreteScheduler(**SD_SCHED, clip_sample=True, clip_sample_range=0.5)
+    stock, fast = _copy(sdxl, heun)  # they share the scheduler
+    assert fast.scheduler.config.clip_sample
+    clipped = stock(generator=torch.Generator().manual_seed(7), **kw).images
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler with clip_sample=True is not supported"):
+        fast(generator=torch.Generator().manual_seed(7), **kw)
+    heun.register_to_config(clip_sample=False)
+    plain = stock(generator=torch.Generator().manual_seed(7), **kw).images
+    assert _rel(plain, clipped) > 0.1  # the option changes the result a lot
+    assert _rel(fast(generator=torch.Generator().manual_seed(7), **kw).images, plain) < TOL
+
+    stock, fast = _copy(sd, diffusers.HeunDiscreteScheduler(**SD_SCHED, clip_sample=True))
+    assert not fast.scheduler.config.clip_sample  # StableDiffusionPipeline.__init__ reset it
+    fast.scheduler.register_to_config(clip_sample=True)
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler with clip_sample=True is not supported"):
+        fast(**kw)
 
 
 def test_accelerate_is_idempotent(sd):
