@@ -9,11 +9,12 @@ rounding. Supported schedulers: `EulerDiscreteScheduler` (any spacing, Karras si
 ValueError naming it (never a silent switch to different math). `CONFIG_OPTIONS` lists every
 constructor option of each supported scheduler with the values edmfast reproduces.
 
-How the switch works: during a call the pipeline sees a scheduler shim with a single timestep
-and a UNet proxy. The pipeline encodes the prompt, prepares the latents (``noise *
-init_noise_sigma``), batches cond / uncond for classifier-free guidance and calls the proxy once;
-the proxy runs the whole edmfast loop on that input (guidance scale / rescale read from the pipe
-per call) and the shim's ``step`` returns the result, which the pipeline decodes as usual.
+How the switch works: during a call the pipeline (in the calling thread only) sees a scheduler
+shim with a single timestep and a UNet proxy. The pipeline encodes the prompt, prepares the
+latents (``noise * init_noise_sigma``), batches cond / uncond for classifier-free guidance and
+calls the proxy once; the proxy runs the whole edmfast loop on that input (guidance scale /
+rescale read from the pipe per call) and the shim's ``step`` returns the result, which the
+pipeline decodes as usual.
 
 One deliberate difference: `DDIMScheduler` steps from t to ``t - T // N`` whatever the spacing,
 so with "linspace" spacing, or "trailing" when N does not divide T (e.g. 30 of 1000 steps), it
@@ -30,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .ops import IO_DTYPES
 from .precond import DiscreteVPDenoiser, EDMPrecond, _model_output
 from .sampler import Sampler
 
@@ -457,7 +460,7 @@ class _UNetProxy:
             if isinstance(value, torch.Tensor) and value.shape[0] != rows:
                 raise ValueError(f"{key} has batch {value.shape[0]}, the UNet input {rows}")
         noise = sample[:batch].float() * sched.noise_scale
-        sampler = _sampler(pipe, self._unet, sched.solver)
+        sampler = _sampler(pipe, self._shim.real, self._unet, sched.solver)
         steps = _StepCallback(pipe, self._shim, sample.dtype) if self._shim.callback is not None else None
         if cfg:
             # the pipeline batches [uncond, cond]; a row keeps its own conditioning, as in diffusers
@@ -520,11 +523,40 @@ class _Output:
     sample: torch.Tensor
 
 
-def _sampler(pipe: Any, unet: nn.Module, solver: str) -> Sampler:
-    """One Sampler per (scheduler configuration, solver), cached on the pipe."""
-    real = pipe._edmfast_scheduler
-    key = (type(real).__name__, repr(sorted(dict(real.config).items())), id(unet), solver)
-    cache: dict = pipe.__dict__.setdefault("_edmfast_samplers", {})
+class _PipeState:
+    """edmfast's state on an accelerated pipe: its cached Samplers and the guard that runs its calls
+    one at a time. A copy of the pipe (``copy.deepcopy``, pickling) starts with a fresh one: the
+    Samplers hold the original's UNet (and locks, which do not copy)."""
+
+    def __init__(self) -> None:
+        self.samplers: dict[tuple, Sampler] = {}
+        self.lock = threading.Lock()
+        self.owner: int | None = None  # the thread running a call
+
+    def __deepcopy__(self, memo: dict) -> _PipeState:
+        return _PipeState()
+
+    def __reduce__(self) -> tuple:
+        return (_PipeState, ())
+
+
+def _state(pipe: Any) -> _PipeState:
+    state = pipe.__dict__.get("_edmfast")
+    if state is None:  # dict.setdefault is atomic: two first calls get one state
+        state = pipe.__dict__.setdefault("_edmfast", _PipeState())
+    return state
+
+
+def _sampler(pipe: Any, real: Any, unet: nn.Module, solver: str) -> Sampler:
+    """One Sampler per (scheduler configuration, UNet, its dtype and device, solver), cached on the
+    pipe: ``pipe.to(dtype / device)`` changes the UNet in place, and the Sampler's denoiser casts
+    the network input to the dtype it was built for."""
+    dtype, device = getattr(unet, "dtype", None), getattr(unet, "device", None)
+    if dtype not in IO_DTYPES:
+        names = ", ".join(map(str, IO_DTYPES))
+        raise TypeError(f"accelerated pipelines run the UNet in {names}; this pipe's UNet is {dtype}")
+    key = (type(real).__name__, repr(sorted(dict(real.config).items())), id(unet), dtype, device, solver)
+    cache = _state(pipe).samplers
     if key not in cache:
         if len(cache) >= 8:
             cache.pop(next(iter(cache)))
@@ -542,10 +574,48 @@ _CALL_OPTIONS = {
 }
 
 
+_CALLS = threading.local()  # .active: id(pipe) -> (scheduler shim, UNet proxy) of this thread's call
+
+
+def _component(name: str, index: int) -> property:
+    """``pipe.scheduler`` / ``pipe.unet`` of an accelerated pipe: the running call's shim / proxy in
+    the thread running it, the pipe's own component everywhere else."""
+
+    def get(self: Any) -> Any:
+        call = getattr(_CALLS, "active", {}).get(id(self))
+        if call is not None:
+            return call[index]
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def set_(self: Any, value: Any) -> None:
+        self.__dict__[name] = value
+
+    return property(get, set_)
+
+
 def _accelerated_call(self: Any, base: type, *args: Any, **kwargs: Any) -> Any:
-    real = self.scheduler
-    if isinstance(real, _SchedulerShim):
-        raise RuntimeError("an accelerated pipeline cannot be called from inside its own call")
+    state = _state(self)
+    me = threading.get_ident()
+    if state.owner == me:
+        raise RuntimeError(
+            "an accelerated pipeline cannot be called from inside its own call (from its "
+            "callback_on_step_end, say); use another pipe (copy.deepcopy(pipe)) for a nested call"
+        )
+    # One call at a time (a call from another thread waits): the stock __call__ keeps per-call
+    # values on the pipe (guidance scale, ...) and sets the real scheduler's timesteps.
+    with state.lock:
+        state.owner = me
+        try:
+            return _run_call(self, base, args, kwargs)
+        finally:
+            state.owner = None
+
+
+def _run_call(self: Any, base: type, args: tuple, kwargs: dict) -> Any:
+    real, unet = self.__dict__["scheduler"], self.__dict__["unet"]
     _name(real)
     # positional arguments by name, so that every option is checked whichever way it came
     params = inspect.signature(base.__call__).parameters
@@ -578,18 +648,14 @@ def _accelerated_call(self: Any, base: type, *args: Any, **kwargs: Any) -> Any:
             raise ValueError(
                 "callback_on_step_end with HeunDiscreteScheduler is not supported by an accelerated pipeline"
             )
-    unet = self.unet
     shim = _SchedulerShim(real)
     shim.callback = callback
-    self.__dict__["_edmfast_scheduler"] = real
-    self.__dict__["scheduler"] = shim
-    self.__dict__["unet"] = _UNetProxy(self, unet, shim)
+    active = _CALLS.__dict__.setdefault("active", {})
+    active[id(self)] = (shim, _UNetProxy(self, unet, shim))
     try:
         return base.__call__(self, **kwargs)
     finally:
-        self.__dict__["scheduler"] = real
-        self.__dict__["unet"] = unet
-        self.__dict__.pop("_edmfast_scheduler", None)
+        del active[id(self)]
 
 
 def accelerate(pipe: Any) -> Any:
@@ -603,6 +669,14 @@ def accelerate(pipe: Any) -> Any:
     replace the latents; not with Heun). Unsupported schedulers, scheduler options and call
     options (custom timesteps / sigmas, DDIM eta != 0, denoising_end, the deprecated ``callback``,
     a UNet with ``time_cond_proj_dim``) raise ValueError naming them.
+
+    The cached Samplers follow ``pipe.to(dtype / device)`` (one per UNet dtype and device; the
+    UNet must be float32, float16 or bfloat16). ``copy.deepcopy(pipe)`` is accelerated too, with
+    its own components and cache. Calls from several threads run one at a time (a second waits:
+    the stock ``__call__`` keeps per-call values such as the guidance scale on the pipe, and sets
+    the scheduler's timesteps); during a call, only the calling thread sees the shim scheduler /
+    UNet proxy. Calling the pipe from inside its own call (from ``callback_on_step_end``) raises
+    RuntimeError.
     """
     import diffusers
 
@@ -617,6 +691,12 @@ def accelerate(pipe: Any) -> Any:
         return _accelerated_call(self, base, *args, **kwargs)
 
     functools.update_wrapper(__call__, base.__call__)  # the stock signature and docstring
-    attrs = {"__call__": __call__, "_edmfast_accelerated": True, "__module__": base.__module__}
+    attrs = {
+        "__call__": __call__,
+        "_edmfast_accelerated": True,
+        "__module__": base.__module__,
+        "scheduler": _component("scheduler", 0),
+        "unet": _component("unet", 1),
+    }
     pipe.__class__ = type(base.__name__, (base,), attrs)
     return pipe
