@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from edmfast import ops, reference  # noqa: E402
+from tests.peer_guard import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401
 
 _SEED = os.environ.get("EDMFAST_TEST_SEED", "0")
 BASE_SEED = random.randrange(2**31) if _SEED == "random" else int(_SEED)
