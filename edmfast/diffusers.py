@@ -345,6 +345,9 @@ def denoiser(unet: nn.Module, scheduler: Any) -> nn.Module:
 # ----------------------------------------------------------------------------- pipelines
 
 
+_SET_TIMESTEPS = threading.Lock()
+
+
 class _SchedulerShim:
     """What the pipeline sees as its scheduler during an accelerated call: one timestep; the
     latents the pipeline prepares are the real scheduler's; ``step`` hands back edmfast's result."""
@@ -355,6 +358,7 @@ class _SchedulerShim:
         self.real = real
         self.result: torch.Tensor | None = None
         self.schedule: Schedule | None = None
+        self.announced: torch.Tensor | None = None  # the scheduler's timesteps for this call
         self.callback: Any = None
 
     def __getattr__(self, name: str) -> Any:
@@ -372,10 +376,14 @@ class _SchedulerShim:
         if kw or num_inference_steps is None:
             raise ValueError(f"accelerated pipelines take num_inference_steps only, not {sorted(kw)}")
         sched = schedule(self.real, num_inference_steps)
-        self.real.set_timesteps(num_inference_steps, device=device)
-        _check_against(self.real, sched)
+        # the pipes of several threads may share one scheduler: set, check and keep its timesteps
+        # at once (a callback later reports this call's own)
+        with _SET_TIMESTEPS:
+            self.real.set_timesteps(num_inference_steps, device=device)
+            _check_against(self.real, sched)
+            self.announced = self.real.timesteps.clone()
         self.schedule = sched
-        self.timesteps = self.real.timesteps[:1]
+        self.timesteps = self.announced[:1]
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         pass
@@ -509,8 +517,7 @@ class _StepCallback:
 
     def deliver(self, i: int, x: torch.Tensor) -> None:
         latents = x.to(self.dtype)
-        t = self.shim.schedule.timesteps[i] if self.shim.schedule is not None else i
-        t = self.shim.real.timesteps[i] if type(self.shim.real).__name__ != "HeunDiscreteScheduler" else t
+        t = self.shim.announced[i] if self.shim.announced is not None else i
         out = self.shim.callback(self.pipe, i, t, {"latents": latents})
         if isinstance(out, dict) and out.get("latents", latents) is not latents:
             raise ValueError(

@@ -532,6 +532,41 @@ def test_calls_from_two_threads_run_one_at_a_time(sd):
     assert seen == {"own": "_UNetProxy", "other": "UNet2DConditionModel"}
 
 
+def test_pipes_sharing_a_scheduler_in_two_threads(sd):
+    """Two accelerated pipes with one scheduler object, called at once: each call keeps the
+    timesteps it set (its callback reports them) and gets its own result."""
+    sched = SCHEDULERS["ddim-sd"]()
+    _, one = _copy(sd, sched)
+    _, two = _copy(sd, sched)
+    assert one.scheduler is two.scheduler
+    jobs = {"one": (one, dict(num_inference_steps=2)), "two": (two, dict(num_inference_steps=5))}
+
+    def call(pipe, kw):
+        ts: list[float] = []
+        out = _seeded(pipe, callback_on_step_end=lambda p, i, t, d: ts.append(float(t)) or {}, **kw)
+        return out, ts
+
+    want = {name: call(pipe, kw) for name, (pipe, kw) in jobs.items()}
+    got: dict = {name: [] for name in jobs}
+
+    def run(name):
+        try:
+            for _ in range(3):
+                got[name].append(call(*jobs[name]))
+        except BaseException as e:  # reported below, in the test's thread
+            got[name].append(e)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for name in jobs:
+        assert len(got[name]) == 3, got[name]
+        for out, ts in got[name]:
+            assert ts == want[name][1] and torch.equal(out, want[name][0]), name
+
+
 def test_reentrant_call_is_refused_and_the_pipe_recovers(sd):
     _, fast = _copy(sd, SCHEDULERS["euler-leading-offset"]())
 
