@@ -29,8 +29,20 @@ import edmfast.diffusers as edd
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
 
 SHAPE = (2, 3, 8, 8)
+
+
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}  # Stable Diffusion's scaled_linear schedule
 TOL = 1e-5  # relative L2: float32 UNet and float32 state on both sides; observed 1e-7 .. 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these networks are tiny, and on a loaded 2-core machine a second
+    spinning OpenMP thread made these tests 3x slower (11 s vs 37 s for the Heun cases)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
