@@ -6,13 +6,15 @@ configuration, cached on the pipe) and return what the stock pipeline returns, w
 rounding. Supported schedulers: `EulerDiscreteScheduler` (any spacing, Karras sigmas),
 `HeunDiscreteScheduler`, `DDIMScheduler` (eta = 0, no clipping / thresholding) and
 `EDMEulerScheduler`; anything else, or an option whose math edmfast does not reproduce, raises a
-ValueError naming it (never a silent switch to different math).
+ValueError naming it (never a silent switch to different math). `CONFIG_OPTIONS` lists every
+constructor option of each supported scheduler with the values edmfast reproduces.
 
-How the switch works: during a call the pipeline sees a scheduler shim with a single timestep
-and a UNet proxy. The pipeline encodes the prompt, prepares the latents (``noise *
-init_noise_sigma``), batches cond / uncond for classifier-free guidance and calls the proxy once;
-the proxy runs the whole edmfast loop on that input (guidance scale / rescale read from the pipe
-per call) and the shim's ``step`` returns the result, which the pipeline decodes as usual.
+How the switch works: during a call the pipeline (in the calling thread only) sees a scheduler
+shim with a single timestep and a UNet proxy. The pipeline encodes the prompt, prepares the
+latents (``noise * init_noise_sigma``), batches cond / uncond for classifier-free guidance and
+calls the proxy once; the proxy runs the whole edmfast loop on that input (guidance scale /
+rescale read from the pipe per call) and the shim's ``step`` returns the result, which the
+pipeline decodes as usual.
 
 One deliberate difference: `DDIMScheduler` steps from t to ``t - T // N`` whatever the spacing,
 so with "linspace" spacing, or "trailing" when N does not divide T (e.g. 30 of 1000 steps), it
@@ -29,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +40,78 @@ import numpy as np
 import torch
 from torch import nn
 
+from .ops import IO_DTYPES
 from .precond import DiscreteVPDenoiser, EDMPrecond, _model_output
 from .sampler import Sampler
 
-SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "DDIMScheduler", "EDMEulerScheduler")
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+# Every constructor option of each supported scheduler (diffusers 0.42.1), with the values edmfast
+# reproduces: None means every value (the option reaches edmfast through the scheduler's own
+# alphas_cumprod, sigmas or config, or it is inert because the option it refines is refused).
+# Any other value raises a ValueError naming the option (`check_config`). An option missing here
+# (a newer diffusers) is accepted at its default only. To support a scheduler: add its row.
+_BETAS: dict[str, tuple[Any, ...] | None] = {
+    # alphas_cumprod is read from the scheduler, whatever made it
+    "num_train_timesteps": None,
+    "beta_start": None,
+    "beta_end": None,
+    "beta_schedule": None,
+    "trained_betas": None,
+}
+_SPACINGS = ("linspace", "leading", "trailing")
+CONFIG_OPTIONS: dict[str, dict[str, tuple[Any, ...] | None]] = {
+    "EulerDiscreteScheduler": {
+        **_BETAS,
+        "prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
+        "interpolation_type": ("linear",),
+        "use_karras_sigmas": None,
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "sigma_min": None,  # the Karras range (the other conversions are refused)
+        "sigma_max": None,
+        "timestep_spacing": _SPACINGS,
+        "timestep_type": ("discrete",),
+        "steps_offset": None,
+        "rescale_betas_zero_snr": None,
+        "final_sigmas_type": ("zero", "sigma_min"),
+    },
+    "HeunDiscreteScheduler": {
+        **_BETAS,
+        "prediction_type": ("epsilon", "v_prediction", "sample"),  # its step refuses "original_sample"
+        "use_karras_sigmas": None,
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "clip_sample": (False,),  # clamps x0 at each evaluation: not an affine pass
+        "clip_sample_range": None,  # inert without clip_sample
+        "timestep_spacing": _SPACINGS,
+        "steps_offset": None,
+    },
+    "DDIMScheduler": {
+        **_BETAS,
+        "clip_sample": (False,),
+        "set_alpha_to_one": None,
+        "steps_offset": None,
+        "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "thresholding": (False,),  # dynamic thresholding of x0: a per-sample quantile, not affine
+        "dynamic_thresholding_ratio": None,  # inert without thresholding
+        "clip_sample_range": None,  # inert without clip_sample
+        "sample_max_value": None,  # inert without thresholding
+        "timestep_spacing": _SPACINGS,
+        "rescale_betas_zero_snr": None,
+    },
+    "EDMEulerScheduler": {
+        "sigma_min": None,
+        "sigma_max": None,
+        "sigma_data": None,
+        "sigma_schedule": ("karras", "exponential"),
+        "num_train_timesteps": None,  # not used by its math
+        "prediction_type": ("epsilon", "v_prediction"),
+        "rho": None,
+        "final_sigmas_type": ("zero", "sigma_min"),
+    },
+}
+SCHEDULERS = tuple(CONFIG_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -75,10 +145,34 @@ def _name(scheduler: Any) -> str:
     return name
 
 
-def _refuse(name: str, cfg: Any, key: str, ok: Any) -> None:
-    value = cfg.get(key, ok)
-    if value != ok:
-        raise ValueError(f"{name} with {key}={value!r} is not supported by edmfast.diffusers (only {ok!r})")
+def _defaults(cls: type) -> dict[str, Any]:
+    """The constructor options of a scheduler class and their defaults."""
+    params = inspect.signature(cls).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def check_config(scheduler: Any) -> str:
+    """Refuse, by name, any option of ``scheduler``'s config whose value edmfast does not reproduce
+    (`CONFIG_OPTIONS`); returns the scheduler's class name."""
+    name = _name(scheduler)
+    table, cfg = CONFIG_OPTIONS[name], scheduler.config
+    for key, default in _defaults(type(scheduler)).items():
+        value = cfg.get(key, default)
+        ok = table[key] if key in table else (default,)  # an option this table does not know
+        if ok is not None and not any(_same(value, v) for v in ok):
+            raise ValueError(
+                f"{name} with {key}={value!r} is not supported by edmfast.diffusers "
+                f"(it reproduces {key} in {ok!r}; never a silent change of math)"
+            )
+    return name
+
+
+def _same(value: Any, ok: Any) -> bool:
+    """Whether ``value`` acts as ``ok`` does in diffusers, which tests flags by truthiness."""
+    try:
+        return bool(value) is ok if isinstance(ok, bool) else bool(value == ok)
+    except (TypeError, ValueError, RuntimeError):  # an array compared elementwise, say
+        return False
 
 
 def _train_sigmas(scheduler: Any) -> np.ndarray:
@@ -96,10 +190,8 @@ def _spaced(cfg: Any, n: int, integer: bool) -> np.ndarray:
         t = t.round()[::-1].astype(np.int64) if integer else t[::-1]
     elif spacing == "leading":
         t = (np.arange(0, n) * (T // n)).round()[::-1] + int(cfg.get("steps_offset", 0))
-    elif spacing == "trailing":
+    else:  # "trailing" (`check_config` admits no other spacing)
         t = np.round(np.arange(T, 0, -T / n)) - 1
-    else:
-        raise ValueError(f"timestep_spacing={spacing!r} is not supported")
     t = np.ascontiguousarray(t).astype(np.int64 if integer else np.float32).astype(np.float64)
     if len(t) != n or t.min() < 0 or t.max() > T - 1:
         raise ValueError(f"timestep_spacing={spacing!r} gives invalid timesteps for {n} of {T} steps")
@@ -123,7 +215,7 @@ def _karras(lo: float, hi: float, n: int, rho: float, ramp: np.ndarray | None = 
 
 def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
     """The exact schedule ``scheduler`` runs for ``num_inference_steps`` (see `Schedule`), in float64."""
-    name = _name(scheduler)
+    name = check_config(scheduler)
     if (
         isinstance(num_inference_steps, bool)
         or not isinstance(num_inference_steps, int)
@@ -136,14 +228,12 @@ def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
         ramp = np.linspace(0, 1, n)
         if cfg.sigma_schedule == "karras":
             s = _karras(lo, hi, n, rho, ramp)
-        elif cfg.sigma_schedule == "exponential":
+        else:  # "exponential"
             s = torch.linspace(math.log(lo), math.log(hi), n, dtype=torch.float64).exp().flip(0).numpy()
-        else:
-            raise ValueError(f"{name} with sigma_schedule={cfg.sigma_schedule!r} is not supported")
-        last = s[-1] if cfg.final_sigmas_type == "sigma_min" else 0.0
-        sig = np.append(s, last)
+        # "sigma_min" ends with a step from sigma_min to itself (dt = 0, the state unchanged)
+        sig = s.copy() if cfg.final_sigmas_type == "sigma_min" else np.append(s, 0.0)
         return Schedule(
-            torch.from_numpy(sig.copy()),
+            torch.from_numpy(sig),
             torch.from_numpy(0.25 * np.log(s)),
             math.sqrt(hi**2 + 1),
             1 / float(s[0]),
@@ -152,8 +242,6 @@ def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
         )
     train = _train_sigmas(scheduler)
     if name == "DDIMScheduler":
-        for key, ok in (("clip_sample", False), ("thresholding", False)):
-            _refuse(name, cfg, key, ok)
         t = _spaced(cfg, n, integer=True)
         s = train[t.astype(np.int64)]
         last = 0.0 if cfg.set_alpha_to_one else float(train[0])
@@ -170,12 +258,16 @@ def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
             "euler",
         )
     # EulerDiscrete / HeunDiscrete
-    _refuse(name, cfg, "interpolation_type", "linear")
-    _refuse(name, cfg, "timestep_type", "discrete")
-    _refuse(name, cfg, "use_exponential_sigmas", False)
-    _refuse(name, cfg, "use_beta_sigmas", False)
     if not np.isfinite(train).all():
         raise ValueError(f"{name} with alphas_cumprod ending in 0 (sigma = inf) is not supported")
+    if (np.diff(train) < 0).any():
+        # EulerDiscrete's zero-SNR stand-in abar_T = 2^-24 lies above abar_(T-2) for betas that
+        # near zero SNR early (its default linear ones): sigma falls at t = T - 1
+        why = " with rescale_betas_zero_snr=True" if cfg.get("rescale_betas_zero_snr", False) else ""
+        raise ValueError(
+            f"{name}{why}: sigma(t) falls somewhere in t for these betas (alphas_cumprod grows), "
+            "which edmfast.diffusers does not support"
+        )
     t = _spaced(cfg, n, integer=False)
     s = np.interp(t, np.arange(len(train)), train)
     if cfg.get("use_karras_sigmas", False):
@@ -242,18 +334,18 @@ class _UNetCall(nn.Module):
 
 def denoiser(unet: nn.Module, scheduler: Any) -> nn.Module:
     """The edmfast denoiser (preconditioner) that ``scheduler`` assumes for ``unet``."""
-    name = _name(scheduler)
+    name = check_config(scheduler)
     model = _UNetCall(unet)
     if name == "EDMEulerScheduler":
-        pred = scheduler.config.prediction_type
-        if pred not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{name} with prediction_type={pred!r} is not supported")
-        cls = EDMPrecond if pred == "epsilon" else _EDMVPrecond
+        cls = EDMPrecond if scheduler.config.prediction_type == "epsilon" else _EDMVPrecond
         return cls(model, sigma_data=float(scheduler.config.sigma_data))
     return DiscreteVPDenoiser.from_diffusers(model, scheduler)
 
 
 # ----------------------------------------------------------------------------- pipelines
+
+
+_SET_TIMESTEPS = threading.Lock()
 
 
 class _SchedulerShim:
@@ -266,6 +358,7 @@ class _SchedulerShim:
         self.real = real
         self.result: torch.Tensor | None = None
         self.schedule: Schedule | None = None
+        self.announced: torch.Tensor | None = None  # the scheduler's timesteps for this call
         self.callback: Any = None
 
     def __getattr__(self, name: str) -> Any:
@@ -283,10 +376,14 @@ class _SchedulerShim:
         if kw or num_inference_steps is None:
             raise ValueError(f"accelerated pipelines take num_inference_steps only, not {sorted(kw)}")
         sched = schedule(self.real, num_inference_steps)
-        self.real.set_timesteps(num_inference_steps, device=device)
-        _check_against(self.real, sched)
+        # the pipes of several threads may share one scheduler: set, check and keep its timesteps
+        # at once (a callback later reports this call's own)
+        with _SET_TIMESTEPS:
+            self.real.set_timesteps(num_inference_steps, device=device)
+            _check_against(self.real, sched)
+            self.announced = self.real.timesteps.clone()
         self.schedule = sched
-        self.timesteps = self.real.timesteps[:1]
+        self.timesteps = self.announced[:1]
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         pass
@@ -371,7 +468,7 @@ class _UNetProxy:
             if isinstance(value, torch.Tensor) and value.shape[0] != rows:
                 raise ValueError(f"{key} has batch {value.shape[0]}, the UNet input {rows}")
         noise = sample[:batch].float() * sched.noise_scale
-        sampler = _sampler(pipe, self._unet, sched.solver)
+        sampler = _sampler(pipe, self._shim.real, self._unet, sched.solver)
         steps = _StepCallback(pipe, self._shim, sample.dtype) if self._shim.callback is not None else None
         if cfg:
             # the pipeline batches [uncond, cond]; a row keeps its own conditioning, as in diffusers
@@ -420,8 +517,7 @@ class _StepCallback:
 
     def deliver(self, i: int, x: torch.Tensor) -> None:
         latents = x.to(self.dtype)
-        t = self.shim.schedule.timesteps[i] if self.shim.schedule is not None else i
-        t = self.shim.real.timesteps[i] if type(self.shim.real).__name__ != "HeunDiscreteScheduler" else t
+        t = self.shim.announced[i] if self.shim.announced is not None else i
         out = self.shim.callback(self.pipe, i, t, {"latents": latents})
         if isinstance(out, dict) and out.get("latents", latents) is not latents:
             raise ValueError(
@@ -434,11 +530,40 @@ class _Output:
     sample: torch.Tensor
 
 
-def _sampler(pipe: Any, unet: nn.Module, solver: str) -> Sampler:
-    """One Sampler per (scheduler configuration, solver), cached on the pipe."""
-    real = pipe._edmfast_scheduler
-    key = (type(real).__name__, repr(sorted(dict(real.config).items())), id(unet), solver)
-    cache: dict = pipe.__dict__.setdefault("_edmfast_samplers", {})
+class _PipeState:
+    """edmfast's state on an accelerated pipe: its cached Samplers and the guard that runs its calls
+    one at a time. A copy of the pipe (``copy.deepcopy``, pickling) starts with a fresh one: the
+    Samplers hold the original's UNet (and locks, which do not copy)."""
+
+    def __init__(self) -> None:
+        self.samplers: dict[tuple, Sampler] = {}
+        self.lock = threading.Lock()
+        self.owner: int | None = None  # the thread running a call
+
+    def __deepcopy__(self, memo: dict) -> _PipeState:
+        return _PipeState()
+
+    def __reduce__(self) -> tuple:
+        return (_PipeState, ())
+
+
+def _state(pipe: Any) -> _PipeState:
+    state = pipe.__dict__.get("_edmfast")
+    if state is None:  # dict.setdefault is atomic: two first calls get one state
+        state = pipe.__dict__.setdefault("_edmfast", _PipeState())
+    return state
+
+
+def _sampler(pipe: Any, real: Any, unet: nn.Module, solver: str) -> Sampler:
+    """One Sampler per (scheduler configuration, UNet, its dtype and device, solver), cached on the
+    pipe: ``pipe.to(dtype / device)`` changes the UNet in place, and the Sampler's denoiser casts
+    the network input to the dtype it was built for."""
+    dtype, device = getattr(unet, "dtype", None), getattr(unet, "device", None)
+    if dtype not in IO_DTYPES:
+        names = ", ".join(map(str, IO_DTYPES))
+        raise TypeError(f"accelerated pipelines run the UNet in {names}; this pipe's UNet is {dtype}")
+    key = (type(real).__name__, repr(sorted(dict(real.config).items())), id(unet), dtype, device, solver)
+    cache = _state(pipe).samplers
     if key not in cache:
         if len(cache) >= 8:
             cache.pop(next(iter(cache)))
@@ -456,10 +581,48 @@ _CALL_OPTIONS = {
 }
 
 
+_CALLS = threading.local()  # .active: id(pipe) -> (scheduler shim, UNet proxy) of this thread's call
+
+
+def _component(name: str, index: int) -> property:
+    """``pipe.scheduler`` / ``pipe.unet`` of an accelerated pipe: the running call's shim / proxy in
+    the thread running it, the pipe's own component everywhere else."""
+
+    def get(self: Any) -> Any:
+        call = getattr(_CALLS, "active", {}).get(id(self))
+        if call is not None:
+            return call[index]
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def set_(self: Any, value: Any) -> None:
+        self.__dict__[name] = value
+
+    return property(get, set_)
+
+
 def _accelerated_call(self: Any, base: type, *args: Any, **kwargs: Any) -> Any:
-    real = self.scheduler
-    if isinstance(real, _SchedulerShim):
-        raise RuntimeError("an accelerated pipeline cannot be called from inside its own call")
+    state = _state(self)
+    me = threading.get_ident()
+    if state.owner == me:
+        raise RuntimeError(
+            "an accelerated pipeline cannot be called from inside its own call (from its "
+            "callback_on_step_end, say); use another pipe (copy.deepcopy(pipe)) for a nested call"
+        )
+    # One call at a time (a call from another thread waits): the stock __call__ keeps per-call
+    # values on the pipe (guidance scale, ...) and sets the real scheduler's timesteps.
+    with state.lock:
+        state.owner = me
+        try:
+            return _run_call(self, base, args, kwargs)
+        finally:
+            state.owner = None
+
+
+def _run_call(self: Any, base: type, args: tuple, kwargs: dict) -> Any:
+    real, unet = self.__dict__["scheduler"], self.__dict__["unet"]
     _name(real)
     # positional arguments by name, so that every option is checked whichever way it came
     params = inspect.signature(base.__call__).parameters
@@ -492,18 +655,14 @@ def _accelerated_call(self: Any, base: type, *args: Any, **kwargs: Any) -> Any:
             raise ValueError(
                 "callback_on_step_end with HeunDiscreteScheduler is not supported by an accelerated pipeline"
             )
-    unet = self.unet
     shim = _SchedulerShim(real)
     shim.callback = callback
-    self.__dict__["_edmfast_scheduler"] = real
-    self.__dict__["scheduler"] = shim
-    self.__dict__["unet"] = _UNetProxy(self, unet, shim)
+    active = _CALLS.__dict__.setdefault("active", {})
+    active[id(self)] = (shim, _UNetProxy(self, unet, shim))
     try:
         return base.__call__(self, **kwargs)
     finally:
-        self.__dict__["scheduler"] = real
-        self.__dict__["unet"] = unet
-        self.__dict__.pop("_edmfast_scheduler", None)
+        del active[id(self)]
 
 
 def accelerate(pipe: Any) -> Any:
@@ -517,6 +676,14 @@ def accelerate(pipe: Any) -> Any:
     replace the latents; not with Heun). Unsupported schedulers, scheduler options and call
     options (custom timesteps / sigmas, DDIM eta != 0, denoising_end, the deprecated ``callback``,
     a UNet with ``time_cond_proj_dim``) raise ValueError naming them.
+
+    The cached Samplers follow ``pipe.to(dtype / device)`` (one per UNet dtype and device; the
+    UNet must be float32, float16 or bfloat16). ``copy.deepcopy(pipe)`` is accelerated too, with
+    its own components and cache. Calls from several threads run one at a time (a second waits:
+    the stock ``__call__`` keeps per-call values such as the guidance scale on the pipe, and sets
+    the scheduler's timesteps); during a call, only the calling thread sees the shim scheduler /
+    UNet proxy. Calling the pipe from inside its own call (from ``callback_on_step_end``) raises
+    RuntimeError.
     """
     import diffusers
 
@@ -531,6 +698,12 @@ def accelerate(pipe: Any) -> Any:
         return _accelerated_call(self, base, *args, **kwargs)
 
     functools.update_wrapper(__call__, base.__call__)  # the stock signature and docstring
-    attrs = {"__call__": __call__, "_edmfast_accelerated": True, "__module__": base.__module__}
+    attrs = {
+        "__call__": __call__,
+        "_edmfast_accelerated": True,
+        "__module__": base.__module__,
+        "scheduler": _component("scheduler", 0),
+        "unet": _component("unet", 1),
+    }
     pipe.__class__ = type(base.__name__, (base,), attrs)
     return pipe

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # GPU machines test the compiled kernels
 import pytest  # noqa: E402
 
 from edmfast import ops, reference  # noqa: E402
+from tests.peer_guard import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401
 
 _SEED = os.environ.get("EDMFAST_TEST_SEED", "0")
 BASE_SEED = random.randrange(2**31) if _SEED == "random" else int(_SEED)

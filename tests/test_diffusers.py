@@ -19,16 +19,30 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import edmfast
+import edmfast.diffusers as edd
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
 
 SHAPE = (2, 3, 8, 8)
+
+
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}  # Stable Diffusion's scaled_linear schedule
 TOL = 1e-5  # relative L2: float32 UNet and float32 state on both sides; observed 1e-7 .. 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these networks are tiny, and on a loaded 2-core machine a second
+    spinning OpenMP thread made these tests 3x slower (11 s vs 37 s for the Heun cases)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -281,3 +295,186 @@ def test_linear_interpolation_inverts_np_interp():
     torch.testing.assert_close(lin.sigma_to_t(s), torch.from_numpy(t), rtol=0, atol=1e-9)
     log = edmfast.DiscreteVPDenoiser(_unet(), sched.alphas_cumprod)  # _sigma_to_t's inverse
     assert float((log.sigma_to_t(s) - torch.from_numpy(t)).abs().max()) > 1e-3
+
+
+# ----------------------------------------------------------------------------- every scheduler option
+
+BASE = {"DDIMScheduler": {"clip_sample": False}}  # DDIM's default clips x0 (refused below)
+BETAS = np.linspace(2e-4, 0.015, 1000)
+# Non-default values of every option edmfast claims to reproduce (`edd.CONFIG_OPTIONS`); each case
+# runs the scheduler's own loop and edmfast on the same noise. Options that refine another one
+# (Karras' range, DDIM's clip range) come with it, and also alone (inert there).
+VARIANTS = {
+    "EulerDiscreteScheduler": [
+        {"num_train_timesteps": 500},
+        {"beta_start": 5e-4, "beta_end": 0.015, "beta_schedule": "scaled_linear"},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"trained_betas": BETAS},
+        {"prediction_type": "v_prediction"},
+        {"prediction_type": "sample"},
+        {"prediction_type": "original_sample"},
+        {"use_karras_sigmas": True},
+        {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 20.0},
+        {"sigma_min": 0.1, "sigma_max": 20.0},
+        {"timestep_spacing": "leading", "steps_offset": 1},
+        {"timestep_spacing": "trailing", "steps_offset": 1},
+        {
+            "rescale_betas_zero_snr": True,
+            "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing",
+            **SD_BETAS,
+            "beta_schedule": "scaled_linear",
+        },
+        {"final_sigmas_type": "sigma_min"},
+    ],
+    "HeunDiscreteScheduler": [
+        {"num_train_timesteps": 500},
+        {"beta_start": 5e-4, "beta_end": 0.015, "beta_schedule": "scaled_linear"},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"trained_betas": BETAS},
+        {"prediction_type": "v_prediction"},
+        {"prediction_type": "sample"},
+        {"use_karras_sigmas": True},
+        {"clip_sample_range": 0.5},
+        {"timestep_spacing": "leading", "steps_offset": 1},
+        {"timestep_spacing": "trailing", "steps_offset": 1},
+    ],
+    "DDIMScheduler": [
+        {"num_train_timesteps": 500},
+        {"beta_start": 5e-4, "beta_end": 0.015, "beta_schedule": "scaled_linear"},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"trained_betas": BETAS},
+        {"set_alpha_to_one": False, "steps_offset": 1},
+        {"prediction_type": "v_prediction"},
+        {"prediction_type": "sample"},
+        {"dynamic_thresholding_ratio": 0.5, "sample_max_value": 0.5, "clip_sample_range": 0.5},
+        {"timestep_spacing": "linspace"},
+        {"timestep_spacing": "trailing"},
+        {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+    ],
+    "EDMEulerScheduler": [
+        {"sigma_min": 0.01, "sigma_max": 40.0, "rho": 5.0},
+        {"sigma_data": 1.0},
+        {"sigma_schedule": "exponential"},
+        {"num_train_timesteps": 500},
+        {"prediction_type": "v_prediction"},
+        {"final_sigmas_type": "sigma_min"},
+    ],
+}
+# One value outside `edd.CONFIG_OPTIONS` for each restricted option: a valid diffusers value that
+# changes its math where one exists, else one diffusers itself rejects.
+REFUSED = {
+    "EulerDiscreteScheduler": {
+        "prediction_type": "flow_prediction",
+        "interpolation_type": "log_linear",
+        "use_exponential_sigmas": True,
+        "use_beta_sigmas": True,
+        "timestep_spacing": "uniform",
+        "timestep_type": "continuous",
+        "final_sigmas_type": "sigma_max",
+    },
+    "HeunDiscreteScheduler": {
+        "prediction_type": "original_sample",
+        "use_exponential_sigmas": True,
+        "use_beta_sigmas": True,
+        "clip_sample": True,
+        "timestep_spacing": "uniform",
+    },
+    "DDIMScheduler": {
+        "clip_sample": True,
+        "prediction_type": "original_sample",
+        "thresholding": True,
+        "timestep_spacing": "uniform",
+    },
+    "EDMEulerScheduler": {
+        "sigma_schedule": "linear",
+        "prediction_type": "sample",
+        "final_sigmas_type": "sigma_max",
+    },
+}
+CASES = [(name, i) for name in sorted(VARIANTS) for i in range(len(VARIANTS[name]))]
+
+
+@pytest.mark.parametrize("name", edd.SCHEDULERS)
+def test_every_scheduler_option_is_audited(name):
+    """The table names every constructor option of diffusers 0.42.1's scheduler, and the cases
+    above cover each: every value edmfast claims, and one refused value per restricted option."""
+    cls = getattr(diffusers, name)
+    table = edd.CONFIG_OPTIONS[name]
+    assert set(table) == set(edd._defaults(cls)), f"diffusers {diffusers.__version__}: audit {name}"
+    defaults = edd._defaults(cls)
+    tried: dict = {}
+    for kw in VARIANTS[name]:
+        for key, value in {**BASE.get(name, {}), **kw}.items():
+            tried.setdefault(key, []).append(value)
+    for key, ok in table.items():
+        new = [v for v in tried.get(key, []) if not edd._same(v, defaults[key])]
+        if ok is None:
+            assert new, f"{key}: no case with a value other than its default"
+        else:
+            assert {v for v in ok if not edd._same(v, defaults[key])} <= set(new), key
+    assert set(REFUSED[name]) == {k for k, ok in table.items() if ok is not None}
+
+
+@pytest.mark.parametrize("name,key", [(n, k) for n in sorted(REFUSED) for k in sorted(REFUSED[n])])
+def test_unreproduced_option_is_refused_by_name(name, key):
+    value = REFUSED[name][key]
+    sched = getattr(diffusers, name)(**BASE.get(name, {}))
+    sched.register_to_config(**{key: value})  # as a config file would (some constructors check)
+    with pytest.raises(ValueError, match=rf"{name} with {key}={value!r} is not supported"):
+        edd.schedule(sched, 4)
+    with pytest.raises(ValueError, match=rf"{key}={value!r}"):
+        edd.denoiser(_unet(), sched)
+
+
+def test_an_option_missing_from_the_table_is_accepted_at_its_default_only(monkeypatch):
+    """A newer diffusers' option edmfast has not audited: refused unless it has its default."""
+    table = {k: v for k, v in edd.CONFIG_OPTIONS["EulerDiscreteScheduler"].items() if k != "steps_offset"}
+    monkeypatch.setitem(edd.CONFIG_OPTIONS, "EulerDiscreteScheduler", table)
+    edd.schedule(diffusers.EulerDiscreteScheduler(steps_offset=0), 4)
+    with pytest.raises(ValueError, match="steps_offset=1"):
+        edd.schedule(diffusers.EulerDiscreteScheduler(steps_offset=1), 4)
+
+
+def test_zero_snr_euler_with_a_falling_sigma_is_refused_by_name():
+    """EulerDiscrete's 2^-24 stand-in for abar_T = 0 lies above abar_998 for its default betas."""
+    sched = diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert sched.alphas_cumprod[-1] > sched.alphas_cumprod[-2]
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler with rescale_betas_zero_snr=True"):
+        edd.schedule(sched, 4)
+
+
+def _ddim_between_announced(unet, sched, x):
+    """DDIM (eta 0) stepping between the announced timesteps, float64 (see the module docstring
+    of edmfast.diffusers: diffusers steps to t - T // N instead)."""
+    abar = sched.alphas_cumprod.double()
+    ts = sched.timesteps.tolist()
+    x = x.double()
+    for i, t in enumerate(ts):
+        a = abar[t]
+        a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else sched.final_alpha_cumprod.double()
+        eps = unet(x.float(), t).sample.double()
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=[f"{n}-{i}" for n, i in CASES])
+@torch.no_grad()
+def test_every_reproduced_option_matches_the_scheduler(name, i):
+    kw = {**BASE.get(name, {}), **VARIANTS[name][i]}
+    sched = getattr(diffusers, name)(**kw)
+    unet, n = _unet(seed=6), 4
+    sched.set_timesteps(n)
+    latents = _noise(8) * sched.init_noise_sigma
+    ddim_linspace = name == "DDIMScheduler" and kw.get("timestep_spacing") == "linspace"
+    want = _ddim_between_announced(unet, sched, latents) if ddim_linspace else _loop(unet, sched, latents)
+    s = edd.schedule(sched, n)
+    den = edd.denoiser(unet, sched)
+    noise = latents * s.noise_scale
+    got = edmfast.sample(den, noise, s.sigmas, solver=s.solver) * s.output_scale
+    ref = edmfast.reference.sample(den, noise.double(), s.sigmas, solver=s.solver) * s.output_scale
+    assert _rel(got, ref) < TOL, kw
+    # diffusers' own float32 arithmetic cancels where sigma is large (zero-SNR Euler starts at
+    # 4096, squaredcos at 2e4): there it is 1e-4 from float64; edmfast stays within its error of it
+    assert _rel(got, want) < max(TOL, 2 * _rel(want, ref)), kw

@@ -8,9 +8,11 @@ Skipped without diffusers / transformers (``pip install diffusers transformers``
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -22,6 +24,18 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 import edmfast.diffusers as edd  # noqa: E402
 
 TOL = 1e-5  # relative L2, float32 on both sides
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these networks are tiny, and on a loaded 2-core machine a second
+    spinning OpenMP thread made these tests 3x slower (11 s vs 37 s for the Heun cases)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SD_SCHED = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -188,6 +202,7 @@ SCHEDULERS = {
     "edm-euler-exp-v": lambda: diffusers.EDMEulerScheduler(
         sigma_schedule="exponential", prediction_type="v_prediction"
     ),
+    "edm-euler-sigma-min": lambda: diffusers.EDMEulerScheduler(final_sigmas_type="sigma_min"),
 }
 
 
@@ -225,7 +240,7 @@ def test_sd_given_latents_and_per_call_guidance(sd):
             prompt=PROMPT, num_inference_steps=5, guidance_scale=w, output_type="latent", latents=latents
         )
         assert _rel(fast(**kw).images, stock(**kw).images) < TOL
-    assert len(fast._edmfast_samplers) == 1
+    assert len(fast._edmfast.samplers) == 1
 
 
 @pytest.mark.parametrize("name", ["euler-linspace", "ddim-sd", "heun"])
@@ -345,6 +360,28 @@ def test_refusals(sd):
     assert isinstance(fast.unet, diffusers.UNet2DConditionModel)
 
 
+def test_heun_clip_sample_is_refused(sd, sdxl):
+    """Heun's clip_sample clamps x0 at every evaluation, which edmfast does not: refused by name.
+    SDXL's constructor keeps the option; SD's resets it, but it can be set afterwards."""
+    kw = dict(prompt=PROMPT, num_inference_steps=3, output_type="latent", height=8, width=8)
+    heun = diffusers.HeunDiscreteScheduler(**SD_SCHED, clip_sample=True, clip_sample_range=0.5)
+    stock, fast = _copy(sdxl, heun)  # they share the scheduler
+    assert fast.scheduler.config.clip_sample
+    clipped = stock(generator=torch.Generator().manual_seed(7), **kw).images
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler with clip_sample=True is not supported"):
+        fast(generator=torch.Generator().manual_seed(7), **kw)
+    heun.register_to_config(clip_sample=False)
+    plain = stock(generator=torch.Generator().manual_seed(7), **kw).images
+    assert _rel(plain, clipped) > 0.1  # the option changes the result a lot
+    assert _rel(fast(generator=torch.Generator().manual_seed(7), **kw).images, plain) < TOL
+
+    stock, fast = _copy(sd, diffusers.HeunDiscreteScheduler(**SD_SCHED, clip_sample=True))
+    assert not fast.scheduler.config.clip_sample  # StableDiffusionPipeline.__init__ reset it
+    fast.scheduler.register_to_config(clip_sample=True)
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler with clip_sample=True is not supported"):
+        fast(**kw)
+
+
 def test_accelerate_is_idempotent(sd):
     _, fast = _copy(sd, SCHEDULERS["euler-linspace"]())
     cls = type(fast)
@@ -379,3 +416,177 @@ def test_callback_on_step_end(sd, name):
     assert [(i, t) for i, t, _ in seen["fast"]] == [(i, t) for i, t, _ in seen["stock"]]
     for (_, _, x), (_, _, y) in zip(seen["fast"], seen["stock"], strict=True):
         assert _rel(x, y) < TOL
+
+
+# ----------------------------------------------------------------------------- pipe.to, deepcopy, threads
+
+
+def _own(pipe, scheduler):
+    """Like _copy, on a deep copy of the components (a test that changes them keeps the fixture)."""
+    comps = {**copy.deepcopy(pipe.components), "scheduler": scheduler}
+    return type(pipe)(**comps), edd.accelerate(type(pipe)(**comps))
+
+
+def _kw(**kw):
+    return {
+        "prompt": PROMPT,
+        "num_inference_steps": 3,
+        "output_type": "latent",
+        "height": 8,
+        "width": 8,
+        **kw,
+    }
+
+
+def _seeded(pipe, **kw):
+    return pipe(generator=torch.Generator().manual_seed(7), **_kw(**kw)).images
+
+
+def test_sampler_follows_pipe_to_dtype(sd):
+    stock, fast = _own(sd, SCHEDULERS["euler-trailing"]())  # they share the components
+    a32 = _seeded(fast, guidance_scale=5.0)
+    assert _rel(a32, _seeded(stock, guidance_scale=5.0)) < TOL
+    fast.to(torch.bfloat16)  # after an accelerated call: the cached Sampler was float32's
+    b16 = _seeded(fast, guidance_scale=5.0)
+    assert b16.dtype == torch.bfloat16
+    # stock rounds its state to bf16 every step, edmfast keeps float32 (README: about 5e-3)
+    assert _rel(b16.float(), _seeded(stock, guidance_scale=5.0).float()) < 3e-2
+    fast.to(torch.float32)  # the float32 Sampler again, on the weights rounded to bf16 and back
+    assert _rel(_seeded(fast, guidance_scale=5.0), _seeded(stock, guidance_scale=5.0)) < TOL
+    assert len(fast._edmfast.samplers) == 2  # one per UNet dtype
+    fast.to(torch.float64)  # stock runs float64; the fused engine does not: refused, named
+    with pytest.raises(TypeError, match="UNet is torch.float64"):
+        _seeded(fast, guidance_scale=5.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampler_follows_pipe_to_device(sd):
+    stock, fast = _own(sd, SCHEDULERS["ddim-sd"]())
+    a = _seeded(fast, guidance_scale=5.0)
+    fast.to("cuda")
+    b = _seeded(fast, guidance_scale=5.0)
+    assert b.device.type == "cuda"
+    assert _rel(b.cpu(), _seeded(stock, guidance_scale=5.0).cpu()) < 1e-4  # cuDNN vs CPU convolutions
+    fast.to("cpu")
+    assert torch.equal(_seeded(fast, guidance_scale=5.0), a)
+
+
+def test_deepcopy_after_an_accelerated_call(sd):
+    _, fast = _own(sd, SCHEDULERS["ddim-sd"]())
+    a = _seeded(fast, guidance_scale=4.0)
+    twin = copy.deepcopy(fast)
+    assert type(twin) is type(fast) and twin.unet is not fast.unet
+    assert twin._edmfast is not fast._edmfast and not twin._edmfast.samplers
+    assert torch.equal(_seeded(twin, guidance_scale=4.0), a)  # accelerated, same weights
+    with torch.no_grad():
+        for p in twin.unet.parameters():
+            p.mul_(0.5)
+    assert _rel(_seeded(twin, guidance_scale=4.0), a) > 1e-3  # its own UNet ...
+    assert torch.equal(_seeded(fast, guidance_scale=4.0), a)  # ... the original's unchanged
+    assert len(fast._edmfast.samplers) == 1 and len(twin._edmfast.samplers) == 1
+
+
+def test_calls_from_two_threads_run_one_at_a_time(sd):
+    """A second thread's call waits for the running one and gets its own correct result (the
+    stock __call__ keeps per-call values on the pipe); other threads see the real components."""
+    _, fast = _copy(sd, SCHEDULERS["euler-leading-offset"]())
+    kw_a, kw_b = (
+        dict(guidance_scale=3.0, num_inference_steps=4),
+        dict(guidance_scale=8.0, guidance_rescale=0.5),
+    )
+    want_a, want_b = _seeded(fast, **kw_a), _seeded(fast, **kw_b)
+    a_inside, b_calling = threading.Event(), threading.Event()
+    order: list[str] = []
+    seen: dict = {}
+    results: dict = {}
+
+    def cb_a(pipe, i, t, kw):
+        order.append("a")
+        if i == 0:
+            seen["own"] = type(pipe.unet).__name__
+            other = threading.Thread(target=lambda: seen.update(other=type(fast.unet).__name__))
+            other.start()
+            other.join(30)
+            a_inside.set()
+            assert b_calling.wait(60)
+            # B is about to call: give it time to reach the pipe (the result does not depend on it)
+            threading.Event().wait(0.2)
+        return {}
+
+    def cb_b(pipe, i, t, kw):
+        order.append("b")
+        return {}
+
+    def run(name, kw, cb, before=None):
+        try:
+            if before is not None:
+                before()
+            results[name] = _seeded(fast, callback_on_step_end=cb, **kw)
+        except BaseException as e:  # reported below, in the test's thread
+            results[name] = e
+
+    def b_starts():
+        assert a_inside.wait(60)
+        b_calling.set()
+
+    ta = threading.Thread(target=run, args=("a", kw_a, cb_a))
+    tb = threading.Thread(target=run, args=("b", kw_b, cb_b, b_starts))
+    ta.start()
+    tb.start()
+    ta.join(300)
+    tb.join(300)
+    assert not ta.is_alive() and not tb.is_alive()
+    for name in "ab":
+        assert isinstance(results[name], torch.Tensor), results[name]
+    assert torch.equal(results["a"], want_a) and torch.equal(results["b"], want_b)
+    assert order == ["a"] * 4 + ["b"] * 3
+    assert seen == {"own": "_UNetProxy", "other": "UNet2DConditionModel"}
+
+
+def test_pipes_sharing_a_scheduler_in_two_threads(sd):
+    """Two accelerated pipes with one scheduler object, called at once: each call keeps the
+    timesteps it set (its callback reports them) and gets its own result."""
+    sched = SCHEDULERS["ddim-sd"]()
+    _, one = _copy(sd, sched)
+    _, two = _copy(sd, sched)
+    assert one.scheduler is two.scheduler
+    jobs = {"one": (one, dict(num_inference_steps=2)), "two": (two, dict(num_inference_steps=5))}
+
+    def call(pipe, kw):
+        ts: list[float] = []
+        out = _seeded(pipe, callback_on_step_end=lambda p, i, t, d: ts.append(float(t)) or {}, **kw)
+        return out, ts
+
+    want = {name: call(pipe, kw) for name, (pipe, kw) in jobs.items()}
+    got: dict = {name: [] for name in jobs}
+
+    def run(name):
+        try:
+            for _ in range(3):
+                got[name].append(call(*jobs[name]))
+        except BaseException as e:  # reported below, in the test's thread
+            got[name].append(e)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for name in jobs:
+        assert len(got[name]) == 3, got[name]
+        for out, ts in got[name]:
+            assert ts == want[name][1] and torch.equal(out, want[name][0]), name
+
+
+def test_reentrant_call_is_refused_and_the_pipe_recovers(sd):
+    _, fast = _copy(sd, SCHEDULERS["euler-leading-offset"]())
+
+    def nested(pipe, i, t, kw):
+        pipe(**_kw())
+        return {}
+
+    with pytest.raises(RuntimeError, match="inside its own call"):
+        _seeded(fast, callback_on_step_end=nested)
+    assert isinstance(fast.unet, diffusers.UNet2DConditionModel)
+    _seeded(fast)  # usable again
