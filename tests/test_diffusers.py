@@ -25,6 +25,7 @@ import torch
 
 import edmfast
 import edmfast.diffusers as edd
+import edmfast.diffusers.schedules as edds
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
 
@@ -401,18 +402,18 @@ def test_every_scheduler_option_is_audited(name):
     above cover each: every value edmfast claims, and one refused value per restricted option."""
     cls = getattr(diffusers, name)
     table = edd.CONFIG_OPTIONS[name]
-    assert set(table) == set(edd._defaults(cls)), f"diffusers {diffusers.__version__}: audit {name}"
-    defaults = edd._defaults(cls)
+    assert set(table) == set(edds._defaults(cls)), f"diffusers {diffusers.__version__}: audit {name}"
+    defaults = edds._defaults(cls)
     tried: dict = {}
     for kw in VARIANTS[name]:
         for key, value in {**BASE.get(name, {}), **kw}.items():
             tried.setdefault(key, []).append(value)
     for key, ok in table.items():
-        new = [v for v in tried.get(key, []) if not edd._same(v, defaults[key])]
+        new = [v for v in tried.get(key, []) if not edds._same(v, defaults[key])]
         if ok is None:
             assert new, f"{key}: no case with a value other than its default"
         else:
-            assert {v for v in ok if not edd._same(v, defaults[key])} <= set(new), key
+            assert {v for v in ok if not edds._same(v, defaults[key])} <= set(new), key
     assert set(REFUSED[name]) == {k for k, ok in table.items() if ok is not None}
 
 

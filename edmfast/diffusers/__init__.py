@@ -1,0 +1,27 @@
+"""diffusers pipelines and schedulers on edmfast: exact schedules, and a one-line switch for a
+pipeline's loop.
+
+``pipe = edmfast.diffusers.accelerate(pipe)`` makes a `StableDiffusionPipeline` or
+`StableDiffusionXLPipeline` run its denoising loop on edmfast's fused passes and return what the
+stock pipeline returns, within float32 rounding (`edmfast.diffusers.pipelines`). Supported
+schedulers and their options: `CONFIG_OPTIONS` (`edmfast.diffusers.schedules`); anything else, or
+an option whose math edmfast does not reproduce, raises a ValueError naming it (never a silent
+switch to different math).
+
+Importing this package does not import diffusers; the functions do.
+"""
+
+from .pipelines import PIPELINES, accelerate
+from .schedules import CONFIG_OPTIONS, SCHEDULERS, Schedule, check_config, denoiser, schedule, sigmas
+
+__all__ = [
+    "CONFIG_OPTIONS",
+    "PIPELINES",
+    "SCHEDULERS",
+    "Schedule",
+    "accelerate",
+    "check_config",
+    "denoiser",
+    "schedule",
+    "sigmas",
+]
