@@ -6,6 +6,11 @@ kernels run on CPU tensors (that is how CI tests them); with one, the compiled k
 Random inputs are fresh per test but reproducible: each test seeds torch's global generator from
 EDMFAST_TEST_SEED (default 0) and its own node id, and the hypothesis searches are seeded with it.
 Set EDMFAST_TEST_SEED=random (or another integer) to draw new inputs; the header prints the seed.
+
+Threads: every test starts with one intra-op thread (EDMFAST_TEST_THREADS=N for another count) and
+torch's OpenMP threads wait passively. The tests' tensors are tiny; on a shared 2-core CI machine
+a second spinning thread per test made the suite several times slower (20 min instead of 2.5 min
+beside two busy processes). Tests of multi-threaded kernels set their thread counts themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import os
 import random
 import zlib
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # read once, when torch loads its OpenMP runtime
 
 import torch  # noqa: E402  (importing torch does not import triton)
 
@@ -24,6 +31,7 @@ import pytest  # noqa: E402
 from edmfast import ops, reference  # noqa: E402
 from tests.peer_guard import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401
 
+_THREADS = int(os.environ.get("EDMFAST_TEST_THREADS", "1"))
 _SEED = os.environ.get("EDMFAST_TEST_SEED", "0")
 BASE_SEED = random.randrange(2**31) if _SEED == "random" else int(_SEED)
 
@@ -48,6 +56,15 @@ def pytest_report_header(config) -> str:
 def _seed_per_test(request) -> None:
     """Fresh inputs per test, the same on every run with the same EDMFAST_TEST_SEED."""
     torch.manual_seed(BASE_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _threads_per_test():
+    """Each test starts with EDMFAST_TEST_THREADS intra-op threads (1) and gets back what it changed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(_THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 HAS_CUDA = torch.cuda.is_available()
