@@ -14,7 +14,7 @@ the part that also bounds a launch-bound GPU loop. For each denoiser (a plain on
 Then every k-diffusion sampler the engine runs (``Sampler(plain, solver=NAME)`` against the real
 ``sample_NAME`` on the same plain denoiser; the SDE samplers get the same Gaussian noise sampler on
 both sides, k-diffusion's Brownian tree would only slow its side), and the engine's own host time
-per fused pass with a zero-cost network (it returns a preallocated tensor).
+per fused pass with a zero-cost network (it returns a preallocated tensor), timed back to back.
 
 Medians of interleaved repeats; ratio = k-diffusion time / edmfast time (goals: >= 5 for Heun,
 >= 3 for every other sampler; <= 3 us of host time per fused pass).
@@ -178,10 +178,12 @@ def solvers(kd, noise: torch.Tensor, quick: bool) -> list[dict]:
                 {
                     "edmfast": lambda s=sampler: s(noise),
                     "k-diffusion": lambda f=fn, s=sigmas, x=x, kw=kw: f(plain, x, s, disable=True, **kw),
-                    "engine": lambda s=bare: s(noise),
                 },
                 repeats,
             )
+            # the engine alone, called back to back as a Sampler is in a generation loop (interleaved
+            # with k-diffusion's calls its code and data leave the caches: 3x the time per pass)
+            t.update(interleaved({"engine": lambda s=bare: s(noise)}, repeats))
             ours, theirs = statistics.median(t["edmfast"]), statistics.median(t["k-diffusion"])
             passes = len(bare.plan().passes)
             row = {

@@ -127,6 +127,18 @@ class _Noise:
             return []  # the default CUDA generator: part of every capture
         return list(getattr(g, "generators", [g]))
 
+    def draw_into(self, d: Draw, eps: torch.Tensor, f_dtype: torch.dtype | None) -> None:
+        """The draw ``d`` into the float32 noise buffer (drawn there directly when it can be: the same
+        numbers, no temporary and no copy)."""
+        dtype = self.dtype or f_dtype or torch.float32
+        g = self.generator
+        if self.noise_sampler is None and dtype == torch.float32 and (g is None or (
+            isinstance(g, torch.Generator) and g.device == self.device
+        )):  # fmt: skip
+            torch.randn(self.shape, out=eps, generator=g)
+        else:
+            eps.copy_(self.draw(d, f_dtype))
+
     def draw(self, d: Draw, f_dtype: torch.dtype | None) -> torch.Tensor:
         """The draw ``d`` (a tensor shaped like the state, on its device)."""
         if self.noise_sampler is not None:
@@ -174,6 +186,7 @@ class _Buffers:
     f_dtype: torch.dtype | None = None  # the network output's dtype (draws of plan.draw_dtype "f")
     launchers: OrderedDict = field(default_factory=OrderedDict)  # id(plan) -> (plan, launchers)
     f_like: torch.Tensor | None = None  # the network output's shape and dtype, when not net's
+    cfg_launch: Any = None  # the prepared CFG-rescale factors
 
 
 def _alloc(call: Call, graph: bool) -> _Buffers:
@@ -514,10 +527,18 @@ class Engine:
         net, bad = buf.net, buf.bad
         shape, dtype, device = net.shape, net.dtype, net.device
         want = (shape[0], plan.f_channels * shape[1], *shape[2:])
+        where = net.get_device()  # cheap per-evaluation device checks (a meta tensor also says -1)
+        on_device: Callable[[torch.Tensor], bool] = (
+            (lambda t: t.is_cpu) if where < 0 else (lambda t: t.get_device() == where)
+        )
         ctx = ops.launch_context(call.backend, device)
         factors = self._cfg_launch(call, buf) if call.rescale else None
         source, eps = call.source, buf.eps
         staged = 0
+        # on the CPU reading the flags costs no sync: bad noise is refused before the network runs
+        check_start = not graph and device.type == "cpu"
+        tensor = torch.Tensor
+        PASS, EVAL, DRAW, CALLBACK = Op.PASS, Op.EVAL, Op.DRAW, Op.CALLBACK  # locals: the hot loop
         bar = None
         if self.progress is not False and not graph:  # None: tqdm decides (off without a terminal)
             from tqdm import tqdm
@@ -525,20 +546,24 @@ class Engine:
             bar = tqdm(total=plan.n, desc="edmfast", disable=None if self.progress is None else False)
         f = None
         bad.fill_(INT32_MAX)
+        hooks = bar is not None or (not graph and (call.callback is not None or call.on_step_end is not None))
+        program = plan.program_for(hooks, draws=source is not None and not warmup)
         try:
-            for op, idx in plan.program:
-                if op is Op.PASS:
+            for op, idx in program:
+                if op is PASS:
                     launch, step = launchers[idx]
                     launch(f, step, ctx)
-                    if idx == 0 and not graph and device.type == "cpu" and int(bad.min()) != INT32_MAX:
-                        # on the CPU reading the flags costs no sync: refuse bad noise before the network runs
+                    if idx == 0 and check_start and int(bad.min()) != INT32_MAX:
                         raise ValueError("noise must be finite (found NaN or inf)")
-                elif op is Op.EVAL:
+                elif op is EVAL:
                     f = network(net, evals[idx], **cond)
-                    if f.__class__ is not torch.Tensor or f.shape != want or f.dtype != dtype:
+                    if (
+                        f.__class__ is not tensor
+                        or f.shape != want
+                        or f.dtype is not dtype
+                        or not on_device(f)
+                    ):
                         buf.f_dtype = getattr(f, "dtype", None)  # exact draws of plan.draw_dtype "f"
-                        f = self._checked(f, want, dtype, device, plan.f_channels)
-                    elif f.device != device:
                         f = self._checked(f, want, dtype, device, plan.f_channels)
                     else:
                         buf.f_dtype = dtype
@@ -546,7 +571,7 @@ class Engine:
                         f = f.contiguous()
                     if factors is not None:
                         factors(f, ctx)
-                elif op is Op.DRAW:
+                elif op is DRAW:
                     d = plan.draws[idx]
                     if source is None or warmup:
                         continue
@@ -556,11 +581,12 @@ class Engine:
                             eps.copy_(buf.staging[staged], non_blocking=True)
                             staged += 1
                         continue
-                    z = source.draw(d, buf.f_dtype)
                     if d.used:
                         assert eps is not None
-                        eps.copy_(z)
-                elif op is Op.CALLBACK:
+                        source.draw_into(d, eps, buf.f_dtype)
+                    else:  # drawn only to keep the generator's stream where the reference leaves it
+                        source.draw(d, buf.f_dtype)
+                elif op is CALLBACK:
                     if call.callback is not None and not graph:
                         assert f is not None
                         self._callback(call, buf, idx, f)
@@ -576,10 +602,10 @@ class Engine:
     @staticmethod
     def _cfg_launch(call: Call, buf: _Buffers) -> Callable[[torch.Tensor, Any], None]:
         """The CFG-rescale factors over the prediction half of F, prepared (cached on the buffers)."""
-        launch = buf.launchers.get("cfg")
+        launch = buf.cfg_launch
         if launch is None:
             n = buf.bufs[X][0].numel()
-            launch = buf.launchers["cfg"] = ops.prepare_cfg_rescale_factors(
+            launch = buf.cfg_launch = ops.prepare_cfg_rescale_factors(
                 call.backend, _f_like(call, buf), buf.gs, buf.phi, out=buf.k, workspace=buf.workspace,
                 numel=n if call.plan.f_channels > 1 else None,
             )  # fmt: skip

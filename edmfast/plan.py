@@ -170,6 +170,18 @@ class Plan:
             self.ancestral,
         )
 
+    def program_for(self, hooks: bool, draws: bool) -> tuple[tuple[Op, int], ...]:
+        """The program without the operations a call would skip: hook points (no callback, hook or
+        progress bar) and exact-noise draws (fused noise, or none): the hot loop never sees them."""
+        return self._cached(
+            ("program", hooks, draws),
+            lambda: tuple(
+                (op, i)
+                for op, i in self.program
+                if (hooks or op not in (Op.CALLBACK, Op.STEP_END)) and (draws or op is not Op.DRAW)
+            ),
+        )
+
     @property
     def stochastic(self) -> bool:
         """Some pass adds noise (fused mode then needs seeds)."""
