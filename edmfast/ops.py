@@ -1226,6 +1226,7 @@ def prepare_affine_step(
     out_net: torch.Tensor | None = None,
     bad: torch.Tensor | None = None,
     bad_step: int = 0,
+    checked: bool = False,
 ) -> Callable[[torch.Tensor | None, int, int | None], None]:
     """`affine_step` on static operands, validated once: returns ``launch(f, step, ctx)``.
 
@@ -1236,18 +1237,25 @@ def prepare_affine_step(
     tensor like ``f_like``, or None without one; not checked), ``step`` (the Philox step, an int in
     [0, 2**63)) and ``ctx`` from `launch_context` (backend, device). The returned callable keeps its
     operands alive.
+
+    ``checked=True``: the caller vouches that these operands pass the checks (an engine preparing
+    the many passes of one plan over buffers it allocated and validated once, ``backend`` already
+    resolved); nothing is checked here then (a wrong operand is undefined behaviour).
     """
-    _require(backend)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    hist = check_affine_args(
-        x, coef, out=out, f=f_like, hist=hist, hist_out=hist_out, k=k, guidance_scale=guidance_scale,
-        noise=noise, seeds=seeds, step=0, stage=stage, out_net=out_net, bad=bad, bad_step=bad_step,
-        f_name="f_like",
-    )  # fmt: skip
-    backend = resolve_backend(backend, x.device)
-    static = [("x", x), ("f_like", f_like), ("k", k), ("noise", noise), ("seeds", seeds)]
-    _check_static(static + [(f"hist[{j}]", h) for j, h in enumerate(hist)])
+    if checked:
+        hist = tuple(hist)
+    else:
+        _require(backend)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        hist = check_affine_args(
+            x, coef, out=out, f=f_like, hist=hist, hist_out=hist_out, k=k, guidance_scale=guidance_scale,
+            noise=noise, seeds=seeds, step=0, stage=stage, out_net=out_net, bad=bad, bad_step=bad_step,
+            f_name="f_like",
+        )  # fmt: skip
+        backend = resolve_backend(backend, x.device)
+        static = [("x", x), ("f_like", f_like), ("k", k), ("noise", noise), ("seeds", seeds)]
+        _check_static(static + [(f"hist[{j}]", h) for j, h in enumerate(hist)])
     if x.numel() == 0:
         return _no_launch
     stage, bad_step = int(stage), int(bad_step)
