@@ -486,3 +486,24 @@ def test_the_function_cache_does_not_keep_the_model_alive():
     del net
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clipped_eps", [True, False], ids=["clipped-eps", "model-eps"])
+def test_ddim_clip_range_and_model_eps_equal_the_reference(backend, prediction, clipped_eps):
+    """DDIM with eta, clipping to [-2, 2] (diffusers' clip_sample_range) and the model's own eps in
+    the direction term (DDIMScheduler.step's default, use_clipped_model_output=False) or the one
+    recomputed from the clipped x0 (iDDPM / ADM): the engine (the ancestral cf / clip columns)
+    equals the float64 oracle."""
+    net = Net(False, seed=3)
+    noise = 2.5 * torch.randn(2, C, HW, HW, generator=torch.Generator().manual_seed(8))
+    betas = ddpm_betas(1000, "linear")
+    kw = dict(
+        num_steps=6, eta=0.6, variance="fixed_small", prediction_type=prediction, clip_range=2.0,
+        use_clipped_model_output=clipped_eps,
+    )  # fmt: skip
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    got = sample_ancestral(net, noise, betas, generator=g1, backend=backend, **kw)
+    expect = R.sample_ancestral(net, noise, betas, generator=g2, **kw)
+    torch.testing.assert_close(got, expect, atol=2e-5, rtol=2e-5)
