@@ -235,15 +235,11 @@ class AncestralSampler(ReusableSampler):
         callback: Callable[[dict], Any] | None = None,
         on_step_end: Callable[[StepView], Any] | None = None,
     ) -> torch.Tensor:
-        opts = self.opts
-        call = self.engine.prepare(
-            self.plan(timesteps), noise, net_dtype=network_dtype(self.model), cond=cond, uncond=uncond,
-            guidance_scale=opts.guidance_scale if guidance_scale is None else guidance_scale,
-            guidance_rescale=opts.guidance_rescale if guidance_rescale is None else guidance_rescale,
-            noise_mode=opts.noise_mode, generator=generator, seeds=seeds, callback=callback,
-            on_step_end=on_step_end,
+        return self._run(
+            self.plan(timesteps), noise, network_dtype(self.model), cond=cond, uncond=uncond,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator,
+            seeds=seeds, callback=callback, on_step_end=on_step_end,
         )  # fmt: skip
-        return self.engine.run(call)
 
 
 def sample_ancestral(

@@ -802,6 +802,7 @@ class ReusableSampler:
     """
 
     what = "model"
+    opts: Any  # every front door's validated options (guidance defaults, noise mode)
 
     def __init__(
         self,
@@ -846,6 +847,17 @@ class ReusableSampler:
         """``compile_s`` (the first call through a compiled network), ``capture_s``, ``captures``,
         ``replays``."""
         return self.engine.stats
+
+    def _run(self, plan: Plan, noise: torch.Tensor, net_dtype: torch.dtype, **call: Any) -> torch.Tensor:
+        """One call of ``plan``: the shared arguments checked (`Engine.prepare`), then run. Guidance
+        values not given per call (None) come from the sampler's options, as does the noise mode."""
+        opts = self.opts
+        for name in ("guidance_scale", "guidance_rescale"):
+            if call.get(name) is None:
+                call[name] = getattr(opts, name)
+        return self.engine.run(
+            self.engine.prepare(plan, noise, net_dtype=net_dtype, noise_mode=opts.noise_mode, **call)
+        )
 
     def release(self) -> None:
         """Drop every captured graph and its memory pool, the eager buffers and the cached plans."""

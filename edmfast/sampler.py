@@ -159,17 +159,12 @@ class Sampler(ReusableSampler):
         noise_sampler: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         on_step_end: Callable[[StepView], Any] | None = None,
     ) -> torch.Tensor:
-        opts = self.opts
-        den = self.denoiser
-        net_dtype = getattr(den, "dtype", torch.float32) if self.precond else torch.float32
-        call = self.engine.prepare(
-            self.plan(sigmas), noise, net_dtype=net_dtype, cond=cond, uncond=uncond,
-            guidance_scale=opts.guidance_scale if guidance_scale is None else guidance_scale,
-            guidance_rescale=opts.guidance_rescale if guidance_rescale is None else guidance_rescale,
-            noise_mode=opts.noise_mode, generator=generator, seeds=seeds, noise_sampler=noise_sampler,
+        net_dtype = getattr(self.denoiser, "dtype", torch.float32) if self.precond else torch.float32
+        return self._run(
+            self.plan(sigmas), noise, net_dtype, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, generator=generator, seeds=seeds, noise_sampler=noise_sampler,
             callback=callback, on_step_end=on_step_end,
         )  # fmt: skip
-        return self.engine.run(call)
 
 
 def _cached_sampler(denoiser: Any, options: dict, ablation: AblationOptions | None = None) -> Sampler:
