@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -199,3 +200,192 @@ def test_bad_arguments():
     den = edmfast.FlowMatchDenoiser(no_timestep)
     with pytest.raises(TypeError, match=r"model\(x_t, timestep, \*\*cond\).*no_timestep"):
         edmfast.sample(den, torch.randn(1, 4), _flow_sigmas(3), solver="euler")
+
+
+# ----------------------------------------------------------------------------- diffusers' flow schedulers
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+
+import edmfast.diffusers as edd  # noqa: E402
+import edmfast.diffusers.schedules as edds  # noqa: E402
+from edmfast.diffusers import flow  # noqa: E402
+
+FM = diffusers.FlowMatchEulerDiscreteScheduler
+# Non-default values of every option `flow.CONFIG_OPTIONS` claims (diffusers 0.42.1), each run
+# through `edd.schedule` and the engine against the scheduler's own loop. The dynamic-shifting
+# parameters of the pipelines (base / max shift, sequence lengths) only make the pipeline's mu.
+DYNAMIC = {"base_shift": 0.3, "max_shift": 1.5, "base_image_seq_len": 64, "max_image_seq_len": 1024}
+FLOW_VARIANTS = {
+    "FlowMatchEulerDiscreteScheduler": [
+        {},
+        {"num_train_timesteps": 500},
+        {"shift": 3.0},
+        {"use_dynamic_shifting": True, **DYNAMIC},
+        {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+        {"shift": 3.0, "shift_terminal": 0.02},
+        {"shift": 3.0, "use_karras_sigmas": True},
+        {"shift": 3.0, "use_exponential_sigmas": True},
+        {"shift": 3.0, "use_beta_sigmas": True},
+        {"invert_sigmas": True, "shift": 2.0},
+        {"shift": 3.0, "stochastic_sampling": True},
+    ],
+    "FlowMatchHeunDiscreteScheduler": [{"shift": 3.0}, {"num_train_timesteps": 500}],
+}
+FLOW_CASES = [(name, i) for name in sorted(FLOW_VARIANTS) for i in range(len(FLOW_VARIANTS[name]))]
+FLOW_IDS = [
+    name.replace("FlowMatch", "").replace("DiscreteScheduler", "")
+    + "-"
+    + (",".join(f"{k}={v}" for k, v in FLOW_VARIANTS[name][i].items()) or "default")
+    for name, i in FLOW_CASES
+]
+
+
+def _make(name: str, i: int):
+    """(scheduler, the mu a dynamic-shifting pipeline passes)."""
+    kw = FLOW_VARIANTS[name][i]
+    return getattr(diffusers, name)(**kw), ({"mu": 0.8} if kw.get("use_dynamic_shifting") else {})
+
+
+@pytest.mark.parametrize("name", flow.SCHEDULERS)
+def test_every_flow_scheduler_option_is_audited(name):
+    """The table names every constructor option, and the cases cover a non-default value of each."""
+    defaults = edds._defaults(getattr(diffusers, name))
+    table = flow.CONFIG_OPTIONS[name]
+    assert set(table) == set(defaults), f"diffusers {diffusers.__version__}: audit {name}"
+    assert edd.CONFIG_OPTIONS[name] is table and name in edd.SCHEDULERS
+    for key in table:
+        assert any(not edds._same(kw.get(key, defaults[key]), defaults[key]) for kw in FLOW_VARIANTS[name]), (
+            key
+        )
+    sched = getattr(diffusers, name)()
+    key, value = ("time_shift_type", "quadratic") if "time_shift_type" in table else ("shift", 3.0)
+    if table[key] is not None:  # a value outside the table is refused by name, before any work
+        sched.register_to_config(**{key: value})
+        with pytest.raises(ValueError, match=rf"{name} with {key}={value!r} is not supported"):
+            edd.schedule(sched, 4)
+
+
+def _set(sched, n: int, **kw) -> None:
+    if "sigmas" in kw:
+        sched.set_timesteps(**kw)
+    else:
+        sched.set_timesteps(n, **kw)
+
+
+@pytest.mark.parametrize("name, i", FLOW_CASES, ids=FLOW_IDS)
+def test_schedule_equals_the_flow_scheduler(name, i):
+    """The scheduler's own float32 times and timesteps after its set_timesteps, for several N."""
+    for n in (2, 7, 28):
+        sched, kw = _make(name, i)
+        s = edd.schedule(sched, n, **kw)
+        _set(sched, n, **kw)
+        assert flow.check_against(sched, s), n
+        theirs = sched.timesteps.double()
+        if name == "FlowMatchHeunDiscreteScheduler":
+            theirs = torch.cat([theirs[:1], theirs[1::2]])
+        assert torch.equal(s.timesteps, theirs)
+        assert s.sigmas.dtype == torch.float64 and len(s.sigmas) == n + 1
+        assert math.isinf(s.sigmas[0]) and s.sigmas[-1] == 0  # t = 1 ... t = 0
+        assert (s.noise_scale, s.output_scale, s.scaling) == (1.0, 1.0, "flow")
+        t = s.sigmas[1:] / (1 + s.sigmas[1:])  # the float32 times, up to float64 round-off
+        torch.testing.assert_close(t.float().double(), t, rtol=1e-15, atol=1e-300)
+    heun = name == "FlowMatchHeunDiscreteScheduler"
+    stochastic = sched.config.get("stochastic_sampling", False)
+    assert s.solver == ("flow_heun" if heun else "flow_stochastic" if stochastic else "euler")
+
+
+def test_schedule_custom_sigmas_and_set_shift():
+    """FLUX's call: custom flow times plus mu (dynamic shifting); set_shift() is read at call time."""
+    sched = FM(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    sig = np.linspace(1.0, 1 / 6, 6)
+    s = edd.schedule(sched, None, sigmas=sig, mu=0.9)
+    sched.set_timesteps(sigmas=sig, mu=0.9)
+    assert flow.check_against(sched, s) and len(s.timesteps) == 6
+    shifted = FM(shift=3.0)
+    shifted.set_shift(5.0)
+    s = edd.schedule(shifted, 9)
+    shifted.set_timesteps(9)
+    assert flow.check_against(shifted, s)
+    s3 = edd.schedule(FM(shift=3.0), 9)
+    assert not torch.equal(s3.sigmas, s.sigmas)  # the shift acts
+
+
+def test_schedule_refusals():
+    with pytest.raises(ValueError, match="needs mu"):
+        edd.schedule(FM(use_dynamic_shifting=True), 5)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        edd.schedule(FM(), 0)
+    with pytest.raises(ValueError, match="no custom sigmas"):
+        edd.schedule(diffusers.FlowMatchHeunDiscreteScheduler(), 3, sigmas=[1.0, 0.5, 0.2])
+    with pytest.raises(ValueError, match="sigmas must be a 1-D"):
+        edd.schedule(FM(), 4, sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="not strictly decreasing"):
+        edd.schedule(FM(), None, sigmas=[1.0, 0.5, 0.5])
+    with pytest.raises(TypeError, match="flow-matching options"):
+        edd.schedule(diffusers.EulerDiscreteScheduler(), 5, mu=0.5)
+    assert set(flow.CONFIG_OPTIONS) <= set(edd.CONFIG_OPTIONS) and set(flow.SCHEDULERS) <= set(edd.SCHEDULERS)
+
+
+def _scheduler_loop(sched, model, noise: torch.Tensor, n: int, **kw) -> torch.Tensor:
+    """diffusers' own loop as its pipelines write it (float32)."""
+    _set(sched, n, **kw)
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, t.expand(x.shape[0])), t, x).prev_sample
+    return x
+
+
+def _flow_heun64(model, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Heun in t, written out in float64: x_t += (t' - t)(v + v')/2, Euler into t = 0."""
+    x = noise.double()
+
+    def v(x, u):
+        return model(x, torch.full((x.shape[0],), float(u), dtype=torch.float32) * model.scale).double()
+
+    for i in range(len(t) - 1):
+        v1 = v(x, t[i])
+        euler = x + (t[i + 1] - t[i]) * v1
+        x = euler if t[i + 1] == 0 else x + (t[i + 1] - t[i]) * (v1 + v(euler, t[i + 1])) / 2
+    return x
+
+
+@pytest.mark.parametrize("name, i", FLOW_CASES, ids=FLOW_IDS)
+def test_flow_schedulers_on_the_engine_equal_their_loops(name, i):
+    """The schedule run by the engine (Euler, FlowMatchHeun's Heun in t, stochastic sampling with
+    torch's global RNG as the pipelines leave it) against the scheduler's own step loop."""
+    inverted = FLOW_VARIANTS[name][i].get("invert_sigmas", False)
+    model = MixtureVelocity(math.prod(SHAPE[1:]), inverted=inverted)
+    noise = torch.randn(SHAPE)
+    # one step with shift_terminal divides by 1 - t_N = 0 in diffusers (NaN times; refused here)
+    for n in (1, 3, 10) if "shift_terminal" not in FLOW_VARIANTS[name][i] else (3, 10):
+        sched, kw = _make(name, i)
+        model.scale = float(sched.config.num_train_timesteps)
+        s = edd.schedule(sched, n, **kw)
+        den = flow.denoiser(model, sched)
+        run = edmfast.Sampler(den, solver="euler") if s.solver == "euler" else flow.FlowSampler(den, s.solver)
+        torch.manual_seed(5)
+        got = run(noise * s.noise_scale, s.sigmas) * s.output_scale
+        torch.manual_seed(5)
+        want = _scheduler_loop(sched, model, noise, n, **kw)
+        assert rel_err(got, want) < 1e-5, n
+    if s.solver == "flow_heun":  # diffusers' float32 loop cancels more than the fused passes do
+        t = torch.where(torch.isinf(s.sigmas), 1.0, s.sigmas / (1 + s.sigmas))
+        exact = _flow_heun64(model, noise, t)
+        assert rel_err(got, exact) < RUN_TOL
+        assert rel_err(got, exact) <= rel_err(want, exact)
+        # and it is not EDM's Heun in sigma: the two methods differ at this step count
+        edm_heun = edmfast.sample(den, noise, s.sigmas, solver="heun")
+        assert rel_err(edm_heun, exact) > 1e-4
+    if s.solver == "flow_stochastic":  # the noise matters: another seed, another result
+        torch.manual_seed(6)
+        assert rel_err(run(noise, s.sigmas), got) > 1e-2
+
+
+def test_flow_sampler_arguments():
+    den = edmfast.FlowMatchDenoiser(MixtureVelocity(4))
+    with pytest.raises(ValueError, match="solver must be one of"):
+        flow.FlowSampler(den, "heun")
+    with pytest.raises(ValueError, match="needs sigmas"):
+        flow.FlowSampler(den, "flow_heun")(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="end at 0"):
+        flow.FlowSampler(den, "flow_heun")(torch.randn(1, 4), torch.tensor([math.inf, 1.0, 0.5]))
