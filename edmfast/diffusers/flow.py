@@ -30,7 +30,7 @@ Importing this module does not import diffusers.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,7 +40,9 @@ from ..options import check_sigmas
 from ..plan import START, Plan, PlanBuilder, X, build
 from ..precond import FlowMatchDenoiser, _model_output
 from ..sampler import Sampler
-from .schedules import Schedule, check_config
+
+if TYPE_CHECKING:
+    from .schedules import Schedule
 
 # Every constructor option (diffusers 0.42.1) and the values edmfast reproduces (None: all of them);
 # merged into `edmfast.diffusers.CONFIG_OPTIONS`, checked by its `check_config`.
@@ -155,6 +157,9 @@ def schedule(
     ``output_scale = 1 - t_N`` (1). Solvers: "euler", "flow_heun" (FlowMatchHeun), "flow_stochastic"
     (``stochastic_sampling=True``).
     """
+    # imported here: `.schedules` imports this module to merge its option table
+    from .schedules import Schedule, check_config
+
     check_config(scheduler)
     cfg = scheduler.config
     u, timesteps, n = _flow_times(scheduler, num_inference_steps, mu, sigmas)
@@ -175,7 +180,9 @@ def schedule(
 class TransformerCall(nn.Module):
     """Calls a diffusers flow transformer (SD3, FLUX) by keyword, as its pipeline does:
     ``transformer(hidden_states=x_t, timestep=timestep, **cond)``; FLUX's pipeline tells it
-    ``timestep.to(latents dtype) / 1000`` (``timestep_divisor=1000``)."""
+    ``timestep.to(latents dtype) / 1000`` (``timestep_divisor=1000``). FLUX's position ids
+    (``txt_ids`` / ``img_ids``, [tokens, 3]) reach it batched like any conditioning, [B, tokens, 3]
+    (the engine batches and captures them so): their first row is passed on."""
 
     def __init__(self, transformer: nn.Module, timestep_divisor: float = 1.0):
         super().__init__()
@@ -183,6 +190,10 @@ class TransformerCall(nn.Module):
         self.timestep_divisor = timestep_divisor
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
+        for key in ("txt_ids", "img_ids"):
+            ids = cond.get(key)
+            if ids is not None and ids.dim() == 3:  # per token, alike in every row: one row goes on
+                cond[key] = ids[0]
         if self.timestep_divisor != 1.0:
             timestep = timestep.to(x.dtype) / self.timestep_divisor
         out = self.transformer(hidden_states=x, timestep=timestep, return_dict=False, **cond)

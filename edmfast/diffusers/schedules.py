@@ -210,7 +210,7 @@ def _karras(lo: float, hi: float, n: int, rho: float, ramp: np.ndarray | None = 
     return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
 
-def schedule(scheduler: Any, num_inference_steps: int, **flow_options: Any) -> Schedule:
+def schedule(scheduler: Any, num_inference_steps: int | None, **flow_options: Any) -> Schedule:
     """The exact schedule ``scheduler`` runs for ``num_inference_steps`` (see `Schedule`), in float64.
 
     Flow-matching schedulers take the pipeline's ``mu`` and custom ``sigmas`` (`flow.schedule`)."""
