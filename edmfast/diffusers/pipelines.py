@@ -542,6 +542,11 @@ def _accelerated_call(self: Any, base: type, *args: Any, **kwargs: Any) -> Any:
             state.owner = None
 
 
+@functools.cache
+def _signature(base: type) -> inspect.Signature:
+    return inspect.signature(base.__call__)
+
+
 def _run_call(self: Any, base: type, args: tuple, kwargs: dict) -> Any:
     attr = PIPELINES[base.__name__]
     real, model = self.__dict__["scheduler"], self.__dict__[attr]
@@ -553,8 +558,9 @@ def _run_call(self: Any, base: type, args: tuple, kwargs: dict) -> Any:
             f"{base.__name__} with {name} is not supported by edmfast.diffusers (it takes {kind} schedulers)"
         )
     # positional arguments by name, so that every option is checked whichever way it came
-    params = inspect.signature(base.__call__).parameters
-    bound = inspect.signature(base.__call__).bind(self, *args, **kwargs).arguments
+    sig = _signature(base)
+    params = sig.parameters
+    bound = sig.bind(self, *args, **kwargs).arguments
     kwargs = {}
     for key, value in bound.items():
         if params[key].kind is inspect.Parameter.VAR_KEYWORD:

@@ -19,6 +19,7 @@ Importing this module does not import diffusers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -142,6 +143,7 @@ def _name(scheduler: Any) -> str:
     return name
 
 
+@functools.cache  # read on every accelerated call; a class's signature does not change
 def _defaults(cls: type) -> dict[str, Any]:
     """The constructor options of a scheduler class and their defaults."""
     params = inspect.signature(cls).parameters.values()
