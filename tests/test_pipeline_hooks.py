@@ -250,3 +250,28 @@ def test_refused_changes(request):
     # the pipe works again after each refusal
     a = stock(generator=torch.Generator().manual_seed(7), **_sd_kw()).images
     assert _rel(fast(generator=torch.Generator().manual_seed(7), **_sd_kw()).images, a) < TOL
+
+
+@pytest.mark.parametrize(
+    "name, callback",
+    [
+        ("sd-euler", "SDCFGCutoffCallback"),
+        ("sdxl-euler", "SDXLCFGCutoffCallback"),
+        ("sd3-euler", "SD3CFGCutoffCallback"),
+    ],
+)
+def test_diffusers_cfg_cutoff_callbacks(request, name, callback):
+    """diffusers' own CFG-cutoff callbacks (batch 1: they keep the last embedding row), which read
+    pipe.num_timesteps and ask for the embeddings only (no latents)."""
+    pipe, scheduler, kw = _case(name, request)
+    if "prompt" in kw:
+        kw["prompt"] = PROMPT[:1]
+    else:
+        kw.update({k: v[:1] for k, v in {**_embeds(), **_negative()}.items()})
+    cb = getattr(diffusers.callbacks, callback)(cutoff_step_ratio=0.4)
+    stock, fast = _copy(pipe, scheduler)
+    a = stock(generator=torch.Generator().manual_seed(7), callback_on_step_end=cb, **kw).images
+    b = fast(generator=torch.Generator().manual_seed(7), callback_on_step_end=cb, **kw).images
+    assert _rel(b, a) < TOL
+    assert fast._guidance_scale == 0.0  # the cutoff happened (step int(5 * 0.4) = 2)
+    assert _rel(b, fast(generator=torch.Generator().manual_seed(7), **kw).images) > 1e-3

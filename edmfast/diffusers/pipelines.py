@@ -374,8 +374,10 @@ class _StepHook:
         # a tensor of its own, as the stock loop's (a callback may keep it, e.g. for previews; the
         # engine's state is overwritten by the next step and the next call)
         latents = (state * scale).to(self.dtype) if scale != 1.0 else state.to(self.dtype, copy=True)
-        kwargs = {"latents": latents, **self.inputs}
+        # the tensor inputs asked for, as the stock loop passes them (latents among them or not)
+        kwargs = {name: latents if name == "latents" else self.inputs[name] for name in self.shim.inputs}
         versions = {k: v._version for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        versions["latents"] = latents._version
         t = self.shim.announced[i] if self.shim.announced is not None else i
         out = self.shim.callback(self.pipe, i, t, kwargs)
         out = out if isinstance(out, dict) else {}

@@ -19,7 +19,6 @@ Importing this module does not import diffusers.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from ..precond import DiscreteVPDenoiser, EDMPrecond, _model_output
+from . import flow as _flow
 
 # Every constructor option of each supported scheduler (diffusers 0.42.1), with the values edmfast
 # reproduces: None means every value (the option reaches edmfast through the scheduler's own
@@ -126,7 +126,7 @@ class Schedule:
     def latent_scale(self, sigma: float) -> float:
         """The pipeline's latents at level ``sigma`` are edmfast's state times this: 1 ("ve": the
         Euler / Heun family, EDMEuler), ``1 / sqrt(1 + sigma^2)`` ("vp": DDIM), ``1 / (1 + sigma)``
-        = 1 - t ("flow"); 0 at sigma = inf (the state is then the unit noise itself: use 1)."""
+        = 1 - t ("flow"), for a finite sigma (the state at sigma = inf is the unit noise itself)."""
         if self.scaling == "vp":
             return 1 / math.sqrt(1 + sigma**2)
         if self.scaling == "flow":
@@ -143,7 +143,6 @@ def _name(scheduler: Any) -> str:
     return name
 
 
-@functools.cache  # read on every accelerated call; a class's signature does not change
 def _defaults(cls: type) -> dict[str, Any]:
     """The constructor options of a scheduler class and their defaults."""
     params = inspect.signature(cls).parameters.values()
@@ -350,9 +349,7 @@ def denoiser(unet: nn.Module, scheduler: Any) -> nn.Module:
     return DiscreteVPDenoiser.from_diffusers(model, scheduler)
 
 
-# Flow matching (SD3, FLUX): its schedulers, their options and conversions live in `.flow`, which
-# builds on the names above (hence imported last).
-from . import flow as _flow  # noqa: E402
-
+# Flow matching (SD3, FLUX): its schedulers, options and conversions live in `.flow`; they join the
+# option table (and SCHEDULERS) here.
 CONFIG_OPTIONS.update(_flow.CONFIG_OPTIONS)
 SCHEDULERS = tuple(CONFIG_OPTIONS)
