@@ -18,6 +18,7 @@ _EXPORTS = {
     "cfg_rescale": (".guidance", "cfg_rescale"),
     "DiscreteVPDenoiser": (".precond", "DiscreteVPDenoiser"),
     "EDMPrecond": (".precond", "EDMPrecond"),
+    "FlowMatchDenoiser": (".precond", "FlowMatchDenoiser"),
     "Precond": (".precond", "Precond"),
     "VEPrecond": (".precond", "VEPrecond"),
     "VPPrecond": (".precond", "VPPrecond"),
@@ -46,7 +47,15 @@ if TYPE_CHECKING:
     from .ancestral import AncestralSampler, sample_ancestral
     from .edm import from_edm, load_network
     from .guidance import cfg_rescale
-    from .precond import DiscreteVPDenoiser, EDMPrecond, Precond, VEPrecond, VPPrecond, iDDPMPrecond
+    from .precond import (
+        DiscreteVPDenoiser,
+        EDMPrecond,
+        FlowMatchDenoiser,
+        Precond,
+        VEPrecond,
+        VPPrecond,
+        iDDPMPrecond,
+    )
     from .rng import PerSampleGenerator
     from .sampler import Sampler, ablation_sample, sample
     from .schedules import (
@@ -81,6 +90,7 @@ __all__ = [
     "AncestralSampler",
     "DiscreteVPDenoiser",
     "EDMPrecond",
+    "FlowMatchDenoiser",
     "PerSampleGenerator",
     "Precond",
     "Sampler",

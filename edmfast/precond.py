@@ -456,3 +456,61 @@ class DiscreteVPDenoiser(Precond):
     def raw(self, x_in, c_noise, **cond):
         x, t = x_in.to(self.dtype), c_noise.to(torch.float32)
         return _model_output(_call_network(self, "model(x_t, timestep, **cond)", x, t, cond))
+
+
+class FlowMatchDenoiser(Precond):
+    """A rectified-flow velocity model ``model(x_t, timestep, **cond) -> v`` as an EDM denoiser.
+
+    Flow matching (SD3, FLUX, Wan, ...) trains on ``x_t = (1 - t) x0 + t eps`` with ``v = eps - x0``.
+    With ``sigma = t / (1 - t)`` the EDM state is ``x = x_t / (1 - t) = x0 + sigma eps`` and
+    ``D(x; sigma) = x_t - t v``, i.e. ``c_in = c_skip = 1 / (1 + sigma)``, ``c_out = -sigma / (1 +
+    sigma) = -t``, and the model is told ``c_noise = timestep_scale * t`` (diffusers' convention,
+    1000 t, by default). As in diffusers' flow schedulers, ``t`` is rounded to float32 and the
+    product taken in float32, so the model sees the very timesteps a diffusers loop passes.
+
+    ``inverted=True``: a model whose time runs the other way (diffusers' ``invert_sigmas``): it is
+    told ``timestep_scale * (1 - t)`` and predicts ``x0 - eps`` (``c_out = +t``).
+
+    sigma = inf (t = 1, the first step of every flow schedule) has the limit form
+    ``D(u; inf) = u - v(u, timestep_scale)`` for the unit noise u (`limit_coefficients`), so every
+    engine solver starts there exactly. ``dtype``: what the model gets (default its parameters').
+    """
+
+    def __init__(
+        self,
+        model,
+        timestep_scale: float = 1000.0,
+        inverted: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(model, dtype)
+        scale = _real(timestep_scale, "timestep_scale")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"timestep_scale must be finite and > 0, got {scale}")
+        if not isinstance(inverted, bool):
+            raise TypeError(f"inverted must be a bool, got {type(inverted).__name__}")
+        self.timestep_scale = scale
+        self.inverted = inverted
+
+    def _timestep(self, t: torch.Tensor, one_minus_t: torch.Tensor) -> torch.Tensor:
+        """``timestep_scale * t`` (inverted: ``* (1 - t)``) in float32 arithmetic, in t's dtype."""
+        u = one_minus_t if self.inverted else t
+        return (u.to(torch.float32) * torch.tensor(self.timestep_scale, dtype=torch.float32)).to(t.dtype)
+
+    def coefficients(self, sigma):
+        # t = sigma / (1 + sigma) and 1 - t = 1 / (1 + sigma), each to full relative precision
+        # (t near 0, 1 - t near 1 alike); sigma = inf is t = 1 exactly
+        t = torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+        c_in = 1 / (1 + sigma)
+        c_out = t if self.inverted else -t
+        return c_in, c_out, c_in, self._timestep(t, c_in)
+
+    def limit_coefficients(self) -> tuple[float, float, float, float]:
+        """(c_skip, c_out, c_in, c_noise) at sigma = inf for a state holding the unit noise u:
+        ``D(u; inf) = x_t - t v`` at t = 1 with x_t = u, i.e. ``u - v(u, timestep at t = 1)``."""
+        one = torch.ones(1, dtype=torch.float64)
+        return 1.0, 1.0 if self.inverted else -1.0, 1.0, float(self._timestep(one, one - 1))
+
+    def raw(self, x_in, c_noise, **cond):
+        x, t = x_in.to(self.dtype), c_noise.to(torch.float32)
+        return _model_output(_call_network(self, "model(x_t, timestep, **cond)", x, t, cond))

@@ -233,3 +233,16 @@ def test_whole_step_peer_is_algorithm_2():
         S_noise=1.003,
     )
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_bench_flow_quick(tmp_path):
+    """Accelerated vs stock tiny FLUX / SD3 pipelines: runs, records finite ratios and errors."""
+    pytest.importorskip("diffusers", reason="diffusers is not installed")
+    record = run_bench("bench_flow.py", tmp_path, "--quick")
+    summary = record["summary"]
+    for key in ("flux_speedup_b1", "sd3_cfg_speedup_b1"):
+        assert finite(summary[key]) and summary[key] > 0, key
+    for key in ("flux_rel_err_vs_stock", "sd3_cfg_rel_err_vs_stock"):
+        assert finite(summary[key]) and summary[key] < 1e-5, key  # equal to stock within float32 rounding
+    for row in record["sections"]["pipelines"]["rows"]:
+        assert row["steps"] == 28 and row["batch"] == 1 and finite(row["network_alone_ms"])

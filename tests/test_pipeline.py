@@ -347,9 +347,9 @@ def test_refusals(sd):
         fast(PROMPT, 8, 8, 2, [999, 500], output_type="latent")
     for kw, what in (
         ({"timesteps": [999, 500]}, "timesteps"),
-        ({"callback_on_step_end": lambda p, i, t, kw: {"latents": kw["latents"] + 1}}, "new latents"),
+        ({"callback_on_step_end": lambda p, i, t, kw: {"latents": kw["latents"][:1]}}, "returned latents"),
         (
-            {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]},
+            {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["add_time_ids"]},
             "tensor",
         ),
     ):
@@ -590,3 +590,190 @@ def test_reentrant_call_is_refused_and_the_pipe_recovers(sd):
         _seeded(fast, callback_on_step_end=nested)
     assert isinstance(fast.unet, diffusers.UNet2DConditionModel)
     _seeded(fast)  # usable again
+
+
+# ----------------------------------------------------------------------------- flow matching: SD3, FLUX
+
+FM = diffusers.FlowMatchEulerDiscreteScheduler
+NO_TEXT = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+
+
+def _flow_vae():
+    return diffusers.AutoencoderKL(
+        block_out_channels=[8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=8,
+        shift_factor=0.06,
+        scaling_factor=1.5,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    """A 1-layer SD3 transformer (12k parameters) and a tiny VAE; prompts come as embeddings."""
+    torch.manual_seed(2)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FM(shift=3.0),
+        vae=_flow_vae(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+        **NO_TEXT,
+    )
+
+
+@pytest.fixture(scope="module")
+def flux():
+    """A FLUX transformer with one double and one single block (24k parameters), guidance embedding."""
+    torch.manual_seed(3)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+    sched = FM(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return diffusers.FluxPipeline(transformer=transformer, scheduler=sched, vae=_flow_vae(), **NO_TEXT)
+
+
+def _embeds(batch: int = 2, seed: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(batch, 5, 16, generator=g),
+        "pooled_prompt_embeds": torch.randn(batch, 8, generator=g),
+    }
+
+
+def _negative(batch: int = 2) -> dict:
+    return {f"negative_{k}": v for k, v in _embeds(batch, seed=6).items()}
+
+
+def _flow_both(pipe, scheduler, seed: int = 7, **kw):
+    """Stock and accelerated on the same generator (and global RNG: stochastic sampling uses it)."""
+    stock, fast = _copy(pipe, scheduler)
+    kw = {"num_inference_steps": 5, "output_type": "latent", "height": 8, "width": 8, **_embeds(), **kw}
+    torch.manual_seed(seed)
+    a = stock(generator=torch.Generator().manual_seed(seed), **kw).images
+    torch.manual_seed(seed)
+    b = fast(generator=torch.Generator().manual_seed(seed), **kw).images
+    return a, b, stock, fast
+
+
+FLOW_PIPE_SCHEDULERS = {
+    "euler-shift": lambda: FM(shift=3.0),
+    "euler-karras": lambda: FM(shift=3.0, use_karras_sigmas=True),
+    "euler-terminal": lambda: FM(shift=3.0, shift_terminal=0.05),
+    "euler-dynamic": lambda: FM(use_dynamic_shifting=True),
+    "euler-stochastic": lambda: FM(shift=3.0, stochastic_sampling=True),
+    "heun": lambda: diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_PIPE_SCHEDULERS))
+def test_sd3_matches_stock(sd3, name):
+    """SD3 with CFG batched as the stock pipeline batches it; num_timesteps reads the stock value."""
+    a, b, stock, fast = _flow_both(sd3, FLOW_PIPE_SCHEDULERS[name](), guidance_scale=5.0, **_negative())
+    assert _rel(b, a) < TOL  # observed 2e-7 .. 8e-7
+    assert fast.num_timesteps == stock.num_timesteps == (9 if name == "heun" else 5)
+    assert _rel(a, _flow_both(sd3, FLOW_PIPE_SCHEDULERS[name](), guidance_scale=1.5, **_negative())[0]) > 1e-3
+
+
+def test_sd3_no_guidance_mu_custom_sigmas_and_decoded_output(sd3):
+    a, b, *_ = _flow_both(sd3, FM(shift=3.0), guidance_scale=1.0, output_type="np")
+    assert a.shape == (2, 8, 8, 3) and _rel(b, a) < TOL
+    a, b, *_ = _flow_both(sd3, FM(use_dynamic_shifting=True), guidance_scale=1.0, mu=1.3)
+    assert _rel(b, a) < TOL
+    sig = [1.0, 0.8, 0.5, 0.3, 0.1]
+    a, b, *_ = _flow_both(sd3, FM(shift=2.0), guidance_scale=4.0, sigmas=sig, **_negative())
+    assert _rel(b, a) < TOL
+
+
+@pytest.mark.parametrize("name", ["euler-dynamic", "euler-stochastic", "heun"])
+def test_flux_matches_stock(flux, name):
+    """FLUX: packed latents, the guidance embedding, timestep / 1000, its linspace sigmas and mu."""
+    sched = FLOW_PIPE_SCHEDULERS[name]()
+    if name == "heun":  # FlowMatchHeun takes no custom sigmas: FLUX's call refuses it, as stock does
+        stock, fast = _copy(flux, sched)
+        kw = {"num_inference_steps": 4, "output_type": "latent", "height": 8, "width": 8, **_embeds()}
+        with pytest.raises(ValueError, match="sigmas"):
+            stock(**kw)
+        with pytest.raises(ValueError, match="sigmas"):
+            fast(**kw)
+        return
+    a, b, stock, fast = _flow_both(flux, sched, guidance_scale=3.5)
+    assert a.shape == (2, 16, 16)  # packed: 4 x 4 patches of 4 channels x 2 x 2
+    assert _rel(b, a) < TOL  # observed 1e-7
+    assert fast.num_timesteps == stock.num_timesteps == 5
+    c, *_ = _flow_both(flux, FLOW_PIPE_SCHEDULERS[name](), guidance_scale=6.0)
+    assert _rel(c, a) > 1e-4  # the guidance embedding acts
+
+
+def test_flux_true_cfg_decoded_and_given_latents(flux):
+    """True CFG (a second, negative, transformer call in stock) runs batched on the engine."""
+    a, b, *_ = _flow_both(flux, FM(use_dynamic_shifting=True), true_cfg_scale=4.0, **_negative())
+    assert _rel(b, a) < TOL
+    plain, *_ = _flow_both(flux, FM(use_dynamic_shifting=True))
+    assert _rel(plain, a) > 1e-3
+    a, b, *_ = _flow_both(flux, FM(use_dynamic_shifting=True), output_type="np")
+    assert a.shape == (2, 8, 8, 3) and _rel(b, a) < TOL
+    latents = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(9))
+    a, b, *_ = _flow_both(flux, FM(use_dynamic_shifting=True), latents=latents, sigmas=[1.0, 0.7, 0.4])
+    assert _rel(b, a) < TOL
+
+
+def test_flux_follows_pipe_to_bfloat16(flux):
+    stock, fast = _own(flux, FM(use_dynamic_shifting=True))
+    kw = {"num_inference_steps": 4, "output_type": "latent", "height": 8, "width": 8, **_embeds()}
+    a = fast(generator=torch.Generator().manual_seed(1), **kw).images
+    fast.to(torch.bfloat16)
+    kw16 = {**kw, **{k: v.bfloat16() for k, v in _embeds().items()}}
+    b = fast(generator=torch.Generator().manual_seed(1), **kw16).images
+    assert b.dtype == torch.bfloat16
+    c = stock(generator=torch.Generator().manual_seed(1), **kw16).images  # the same bf16 weights
+    # stock rounds its state (and timestep / 1000) to bf16 every step, edmfast keeps a float32 state
+    assert _rel(b.float(), c.float()) < 3e-2 and _rel(b.float(), a) < 5e-2
+
+
+def test_flow_refusals(sd3, flux):
+    _, fast = _copy(sd3, FM(shift=3.0))
+    kw = {"num_inference_steps": 2, "output_type": "latent", "height": 8, "width": 8, **_embeds()}
+    with pytest.raises(ValueError, match="skip_guidance_layers"):
+        fast(guidance_scale=1.0, skip_guidance_layers=[0], **kw)
+    with pytest.raises(ValueError, match="ip_adapter_image_embeds"):
+        fast(guidance_scale=1.0, ip_adapter_image_embeds=[torch.zeros(1)], **kw)
+    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler"):
+        _, heun = _copy(sd3, diffusers.FlowMatchHeunDiscreteScheduler())
+        heun(guidance_scale=1.0, callback_on_step_end=lambda *a: {}, **kw)
+    _, wrong = _copy(sd3, diffusers.EulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="StableDiffusion3Pipeline with EulerDiscreteScheduler"):
+        wrong(guidance_scale=1.0, **kw)
+    stock_sd = _copy(sd3, FM())[1]
+    assert isinstance(stock_sd.transformer, diffusers.SD3Transformer2DModel)  # usable, its own again
+    _, fast = _copy(flux, FM(use_dynamic_shifting=True))
+    with pytest.raises(ValueError, match="negative_ip_adapter_image_embeds"):
+        fast(negative_ip_adapter_image_embeds=[torch.zeros(1)], **kw)

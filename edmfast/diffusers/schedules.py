@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..precond import DiscreteVPDenoiser, EDMPrecond, _model_output
+from . import flow as _flow
 
 # Every constructor option of each supported scheduler (diffusers 0.42.1), with the values edmfast
 # reproduces: None means every value (the option reaches edmfast through the scheduler's own
@@ -109,7 +110,9 @@ class Schedule:
     init_noise_sigma``; "leading" spacing uses sqrt(sigma_0^2 + 1), EDMEuler sqrt(sigma_max^2 + 1),
     DDIM 1). ``noise_scale``: pipeline latents times this is edmfast's ``noise`` (the start state is
     sigmas[0] * noise). ``output_scale``: edmfast's result times this is the scheduler's final
-    latents (DDIM returns VP-scaled latents, sqrt(abar_final) x). ``solver``: "euler" or "heun".
+    latents (DDIM returns VP-scaled latents, sqrt(abar_final) x). ``solver``: "euler" or "heun"
+    (flow matching: also `edmfast.diffusers.flow`'s "flow_heun", "flow_stochastic").
+    ``scaling``: how the pipeline's latents relate to edmfast's state at each level (`latent_scale`).
     """
 
     sigmas: torch.Tensor
@@ -118,6 +121,17 @@ class Schedule:
     noise_scale: float
     output_scale: float
     solver: str
+    scaling: str = "ve"
+
+    def latent_scale(self, sigma: float) -> float:
+        """The pipeline's latents at level ``sigma`` are edmfast's state times this: 1 ("ve": the
+        Euler / Heun family, EDMEuler), ``1 / sqrt(1 + sigma^2)`` ("vp": DDIM), ``1 / (1 + sigma)``
+        = 1 - t ("flow"), for a finite sigma (the state at sigma = inf is the unit noise itself)."""
+        if self.scaling == "vp":
+            return 1 / math.sqrt(1 + sigma**2)
+        if self.scaling == "flow":
+            return 1 / (1 + sigma)
+        return 1.0
 
 
 def _name(scheduler: Any) -> str:
@@ -197,9 +211,15 @@ def _karras(lo: float, hi: float, n: int, rho: float, ramp: np.ndarray | None = 
     return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
 
-def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
-    """The exact schedule ``scheduler`` runs for ``num_inference_steps`` (see `Schedule`), in float64."""
+def schedule(scheduler: Any, num_inference_steps: int | None, **flow_options: Any) -> Schedule:
+    """The exact schedule ``scheduler`` runs for ``num_inference_steps`` (see `Schedule`), in float64.
+
+    Flow-matching schedulers take the pipeline's ``mu`` and custom ``sigmas`` (`flow.schedule`)."""
     name = check_config(scheduler)
+    if name in _flow.SCHEDULERS:
+        return _flow.schedule(scheduler, num_inference_steps, **flow_options)
+    if flow_options:
+        raise TypeError(f"{name} takes no {', '.join(sorted(flow_options))} (flow-matching options)")
     if (
         isinstance(num_inference_steps, bool)
         or not isinstance(num_inference_steps, int)
@@ -240,6 +260,7 @@ def schedule(scheduler: Any, num_inference_steps: int) -> Schedule:
             1.0 if math.isinf(s0) else math.sqrt(1 + 1 / s0**2),
             1 / math.sqrt(1 + float(sig[-1]) ** 2),
             "euler",
+            scaling="vp",
         )
     # EulerDiscrete / HeunDiscrete
     if not np.isfinite(train).all():
@@ -319,8 +340,16 @@ class _UNetCall(nn.Module):
 def denoiser(unet: nn.Module, scheduler: Any) -> nn.Module:
     """The edmfast denoiser (preconditioner) that ``scheduler`` assumes for ``unet``."""
     name = check_config(scheduler)
+    if name in _flow.SCHEDULERS:
+        return _flow.denoiser(_flow.TransformerCall(unet), scheduler)
     model = _UNetCall(unet)
     if name == "EDMEulerScheduler":
         cls = EDMPrecond if scheduler.config.prediction_type == "epsilon" else _EDMVPrecond
         return cls(model, sigma_data=float(scheduler.config.sigma_data))
     return DiscreteVPDenoiser.from_diffusers(model, scheduler)
+
+
+# Flow matching (SD3, FLUX): its schedulers, options and conversions live in `.flow`; they join the
+# option table (and SCHEDULERS) here.
+CONFIG_OPTIONS.update(_flow.CONFIG_OPTIONS)
+SCHEDULERS = tuple(CONFIG_OPTIONS)
